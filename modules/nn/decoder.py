@@ -1,0 +1,102 @@
+"""One decoder-only transformer, assembled from a `DecoderConfig`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.nn.attention import CausalSelfAttention
+from modules.nn.config import DecoderConfig
+from modules.nn.mlp import build_mlp
+from modules.nn.norm import build_norm
+from modules.nn.position import rope_cache
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.norm_attn = build_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_mlp = build_norm(config)
+        self.mlp = build_mlp(config)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_attn(x), rope)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class Decoder(nn.Module):
+    """Token embedding -> blocks -> final norm -> language-model head."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        vocab = config.padded_vocab_size
+        self.wte = nn.Embedding(vocab, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = build_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.position == "rope":
+            self.register_buffer(
+                "rope", rope_cache(config.block_size, config.head_dim, config.rope_base), persistent=False
+            )
+        else:
+            self.rope = None
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)
+        # so the residual stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, padded_vocab) for token ids idx (B, T)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, self.rope)
+        return self.lm_head(self.norm(x))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (nats) of targets (B, T) given idx (B, T)."""
+        logits = self(idx)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights once); optionally without token/position embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token, forward + backward (PaLM, Chowdhery et al. 2022, App. B).
+
+        6 N for the matmuls with the N non-embedding parameters plus the LM head (2 FLOPs per
+        multiply-add, x3 for backward), and 12 L H Q T for attention scores and values with
+        L layers, H heads, Q head size and context T.
+        """
+        cfg = self.config
+        seq_len = seq_len or cfg.block_size
+        n_matmul = self.num_params(exclude_embeddings=True) + cfg.padded_vocab_size * cfg.n_embd
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len

@@ -1,0 +1,21 @@
+"""Rotary position embedding (Su et al. 2021), the rotate-half form used by LLaMA."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_cache(seq_len: int, head_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
+    """Angles for every (position, frequency) pair: cos and sin stacked, shape (2, seq_len, head_dim)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (B, nh, T, hs) by the angles in cache (2, T, hs)."""
+    cos, sin = cache[0].to(x.dtype), cache[1].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
