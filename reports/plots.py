@@ -1,0 +1,112 @@
+"""Figures for run reports, drawn off-screen with the Agg canvas (no display, no pyplot state)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, StrMethodFormatter
+
+Series = Sequence[tuple[int, float]]
+
+TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#d62728"
+
+
+def rolling_mean(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average over `window` points (shrinking at the ends, NaNs skipped).
+
+    Centred rather than an EMA so the smoothed train curve does not lag the validation points.
+    """
+    half = window // 2
+    sums, counts = [0.0], [0]  # prefix sums over the finite values
+    for v in values:
+        finite = not math.isnan(v)
+        sums.append(sums[-1] + (v if finite else 0.0))
+        counts.append(counts[-1] + finite)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        n = counts[hi] - counts[lo]
+        out.append((sums[hi] - sums[lo]) / n if n else math.nan)
+    return out
+
+
+def _xy(series: Series) -> tuple[list[int], list[float]]:
+    steps = [int(s) for s, _ in series]
+    values = [math.nan if v is None else float(v) for _, v in series]
+    return steps, values
+
+
+def _plain_log_labels(ax: Axes, ratio: float) -> None:
+    """Label a log y-axis 0.1, 1, 10 rather than 10^-1; within a short range also 2, 3, 5 × 10^k."""
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    if ratio < 30:
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "235" else ""))
+
+
+def loss_curve(
+    history: Mapping[str, Series],
+    title: str,
+    *,
+    train_key: str = "train/loss",
+    val_key: str = "val/loss",
+    log_y: bool = False,
+    ylabel: str = "loss",
+    smooth_after: int = 50,
+) -> bytes:
+    """PNG bytes of train and validation loss against optimizer step on one axes.
+
+    history: metric name -> [(step, value), ...]; only `train_key` and `val_key` are drawn.
+    The train loss is drawn raw (faint) and, past `smooth_after` points, also as a centred moving
+    mean; the validation loss as markers joined by a line. `log_y` is honoured only when every
+    finite value is positive. Empty or single-point series still give a valid figure.
+    """
+    fig = Figure(figsize=(7.5, 4.5), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    finite: list[float] = []
+
+    train = history.get(train_key) or []
+    if train:
+        steps, values = _xy(train)
+        finite += [v for v in values if math.isfinite(v)]
+        many = len(train) > smooth_after
+        ax.plot(steps, values, color=TRAIN_COLOR, lw=1.0, alpha=0.3 if many else 0.9,
+                marker="." if len(train) == 1 else None, label="train" if not many else "train (raw)")
+        if many:
+            window = max(5, len(train) // 50) | 1
+            ax.plot(steps, rolling_mean(values, window), color=TRAIN_COLOR, lw=1.8,
+                    label=f"train (moving mean of {window} points)")
+
+    val = history.get(val_key) or []
+    if val:
+        steps, values = _xy(val)
+        finite += [v for v in values if math.isfinite(v)]
+        ax.plot(steps, values, color=VAL_COLOR, lw=1.5, marker="o", ms=4.5, label="validation", zorder=3)
+
+    if not finite:
+        ax.text(0.5, 0.5, "no loss recorded", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    elif log_y and min(finite) > 0:
+        ax.set_yscale("log")
+        _plain_log_labels(ax, max(finite) / min(finite))
+        ylabel += " (log scale)"
+    all_steps = {int(s) for series in (train, val) for s, _ in series}
+    if len(all_steps) == 1:  # a single step: widen so integer ticks exist around it
+        (only,) = all_steps
+        ax.set_xlim(only - 1, only + 1)
+    ax.set_title(title, fontsize=11, wrap=True)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    ax.grid(True, which="major", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(frameon=False)
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
