@@ -1,0 +1,80 @@
+"""The technique registry: a name maps to everything a run needs, so nothing branches on names.
+
+A technique lives in one file under `repro/techniques/` that calls `register(...)`; its presets
+live in `repro/configs/<name>/<preset>.yaml`. Adding a technique touches no other technique.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from repro.config import ConfigError, _suggest, presets
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from reports.claims import ClaimResult
+
+
+@dataclass
+class Findings:
+    """What a technique concludes from its run: extra metrics, claim verdicts, notes for the report."""
+
+    metrics: dict[str, Any]
+    claims: list["ClaimResult"]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Technique:
+    """Everything the runner needs to know about one technique.
+
+    build(config, seed) -> (LightningModule, LightningDataModule)
+    findings(config, final_metrics, module, datamodule, speed_records) -> Findings: the
+        technique's own metrics and its claim checks, computed from the finished run
+    """
+
+    name: str
+    summary: str
+    config: type
+    build: Callable[[Any, int], tuple["L.LightningModule", "L.LightningDataModule"]]
+    findings: Callable[..., "Findings"]
+    default_preset: str = "tiny"
+    requires: tuple[str, ...] = field(default=())
+
+    @property
+    def presets(self) -> list[str]:
+        return presets(self.name)
+
+
+_REGISTRY: dict[str, Technique] = {}
+
+
+def register(technique: Technique) -> Technique:
+    if technique.name in _REGISTRY:
+        raise ValueError(f"technique {technique.name!r} registered twice")
+    _REGISTRY[technique.name] = technique
+    return technique
+
+
+def _discover() -> None:
+    import repro.techniques as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def techniques() -> dict[str, Technique]:
+    if not _REGISTRY:
+        _discover()
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Technique:
+    table = techniques()
+    if name not in table:
+        raise ConfigError(f"unknown technique {name!r}.{_suggest(name, list(table))}")
+    return table[name]

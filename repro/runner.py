@@ -1,0 +1,123 @@
+"""One run of one technique: config -> train -> evaluate -> claim checks -> report."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+
+from repro import registry
+from repro.callbacks import History, SpeedMonitor
+from repro.config import ConfigError, apply_overrides, build_config, load_preset
+from repro.trainer import TrainerArgs, build_trainer
+
+
+@dataclass
+class RunSpec:
+    """What identifies a run; written to `run.json` so `--resume` can rebuild it."""
+
+    technique: str
+    preset: str
+    overrides: list[str] = field(default_factory=list)
+    seed: int = 0
+    trainer: TrainerArgs = field(default_factory=TrainerArgs)
+
+
+def resolve(spec: RunSpec) -> tuple[registry.Technique, Any]:
+    """Look the technique up and build its validated config; raises ConfigError before any work."""
+    technique = registry.get(spec.technique)
+    values = apply_overrides(load_preset(technique.name, spec.preset), spec.overrides)
+    return technique, build_config(technique.config, values)
+
+
+def _run_dir(out: Path, spec: RunSpec) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = out / spec.technique / f"{spec.preset}-s{spec.seed}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        run_dir = run_dir.with_name(f"{run_dir.name.rsplit('.', 1)[0]}.{suffix}")
+        suffix += 1
+    return run_dir
+
+
+def _load_spec(run_dir: Path) -> RunSpec:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no run.json there; pass a run folder written by run.py")
+    raw = json.loads(path.read_text())
+    return RunSpec(**{**raw, "trainer": TrainerArgs(**raw["trainer"])})
+
+
+def resume_point(path: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint) for `--resume`, given a run folder or a checkpoint inside one."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise ConfigError(f"--resume {path}: no such checkpoint")
+        return path.parent.parent, path
+    checkpoint = path / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise ConfigError(f"--resume {path}: no checkpoints/last.ckpt there (the run saved none yet); start it afresh")
+    return path, checkpoint
+
+
+def run(
+    spec: RunSpec | None = None,
+    out: Path = Path("runs"),
+    resume: Path | None = None,
+    callbacks: list[L.Callback] = (),
+    command: str | None = None,
+) -> Path:
+    """Train, validate and report one technique; returns the run folder."""
+    checkpoint = None
+    if resume is not None:
+        run_dir, checkpoint = resume_point(resume)
+        spec = _load_spec(run_dir)
+    technique, config = resolve(spec)
+    if resume is None:
+        run_dir = _run_dir(Path(out), spec)
+        run_dir.mkdir(parents=True)
+        (run_dir / "run.json").write_text(json.dumps(asdict(spec), indent=2))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+
+    L.seed_everything(spec.seed, workers=True, verbose=False)
+    module, datamodule = technique.build(config, spec.seed)
+    trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks))
+    trainer.fit(module, datamodule, ckpt_path=checkpoint)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+    final = {k: float(v) for k, v in trainer.validate(module, datamodule, verbose=False)[0].items()}
+
+    if trainer.is_global_zero:
+        _report(run_dir, technique, spec, config, trainer, module, datamodule, final, command)
+    return run_dir
+
+
+def _report(run_dir, technique, spec, config, trainer, module, datamodule, final, command) -> None:
+    from reports.env import collect_env
+    from reports.writer import write_report
+
+    history = next(c for c in trainer.callbacks if isinstance(c, History)).series
+    speed = next(c for c in trainer.callbacks if isinstance(c, SpeedMonitor)).records
+    findings = technique.findings(config, final, module, datamodule, speed)
+    env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer)})
+    if speed:
+        history = {**history, "perf/tokens_per_s": [(r["step"], r["tokens_per_s"]) for r in speed]}
+    write_report(
+        run_dir,
+        technique=technique.name,
+        title=f"{technique.name}: {technique.summary} (preset {spec.preset}, seed {spec.seed})",
+        command=command or "python repro/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        config=asdict(config),
+        env=env,
+        history=history,
+        metrics={**final, **findings.metrics},
+        claims=findings.claims,
+        notes=findings.notes,
+    )

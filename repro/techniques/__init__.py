@@ -1,0 +1,1 @@
+"""One file per technique; each registers itself with `repro.registry.register`."""

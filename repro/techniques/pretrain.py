@@ -1,0 +1,93 @@
+"""Pretraining a GPT on the embedded corpus (GPT-2, Radford et al. 2019; nanoGPT)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from datamodules.pretrain import CorpusConfig, PretrainDataModule
+from modules.nn import DecoderConfig
+from modules.pretrain import OptimConfig, PretrainModule
+from reports.claims import check_below, not_measured
+from repro.registry import Findings, Technique, register
+from repro.trainer import TrainConfig
+
+SOURCE = "GPT-2 (Radford et al. 2019); nanoGPT"
+# A model that learned anything beyond token frequencies beats the unigram entropy by a wide margin.
+UNIGRAM_FACTOR = 0.8
+
+
+@dataclass
+class PretrainConfig:
+    """Sections of a pretrain preset. `model.vocab_size` follows `data.vocab_size`."""
+
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.model.vocab_size = self.data.vocab_size
+
+
+def build(config: PretrainConfig, seed: int) -> tuple[PretrainModule, PretrainDataModule]:
+    module = PretrainModule(config.model, config.optim, config.train.max_steps, compile=config.train.compile)
+    return module, PretrainDataModule(config.data, block_size=config.model.block_size, seed=seed)
+
+
+def findings(
+    config: PretrainConfig, final: dict[str, float], module: PretrainModule, datamodule: PretrainDataModule, speed: list[dict[str, float]]
+) -> Findings:
+    entropy = datamodule.unigram_entropy()
+    metrics: dict[str, Any] = {
+        "params": module.model.num_params(),
+        "params_non_embedding": module.model.num_params(exclude_embeddings=True),
+        "flops_per_token": module.model.flops_per_token(),
+        "unigram_entropy": entropy,
+        "corpus_hash": datamodule.corpus_hash,
+        **{f"data/{k}": v for k, v in datamodule.stats.items() if k != "note"},
+    }
+    for key in ("tokens_per_s", "mfu", "peak_mem_gib"):
+        values = [r[key] for r in speed if key in r]
+        if values:
+            metrics[f"perf/{key}"] = statistics.median(values) if key != "peak_mem_gib" else max(values)
+    claims = [
+        check_below(
+            claim="Validation loss falls well under the unigram entropy of the corpus",
+            source=SOURCE,
+            metric="validation loss (nats/token)",
+            measured=final.get("val/loss"),
+            bound=entropy,
+            factor=UNIGRAM_FACTOR,
+            paper="GPT-2 124M reaches about 3.3 nats/token on OpenWebText (nanoGPT); the claim is relative to the corpus",
+            bound_name="unigram entropy of the validation tokens",
+        ),
+        not_measured(
+            claim="Larger presets reach lower loss (scaling)",
+            source="Kaplan et al. 2020; GPT-2",
+            metric="validation loss across presets",
+            paper="loss falls as a power law in parameters",
+            why="a single run; compare runs of several presets",
+        ),
+        not_measured(
+            claim="On one H100 the gpt2-124m preset trains at least as many tokens/s as nanoGPT",
+            source=SOURCE,
+            metric="tokens/s vs a plain PyTorch loop",
+            paper="nanoGPT: ~451k tokens/s at batch 16, compiled (ANCHORS.md)",
+            why="measured by benchmarks/pretrain_throughput.py on a GPU, not by a run",
+        ),
+    ]
+    notes = [datamodule.stats["note"]] if datamodule.stats.get("note") else []
+    return Findings(metrics=metrics, claims=claims, notes=notes)
+
+
+register(
+    Technique(
+        name="pretrain",
+        summary="pretrain a GPT with next-token prediction",
+        config=PretrainConfig,
+        build=build,
+        findings=findings,
+    )
+)

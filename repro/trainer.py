@@ -1,0 +1,84 @@
+"""Trainer assembly: strategy, precision, callbacks and checkpointing, the same for every technique."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from repro.callbacks import History, LossProgressBar, SpeedMonitor
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by every technique (the `train.` section of a preset)."""
+
+    max_steps: int = 1000
+    accumulate: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0
+    val_every: int = 100  # optimizer steps between validations
+    val_batches: int | None = None  # None: the whole validation split
+    checkpoint_every: int = 100  # optimizer steps between `last.ckpt` saves
+    speed_window: int = 10  # optimizer steps per tokens/s measurement
+    compile: bool = False  # torch.compile the training step
+    peak_tflops: float | None = None  # None: measure the bf16 matmul rate on GPU
+
+
+@dataclass
+class TrainerArgs:
+    """Lightning's own knobs, straight from the command line."""
+
+    accelerator: str = "auto"
+    devices: str | int = "auto"
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    num_nodes: int = 1
+
+
+def on_gpu(args: TrainerArgs) -> bool:
+    return args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(args: TrainerArgs) -> str:
+    if args.precision != "auto":
+        return args.precision
+    return "bf16-mixed" if on_gpu(args) else "32-true"
+
+
+def build_trainer(train: TrainConfig, args: TrainerArgs, run_dir: Path, callbacks: list[L.Callback] = ()) -> L.Trainer:
+    """A Trainer whose one epoch is the whole run: `max_steps` optimizer steps."""
+    batches = train.max_steps * train.accumulate
+    torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on a GPU
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", every_n_train_steps=train.checkpoint_every, save_top_k=0, save_last=True
+    )
+    return L.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        precision=resolve_precision(args),
+        num_nodes=args.num_nodes,
+        max_steps=train.max_steps,
+        max_epochs=1,
+        limit_train_batches=batches,
+        accumulate_grad_batches=train.accumulate,
+        gradient_clip_val=train.grad_clip or None,
+        val_check_interval=min(train.val_every, train.max_steps) * train.accumulate,
+        check_val_every_n_epoch=None,
+        limit_val_batches=train.val_batches if train.val_batches is not None else 1.0,
+        num_sanity_val_steps=0,
+        callbacks=[
+            SpeedMonitor(train.speed_window, train.peak_tflops),
+            History(),
+            LossProgressBar(refresh_rate=10 if on_gpu(args) else 1),  # each refresh waits for the GPU
+            checkpoint,
+            *callbacks,
+        ],
+        logger=False,
+        default_root_dir=run_dir,
+        use_distributed_sampler=False,  # the datamodules shard their own resumable samplers
+        enable_model_summary=False,
+    )
