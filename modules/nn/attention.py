@@ -20,8 +20,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual = True

@@ -32,14 +32,16 @@ class DecoderConfig:
     pad_vocab_to: int = 1  # round the embedding table up to a multiple of this (64 keeps matmuls aligned)
 
     def __post_init__(self) -> None:
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
+        if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head size; got n_embd/n_head={self.head_dim}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
 
     @property
     def head_dim(self) -> int:

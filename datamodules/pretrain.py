@@ -1,0 +1,230 @@
+"""The pretraining corpus as a LightningDataModule: packed next-token blocks, cached by corpus and settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+
+from datamodules import tokenizer as bpe
+from datamodules.clean import Corpus, clean, corpus_hash
+from datamodules.packing import Blocks, build_split
+from datamodules.sampler import ResumableSampler
+from datamodules.sources import read_source
+
+PIPELINE_VERSION = 1  # bump when cleaning or packing changes, so old caches are not reused
+
+
+@dataclass
+class CorpusConfig:
+    """The `data.` section of a preset."""
+
+    source: str = "python-docs"  # "python-docs" (embedded), a local file or folder, or "hf:<dataset name>"
+    text_field: str = "text"  # column holding text in JSONL/JSON/Parquet/hub data
+    hub_split: str = "train"
+    max_bytes: int | None = None  # cap on cleaned corpus size (documents taken in sorted id order until the cap)
+    min_doc_chars: int = 64
+    val_fraction: float = 0.05
+    vocab_size: int = 4096  # BPE vocabulary size
+    batch_size: int = 16  # micro-batch per device
+    num_workers: int = 0
+    cache_dir: str | None = None  # default: $LLM_REPRO_CACHE or ~/.cache/llm-repro
+
+    def __post_init__(self) -> None:
+        checks = {
+            "data.val_fraction must be in [0, 1)": 0 <= self.val_fraction < 1,
+            f"data.vocab_size must be at least 257 (256 bytes + {bpe.EOT})": self.vocab_size >= 257,
+            "data.batch_size must be positive": self.batch_size > 0,
+            "data.max_bytes must be positive or None": self.max_bytes is None or self.max_bytes > 0,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ValueError(message)
+
+
+def cache_root(config: CorpusConfig) -> Path:
+    return Path(
+        config.cache_dir or os.environ.get("LLM_REPRO_CACHE") or Path.home() / ".cache" / "llm-repro"
+    ).expanduser()
+
+
+def settings_hash(config: CorpusConfig, block_size: int) -> str:
+    """Hash of every setting that changes what is built from a corpus."""
+    settings = {
+        "vocab_size": config.vocab_size,
+        "block_size": block_size,
+        "val_fraction": config.val_fraction,
+        "min_doc_chars": config.min_doc_chars,
+        "max_bytes": config.max_bytes,
+        "pipeline": PIPELINE_VERSION,
+        "tokenizer": bpe.SETTINGS,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def prepare(config: CorpusConfig, block_size: int) -> Path:
+    """Read, clean and hash the corpus; build its folder under the cache unless it is already there.
+
+    The folder, `<corpus hash>-<settings hash>/`, holds tokenizer.json, train/ and val/ (packed Arrow)
+    and meta.json. It is built in a temporary sibling and renamed into place only when complete.
+    """
+    root = cache_root(config)
+    documents, note = read_source(config.source, config.text_field, config.hub_split, root)
+    corpus = clean(documents, config.min_doc_chars, config.max_bytes, config.val_fraction)
+    digest = corpus_hash(corpus)
+    folder = root / f"{digest[:16]}-{settings_hash(config, block_size)}"
+    if (folder / "meta.json").is_file():
+        rank_zero_info(f"corpus {digest[:16]}: cached at {folder}")
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=root))
+    try:
+        build(corpus, digest, note, config, block_size, partial)
+        try:
+            os.replace(partial, folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():  # not merely another process finishing first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    rank_zero_info(f"corpus {digest[:16]}: built at {folder}")
+    return folder
+
+
+def build(corpus: Corpus, digest: str, note: str, config: CorpusConfig, block_size: int, folder: Path) -> None:
+    """Train (or fetch) the tokenizer on a sample of the train documents, pack both splits, write meta.json last."""
+    train_texts = [d.text for d in corpus.train]
+    rank_zero_info(
+        f"corpus {digest[:16]}: {len(train_texts)} train documents; byte-level BPE, vocabulary {config.vocab_size}"
+    )
+    tokenizer = bpe.load_or_train(train_texts, config.vocab_size, cache_root(config))
+    bpe.save(tokenizer, folder / "tokenizer.json")
+    train_tokens, train_blocks, _ = build_split(train_texts, tokenizer, block_size, folder / "train", "train")
+    val_tokens, val_blocks, val_counts = build_split(
+        [d.text for d in corpus.val], tokenizer, block_size, folder / "val", "val"
+    )
+    stats = corpus.stats | {
+        "train_tokens": train_tokens,
+        "val_tokens": val_tokens,
+        "train_blocks": train_blocks,
+        "val_blocks": val_blocks,
+        # EOT separators are not text: bytes per token counts the documents' own tokens
+        "bytes_per_token": corpus.stats["train_bytes"] / (train_tokens - corpus.stats["train_docs"]),
+        "note": note,
+    }
+    meta = {
+        "corpus_hash": digest,
+        "source": config.source,
+        "block_size": block_size,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "stats": stats,
+        "val_unigram_counts": val_counts.tolist(),
+    }
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Rows of `block_size + 1` tokens: the model reads `row[:-1]` and predicts `row[1:]`.
+
+    Train batches come from an endless, rank-sharded, resumable shuffle; a checkpoint records how
+    many batches this rank consumed, and a resumed run skips exactly those.
+    """
+
+    def __init__(self, config: CorpusConfig, block_size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.config, self.block_size, self.seed = config, block_size, seed
+        self.folder: Path | None = None
+        self.meta: dict[str, Any] | None = None
+        self.batches_consumed = 0  # set by load_state_dict when resuming
+        self._tokenizer: Tokenizer | None = None
+
+    def prepare_data(self) -> None:
+        if self.folder is None:
+            self.folder = prepare(self.config, self.block_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # on ranks other than 0: finds the folder rank 0 built
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.train_set, self.val_set = Blocks(self.folder / "train"), Blocks(self.folder / "val")
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches of shape (batch_size, block_size + 1), LongTensor."""
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        start = self.batches_consumed * self.config.batch_size
+        sampler = ResumableSampler(len(self.train_set), self.seed, rank, world_size, start)
+        return DataLoader(
+            self.train_set, self.config.batch_size, sampler=sampler, drop_last=True, **self._loader_args()
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Every validation block in order, (batch_size, block_size + 1) with a smaller last batch."""
+        return DataLoader(self.val_set, self.config.batch_size, **self._loader_args())
+
+    def _loader_args(self) -> dict[str, Any]:
+        workers = self.config.num_workers
+        return {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": workers > 0}
+
+    def state_dict(self) -> dict[str, int]:
+        """Train batches this rank has consumed.
+
+        `processed` counts a batch once its training step ran, and `ModelCheckpoint` saves in
+        `on_train_batch_end`, after that count but before `completed` moves (Lightning 2.6
+        `training_epoch_loop.advance`). `total` spans the whole run, resumes included.
+        """
+        if self.trainer is None:
+            return {"batches_consumed": self.batches_consumed}
+        return {"batches_consumed": self.trainer.fit_loop.epoch_loop.batch_progress.total.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.batches_consumed = state_dict["batches_consumed"]
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counts of every pipeline step (docs read, dropped, split, bytes, tokens, blocks) and `note`."""
+        return self._meta()["stats"]
+
+    @property
+    def corpus_hash(self) -> str:
+        return self._meta()["corpus_hash"]
+
+    @property
+    def vocab_size(self) -> int:
+        """Entries in the trained tokenizer (at most `config.vocab_size`; fewer on a tiny corpus)."""
+        return self._meta()["vocab_size"]
+
+    @property
+    def val_tokens(self) -> int:
+        return self.stats["val_tokens"]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._meta()
+            self._tokenizer = bpe.load(self.folder / "tokenizer.json")
+        return self._tokenizer
+
+    def unigram_entropy(self) -> float:
+        """-sum p ln p (nats) of the validation tokens' unigram distribution.
+
+        The loss of a model that knows token frequencies and nothing else.
+        """
+        counts = np.asarray(self._meta()["val_unigram_counts"], dtype=np.float64)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+    def _meta(self) -> dict[str, Any]:
+        if self.meta is None:
+            raise RuntimeError("PretrainDataModule: call prepare_data() and setup() first (Trainer.fit does)")
+        return self.meta
