@@ -169,8 +169,13 @@ class PretrainDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """Every validation block in order, (batch_size, block_size + 1) with a smaller last batch."""
-        return DataLoader(self.val_set, self.config.batch_size, **self._loader_args())
+        """Validation blocks, (batch_size, block_size + 1), in one fixed shuffled order.
+
+        The order is the same for every run and seed, and shuffled so that a limit on validation
+        batches (`train.val_batches`) reads an unbiased sample rather than the first documents.
+        """
+        order = torch.randperm(len(self.val_set), generator=torch.Generator().manual_seed(0)).tolist()
+        return DataLoader(self.val_set, self.config.batch_size, sampler=order, **self._loader_args())
 
     def _loader_args(self) -> dict[str, Any]:
         workers = self.config.num_workers

@@ -6,6 +6,7 @@ Every reader returns `Document`s sorted by `id`, so a corpus reads the same on e
 from __future__ import annotations
 
 import json
+import os
 import sys
 import sysconfig
 from pathlib import Path
@@ -15,7 +16,15 @@ import datasets
 
 DEFAULT_SOURCE = "python-docs"
 # Debian's python3.X-doc installs the reST sources of the documentation here.
-DOCS_DIR = Path(f"/usr/share/doc/python{sys.version_info.major}.{sys.version_info.minor}/html/_sources")
+# Debian's python3.X-doc; setup installs python3.11-doc. $LLM_REPRO_PYTHON_DOCS points elsewhere.
+DOCS_DIRS = [Path(f"/usr/share/doc/python{v}/html/_sources") for v in (f"{sys.version_info.major}.{sys.version_info.minor}", "3.11")]
+
+
+def docs_dir_default() -> Path:
+    """Where the Python documentation's reST sources are: the variable, this Python's docs, or 3.11's."""
+    if os.environ.get("LLM_REPRO_PYTHON_DOCS"):
+        return Path(os.environ["LLM_REPRO_PYTHON_DOCS"])
+    return next((d for d in DOCS_DIRS if d.is_dir()), DOCS_DIRS[-1])
 PLAIN = (".txt", ".md", ".rst")
 STRUCTURED = (".jsonl", ".json", ".parquet")
 
@@ -43,11 +52,12 @@ def read_source(
     return read_local(Path(source).expanduser(), text_field, cache_dir), ""
 
 
-def python_docs(docs_dir: Path = DOCS_DIR, stdlib: Path | None = None) -> tuple[list[Document], str]:
+def python_docs(docs_dir: Path | None = None, stdlib: Path | None = None) -> tuple[list[Document], str]:
     """The reST sources of the Python documentation plus the standard library's `.py` files.
 
     Ids are `docs/<path>` and `stdlib/<path>`; installed packages (site-packages, dist-packages) are left out.
     """
+    docs_dir = Path(docs_dir or docs_dir_default())
     stdlib = Path(stdlib or sysconfig.get_paths()["stdlib"])
     docs = [_read_plain(p, f"docs/{p.relative_to(docs_dir)}") for p in sorted(docs_dir.rglob("*.rst.txt"))]
     code = [
@@ -57,8 +67,7 @@ def python_docs(docs_dir: Path = DOCS_DIR, stdlib: Path | None = None) -> tuple[
     ]
     note = ""
     if not docs:
-        package = f"python{sys.version_info.major}.{sys.version_info.minor}-doc"
-        note = f"Python docs not found at {docs_dir} (apt-get install {package}); corpus is the standard library alone"
+        note = f"Python docs not found at {docs_dir} (apt-get install python3.11-doc); corpus is the standard library alone"
     return sorted(docs + code), note
 
 

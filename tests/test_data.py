@@ -19,7 +19,7 @@ from datamodules.clean import clean, normalize, split, text_hash
 from datamodules.packing import pack, stream, tokenize
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from datamodules.sampler import ResumableSampler
-from datamodules.sources import DOCS_DIR, DataFormatError, Document, python_docs, read_local
+from datamodules.sources import DataFormatError, docs_dir_default, Document, python_docs, read_local
 from datamodules.tokenizer import EOT_ID, sample, train_bpe
 
 BLOCK = 16
@@ -208,13 +208,22 @@ def test_python_docs_has_docs_and_stdlib_without_site_packages(tmp_path: Path) -
     ids = [d.id for d in documents]
     assert ids == sorted(ids) and not any("site-packages" in i or "dist-packages" in i for i in ids)
     assert "stdlib/os.py" in ids and "stdlib/json/decoder.py" in ids
-    if DOCS_DIR.is_dir():
+    if docs_dir_default().is_dir():
         assert "docs/library/os.rst.txt" in ids and note == ""
     (tmp_path / "lib" / "site-packages").mkdir(parents=True)
     (tmp_path / "lib" / "m.py").write_text("x = 1\n")
     (tmp_path / "lib" / "site-packages" / "p.py").write_text("y = 2\n")
     alone, note = python_docs(docs_dir=tmp_path / "no-docs", stdlib=tmp_path / "lib")
     assert [d.id for d in alone] == ["stdlib/m.py"] and "corpus is the standard library alone" in note
+
+
+def test_python_docs_folder_can_be_pointed_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "docs" / "library").mkdir(parents=True)
+    (tmp_path / "docs" / "library" / "x.rst.txt").write_text("Some prose about x.\n" * 10)
+    monkeypatch.setenv("LLM_REPRO_PYTHON_DOCS", str(tmp_path / "docs"))
+    (tmp_path / "lib").mkdir()
+    documents, note = python_docs(stdlib=tmp_path / "lib")
+    assert [d.id for d in documents] == ["docs/library/x.rst.txt"] and note == ""
 
 
 # --- sampler -----------------------------------------------------------------------------------
@@ -253,6 +262,8 @@ def test_datamodule_batches_and_stats(built: PretrainDataModule) -> None:
     assert stats["train_docs"] + stats["val_docs"] == 12 and stats["val_docs"] >= 1 and stats["note"] == ""
     assert built.vocab_size == VOCAB and len(built.corpus_hash) == 64
     assert int(val.max()) < VOCAB and 1 < stats["bytes_per_token"] < 2  # 44 merges only
+    # shuffled, but every validation block exactly once
+    assert sorted(map(tuple, val.tolist())) == sorted(tuple(built.val_set[i].tolist()) for i in range(len(built.val_set)))
 
 
 def test_unigram_entropy_matches_a_direct_count(built: PretrainDataModule, text_corpus: Path) -> None:
