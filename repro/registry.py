@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from repro.config import ConfigError, _suggest, presets
@@ -32,7 +33,8 @@ class Findings:
 class Technique:
     """Everything the runner needs to know about one technique.
 
-    build(config, seed) -> (LightningModule, LightningDataModule)
+    build(config, seed, stages) -> (LightningModule, LightningDataModule), where stages maps each
+        technique in `requires` to the final checkpoint of its run (trained first, or reused)
     findings(config, final_metrics, module, datamodule, speed_records) -> Findings: the
         technique's own metrics and its claim checks, computed from the finished run
     """
@@ -40,7 +42,7 @@ class Technique:
     name: str
     summary: str
     config: type
-    build: Callable[[Any, int], tuple["L.LightningModule", "L.LightningDataModule"]]
+    build: Callable[[Any, int, dict[str, Path]], tuple["L.LightningModule", "L.LightningDataModule"]]
     findings: Callable[..., "Findings"]
     default_preset: str = "tiny"
     requires: tuple[str, ...] = field(default=())

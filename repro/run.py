@@ -12,6 +12,7 @@ from argparse import ArgumentError
 
 from jsonargparse import ArgumentParser
 
+from datamodules.sources import DataFormatError
 from repro import registry
 from repro.config import ConfigError
 from repro.runner import RunSpec, resolve, run
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = RunSpec(args.technique, args.preset or technique.default_preset, args.set, args.seed, trainer_args)
         resolve(spec)  # fail fast on a bad key or value, before any work
         run_dir = run(spec, out=args.out)
-    except (ConfigError, ArgumentError) as err:
+    except (ConfigError, ArgumentError, DataFormatError, FileNotFoundError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(f"report: {run_dir / 'report.md'}")

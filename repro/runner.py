@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
-import sys
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,16 @@ class RunSpec:
     overrides: list[str] = field(default_factory=list)
     seed: int = 0
     trainer: TrainerArgs = field(default_factory=TrainerArgs)
+
+    def command(self) -> str:
+        """The command line that reproduces this run."""
+        args = ["python", "repro/run.py", "--technique", self.technique, "--preset", self.preset, "--seed", str(self.seed)]
+        args += [arg for item in self.overrides for arg in ("--set", item)]
+        defaults = TrainerArgs()
+        for name, value in asdict(self.trainer).items():
+            if value != getattr(defaults, name):
+                args += [f"--{name.replace('_', '-')}", str(value)]
+        return " ".join(shlex.quote(a) for a in args)
 
 
 def resolve(spec: RunSpec) -> tuple[registry.Technique, Any]:
@@ -68,38 +79,71 @@ def resume_point(path: Path) -> tuple[Path, Path]:
     return path, checkpoint
 
 
+def stage_spec(name: str, dependent: RunSpec) -> RunSpec:
+    """The prerequisite run a dependent run needs: same preset name where one exists, same seed and hardware."""
+    technique = registry.get(name)
+    preset = dependent.preset if dependent.preset in technique.presets else technique.default_preset
+    return RunSpec(name, preset, [], dependent.seed, dependent.trainer)
+
+
+def stage_checkpoint(spec: RunSpec, out: Path) -> Path:
+    """Final checkpoint of a prerequisite stage, trained only if no run of the same config and seed exists.
+
+    The stage's folder is named by a hash of its resolved config and seed, so a changed preset
+    trains a new stage and an unchanged one is reused.
+    """
+    _, config = resolve(spec)
+    digest = hashlib.sha256(json.dumps([asdict(config), spec.seed], sort_keys=True, default=str).encode()).hexdigest()
+    run_dir = Path(out) / spec.technique / f"stage-{spec.preset}-s{spec.seed}-{digest[:12]}"
+    final = run_dir / "checkpoints" / "final.ckpt"
+    if not final.is_file():
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+            run(resume=run_dir, out=out)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run(spec, out=out, run_dir=run_dir)
+    return final
+
+
 def run(
     spec: RunSpec | None = None,
     out: Path = Path("runs"),
     resume: Path | None = None,
     callbacks: list[L.Callback] = (),
-    command: str | None = None,
+    run_dir: Path | None = None,
 ) -> Path:
-    """Train, validate and report one technique; returns the run folder."""
+    """Train (after any prerequisite stages), validate and report one technique; returns the run folder."""
     checkpoint = None
     if resume is not None:
         run_dir, checkpoint = resume_point(resume)
         spec = _load_spec(run_dir)
     technique, config = resolve(spec)
+    stages = {name: stage_checkpoint(stage_spec(name, spec), out) for name in technique.requires}
     if resume is None:
-        run_dir = _run_dir(Path(out), spec)
+        run_dir = run_dir or _run_dir(Path(out), spec)
         run_dir.mkdir(parents=True)
         (run_dir / "run.json").write_text(json.dumps(asdict(spec), indent=2))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 
     L.seed_everything(spec.seed, workers=True, verbose=False)
-    module, datamodule = technique.build(config, spec.seed)
+    module, datamodule = technique.build(config, spec.seed, stages)
     trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks))
-    trainer.fit(module, datamodule, ckpt_path=checkpoint)
+    try:
+        trainer.fit(module, datamodule, ckpt_path=checkpoint)
+    except BaseException:
+        # A run that dies before its first checkpoint has nothing to resume: leave no folder behind.
+        if resume is None and trainer.is_global_zero and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
     final = {k: float(v) for k, v in trainer.validate(module, datamodule, verbose=False)[0].items()}
 
     if trainer.is_global_zero:
-        _report(run_dir, technique, spec, config, trainer, module, datamodule, final, command)
+        _report(run_dir, technique, spec, config, trainer, module, datamodule, final)
     return run_dir
 
 
-def _report(run_dir, technique, spec, config, trainer, module, datamodule, final, command) -> None:
+def _report(run_dir, technique, spec, config, trainer, module, datamodule, final) -> None:
     from reports.env import collect_env
     from reports.writer import write_report
 
@@ -113,7 +157,7 @@ def _report(run_dir, technique, spec, config, trainer, module, datamodule, final
         run_dir,
         technique=technique.name,
         title=f"{technique.name}: {technique.summary} (preset {spec.preset}, seed {spec.seed})",
-        command=command or "python repro/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=spec.command(),
         config=asdict(config),
         env=env,
         history=history,

@@ -71,3 +71,13 @@ def test_overrides_are_typed_and_nested() -> None:
 def test_build_config_rejects_unknown_section() -> None:
     with pytest.raises(ConfigError, match="Valid: data, model, optim, train"):
         build_config(PretrainConfig, apply_overrides({}, ["modle.n_layer=1"]))
+
+
+def test_recorded_command_reproduces_the_run() -> None:
+    from repro.trainer import TrainerArgs
+
+    spec = RunSpec("pretrain", "tiny", ["model.n_layer=3", "data.source=my docs"], 7, TrainerArgs(accelerator="gpu", num_nodes=2))
+    assert spec.command() == (
+        "python repro/run.py --technique pretrain --preset tiny --seed 7 --set model.n_layer=3 "
+        "--set 'data.source=my docs' --accelerator gpu --num-nodes 2"
+    )

@@ -84,3 +84,38 @@ def test_checkpoint_rebuilds_its_module(first_run: Path) -> None:
     module = PretrainModule.load_from_checkpoint(first_run / "checkpoints" / "final.ckpt", map_location="cpu")
     assert module.model.config.n_layer == 2
     assert module(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 320)
+
+
+def test_broken_data_file_fails_in_one_line_and_leaves_nothing(tiny_overrides, tmp_path, capsys) -> None:
+    broken = tmp_path / "corpus.jsonl"
+    broken.write_text('{"text": "a fine first document, long enough to be kept by the cleaner ......"}\n{"text": oops}\n')
+    overrides = [o for o in tiny_overrides if not o.startswith("data.source=")] + [f"data.source={broken}"]
+    argv = ["--technique", "pretrain", "--out", str(tmp_path / "runs")]
+    assert main(argv + [arg for o in overrides for arg in ("--set", o)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "corpus.jsonl:2" in err
+    assert not any((tmp_path / "runs").rglob("*.json")), "no half-written run folder"
+    assert not any(p.name.endswith(".partial") for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_prerequisite_stage_runs_once_and_is_reused(tiny_overrides, tmp_path, monkeypatch) -> None:
+    from repro import registry
+    from repro.techniques import pretrain
+
+    seen: list[Path] = []
+
+    def build(config, seed, stages):
+        seen.append(stages["pretrain"])
+        return pretrain.build(config, seed, {})
+
+    dependent = registry.Technique("after-pretrain", "a stage that needs a base", pretrain.PretrainConfig, build, pretrain.findings, requires=("pretrain",))
+    monkeypatch.setitem(registry._REGISTRY, "after-pretrain", dependent)
+    monkeypatch.setattr(registry.Technique, "presets", property(lambda self: ["tiny"]))
+    monkeypatch.setattr("repro.runner.load_preset", lambda name, preset: {"train": {"max_steps": 4}})
+    monkeypatch.setattr("repro.runner.stage_spec", lambda name, spec: RunSpec(name, "tiny", tiny_overrides, spec.seed))
+    spec = RunSpec("after-pretrain", "tiny", [o for o in tiny_overrides if not o.startswith("train.")], seed=1)
+    run(spec, out=tmp_path / "runs")
+    run(spec, out=tmp_path / "runs")
+    stages = [p for p in (tmp_path / "runs" / "pretrain").iterdir()]
+    assert len(stages) == 1 and stages[0].name.startswith("stage-tiny-s1-")
+    assert seen == [stages[0] / "checkpoints" / "final.ckpt"] * 2 and seen[0].is_file()

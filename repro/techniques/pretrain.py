@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
@@ -31,7 +32,7 @@ class PretrainConfig:
         self.model.vocab_size = self.data.vocab_size
 
 
-def build(config: PretrainConfig, seed: int) -> tuple[PretrainModule, PretrainDataModule]:
+def build(config: PretrainConfig, seed: int, stages: dict[str, Path]) -> tuple[PretrainModule, PretrainDataModule]:
     module = PretrainModule(config.model, config.optim, config.train.max_steps, compile=config.train.compile)
     return module, PretrainDataModule(config.data, block_size=config.model.block_size, seed=seed)
 
