@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modules.nn import Decoder, DecoderConfig  # noqa: E402
-from modules.pretrain import OptimConfig, PretrainModule  # noqa: E402
+from modules.pretrain import OptimConfig, PretrainModule, decay_groups  # noqa: E402
 from repro.callbacks import SpeedMonitor  # noqa: E402
 from repro.config import build_config, load_preset  # noqa: E402
 from repro.hardware import matmul_tflops, peak_memory_bytes  # noqa: E402
@@ -56,11 +56,10 @@ def plain_loop(cfg: DecoderConfig, batch: int, device: torch.device, compile: bo
     """A hand-written training loop: the baseline Lightning has to match."""
     torch.manual_seed(0)
     model = Decoder(cfg).to(device)
-    params = list(model.parameters())
+    optim = OptimConfig()
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=6e-4, betas=(0.9, 0.95), fused=device.type == "cuda",
+        decay_groups(model.parameters(), optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+        eps=optim.eps, fused=device.type == "cuda",
     )
     loss_fn = torch.compile(model.loss) if compile else model.loss
     data = RandomTokens(cfg.padded_vocab_size, cfg.block_size).data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -32,6 +33,15 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups that decay matrices only; biases, norm gains and other 1-d parameters are left alone (GPT-2)."""
+    params = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 class PretrainModule(L.LightningModule):
@@ -92,14 +102,8 @@ class PretrainModule(L.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # Decay matrices only; biases, norms' gains and 1-d parameters are left alone (GPT-2 practice).
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
         optimizer = torch.optim.AdamW(
-            groups,
+            decay_groups(self.parameters(), self.optim.weight_decay),
             lr=self.optim.lr,
             betas=(self.optim.beta1, self.optim.beta2),
             eps=self.optim.eps,

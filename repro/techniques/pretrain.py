@@ -76,7 +76,7 @@ def findings(
             source=SOURCE,
             metric="tokens/s vs a plain PyTorch loop",
             paper="nanoGPT: ~451k tokens/s at batch 16, compiled (ANCHORS.md)",
-            why="measured by benchmarks/pretrain_throughput.py on a GPU, not by a run",
+            why="measured by benchmarks/throughput.py in one call with a plain PyTorch loop; see reports/pretrain/README.md",
         ),
     ]
     notes = [datamodule.stats["note"]] if datamodule.stats.get("note") else []
