@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.nn.attention import CausalSelfAttention
+from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
 from modules.nn.mlp import build_mlp
 from modules.nn.norm import build_norm
@@ -25,8 +26,15 @@ class Block(nn.Module):
         self.norm_mlp = build_norm(config)
         self.mlp = build_mlp(config)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm_attn(x), rope)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm_attn(x), rope, cache, layer, mask)
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -64,17 +72,36 @@ class Decoder(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, padded_vocab) for token ids idx (B, T)."""
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, padded_vocab) for token ids idx (B, T).
+
+        With a cache, idx fills its next T slots; `valid` (B, T) marks real tokens (False for left
+        padding, default all True) and positions count real tokens only, so a left-padded row
+        gets the same positions as the same prompt alone.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
+            positions, mask = torch.arange(T, device=idx.device), None  # (T,)
+        else:
+            valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
+            mask = cache.attention_mask(valid)
+            positions = (cache.valid[:, : cache.length + T].cumsum(-1)[:, cache.length :] - 1).clamp(min=0)  # (B, T)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(positions)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, self.rope)
+        rope = None
+        if self.rope is not None:
+            rope = self.rope[:, positions]  # (2, T, hs) or (2, B, T, hs)
+            rope = rope if positions.dim() == 1 else rope.unsqueeze(2)  # (2, B, 1, T, hs): broadcast over heads
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer, mask)
+        if cache is not None:
+            cache.advance(T)
         return self.lm_head(self.norm(x))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ def rope_cache(seq_len: int, head_dim: int, base: float, device: torch.device | 
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (B, nh, T, hs) by the angles in cache (2, T, hs)."""
+    """Rotate x (B, nh, T, hs) by angles (2, T, hs), or per row (2, B, 1, T, hs)."""
     cos, sin = cache[0].to(x.dtype), cache[1].to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
