@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from modules.nn.cache import KVCache
 from modules.nn.decoder import Decoder
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 def sample_next(
@@ -81,3 +86,26 @@ def generate(
     if eos_id is not None:
         rows = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
     return rows
+
+
+def generate_text(
+    model: Decoder,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    stop: list[str] | tuple[str, ...] = (),
+    **sampling: object,
+) -> list[str]:
+    """Continuations of `prompts`, each cut before the first of the `stop` strings.
+
+    `sampling` goes to `generate` (temperature, top_k, top_p, eos_id, seed).
+    """
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    texts = [tokenizer.decode(ids) for ids in generate(model, encoded, max_new_tokens, **sampling)]
+    return [truncate_at_stop(text, stop) for text in texts]
+
+
+def truncate_at_stop(text: str, stop: list[str] | tuple[str, ...]) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]

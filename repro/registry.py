@@ -42,6 +42,7 @@ class Technique:
     name: str
     summary: str
     config: type
+    module: type["L.LightningModule"]  # its checkpoints load with module.load_from_checkpoint; `.model` is the Decoder
     build: Callable[[Any, int, dict[str, Path]], tuple["L.LightningModule", "L.LightningDataModule"]]
     findings: Callable[..., "Findings"]
     default_preset: str = "tiny"

@@ -136,6 +136,8 @@ def run(
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+    if trainer.is_global_zero and hasattr(datamodule, "tokenizer"):
+        datamodule.tokenizer.save(str(run_dir / "tokenizer.json"))  # the run folder stands alone for inference
     final = {k: float(v) for k, v in trainer.validate(module, datamodule, verbose=False)[0].items()}
 
     if trainer.is_global_zero:

@@ -108,7 +108,10 @@ def test_prerequisite_stage_runs_once_and_is_reused(tiny_overrides, tmp_path, mo
         seen.append(stages["pretrain"])
         return pretrain.build(config, seed, {})
 
-    dependent = registry.Technique("after-pretrain", "a stage that needs a base", pretrain.PretrainConfig, build, pretrain.findings, requires=("pretrain",))
+    dependent = registry.Technique(
+        "after-pretrain", "a stage that needs a base", pretrain.PretrainConfig, pretrain.PretrainModule, build,
+        pretrain.findings, requires=("pretrain",),
+    )
     monkeypatch.setitem(registry._REGISTRY, "after-pretrain", dependent)
     monkeypatch.setattr(registry.Technique, "presets", property(lambda self: ["tiny"]))
     monkeypatch.setattr("repro.runner.load_preset", lambda name, preset: {"train": {"max_steps": 4}})
@@ -119,3 +122,17 @@ def test_prerequisite_stage_runs_once_and_is_reused(tiny_overrides, tmp_path, mo
     stages = [p for p in (tmp_path / "runs" / "pretrain").iterdir()]
     assert len(stages) == 1 and stages[0].name.startswith("stage-tiny-s1-")
     assert seen == [stages[0] / "checkpoints" / "final.ckpt"] * 2 and seen[0].is_file()
+
+
+def test_run_folder_loads_for_generation(first_run: Path, capsys) -> None:
+    from modules.generation import generate_text, truncate_at_stop
+    from repro.checkpoints import load_model
+    from repro.generate import main as generate_main
+
+    model, tokenizer = load_model(first_run)
+    texts = generate_text(model, tokenizer, ["def f(x):", "import "], 8)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    assert generate_main(["--checkpoint", str(first_run), "--prompt", "def f(x):", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("def f(x):" + texts[0])
+    assert truncate_at_stop("a = 1\n\nb = 2", ["\n\n", "b"]) == "a = 1"
+    assert generate_main(["--checkpoint", str(first_run / "nowhere"), "--prompt", "x"]) == 2

@@ -88,6 +88,7 @@ register(
         name="pretrain",
         summary="pretrain a GPT with next-token prediction",
         config=PretrainConfig,
+        module=PretrainModule,
         build=build,
         findings=findings,
     )

@@ -1,0 +1,37 @@
+"""Load what a run wrote, for inference and evaluation: the model and its tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from modules.nn import Decoder
+from repro import registry
+from repro.config import ConfigError
+
+
+def locate(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint, run folder) for a run folder (its final, else last checkpoint) or a .ckpt inside one."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise ConfigError(f"--checkpoint {path}: no such checkpoint")
+        return path, path.parent.parent
+    for name in ("final.ckpt", "last.ckpt"):
+        if (path / "checkpoints" / name).is_file():
+            return path / "checkpoints" / name, path
+    raise ConfigError(f"--checkpoint {path}: not a run folder with checkpoints/final.ckpt or last.ckpt")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decoder, Tokenizer]:
+    """The decoder (eval mode, on `device`) and the tokenizer of a run folder or checkpoint."""
+    checkpoint, run_dir = locate(path)
+    run_json, tokenizer_json = run_dir / "run.json", run_dir / "tokenizer.json"
+    if not run_json.is_file() or not tokenizer_json.is_file():
+        raise ConfigError(f"{run_dir}: a run folder needs run.json and tokenizer.json beside checkpoints/")
+    technique = registry.get(json.loads(run_json.read_text())["technique"])
+    module = technique.module.load_from_checkpoint(checkpoint, map_location=device, weights_only=False)
+    return module.model.eval(), Tokenizer.from_file(str(tokenizer_json))
