@@ -95,6 +95,7 @@ def _fence(text: str, lang: str) -> list[str]:
 def render_markdown(
     run_dir: Path, technique: str, title: str, command: str, config_yaml: str, env: Mapping[str, Any],
     metrics: Mapping[str, Any], claims: Sequence[ClaimResult], notes: Sequence[str],
+    evaluation: Mapping[str, Any] | None = None,
 ) -> str:
     """The body of `report.md`."""
     reproduced = sum(c.verdict == "reproduced" for c in claims)
@@ -119,6 +120,12 @@ def render_markdown(
 
     lines += ["## Results", ""]
     lines += _table(("metric", "value"), list(metrics.items()), "lr") if metrics else ["No metrics recorded."]
+    if evaluation:
+        lines += ["", "## Evaluation (lm-evaluation-harness)", ""]
+        rows = [(r["task"], r["metric"], r["value"], r.get("stderr")) for r in evaluation["rows"]]
+        lines += _table(("task", "metric", "value", "stderr"), rows, "llrr")
+        settings = ", ".join(f"{k} {v}" for k, v in evaluation.items() if k != "rows")
+        lines += ["", f"Scores move with batch size (padding): {settings}."] if settings else []
     lines += ["", "## Loss curve", "", "![loss curve](loss_curve.png)", ""]
     lines += ["## Environment", "", *_table(("", ""), list(env.items())), ""]
     if notes:
@@ -159,12 +166,14 @@ def write_report(
     metrics: dict[str, float | int | str],
     claims: list[ClaimResult],
     notes: Sequence[str] = (),
+    evaluation: Mapping[str, Any] | None = None,
     log_y: bool = False,
 ) -> Path:
     """Write the run's record into `run_dir` (created if missing) and return the path of `report.md`.
 
     history: metric name -> [(step, value), ...]; `train/loss` and `val/loss` are plotted.
     metrics: final values, shown in the Results table. claims: computed by `reports.claims`.
+    evaluation: lm-eval scores, {"rows": [{"task", "metric", "value", "stderr"}, ...], **settings}.
     log_y: draw the loss curve on a log scale (when every loss is positive).
     """
     run_dir = Path(run_dir)
@@ -176,12 +185,15 @@ def write_report(
         "command": command,
         "metrics": metrics_data,
         "claims": jsonable(list(claims)),
+        "evaluation": jsonable(evaluation),
         "history": jsonable(history),
         "env": env_data,
         "config": config_data,
     }
     config_yaml = yaml.safe_dump(config_data, sort_keys=False, allow_unicode=True)
-    markdown = render_markdown(run_dir, technique, title, command, config_yaml, env, metrics, claims, list(notes))
+    markdown = render_markdown(
+        run_dir, technique, title, command, config_yaml, env, metrics, claims, list(notes), evaluation
+    )
     png = plots.loss_curve(history, title, log_y=log_y)
     _publish(run_dir, {
         "config.yaml": config_yaml.encode(),

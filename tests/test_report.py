@@ -208,3 +208,17 @@ def test_collect_env() -> None:
     assert env["torch"] == torch.__version__
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", env["git_commit"])
     json.dumps(env)
+
+
+def test_evaluation_table_is_rendered_and_recorded(tmp_path) -> None:
+    from reports.writer import write_report
+
+    evaluation = {"rows": [{"task": "repro_cloze", "metric": "acc", "value": 0.25, "stderr": 0.05}], "batch_size": 16}
+    write_report(
+        tmp_path, technique="t", title="T", command="c", config={}, env={}, history={}, metrics={},
+        claims=[], evaluation=evaluation,
+    )
+    text = (tmp_path / "report.md").read_text()
+    assert "## Evaluation (lm-evaluation-harness)" in text and "| repro_cloze | acc | 0.25 | 0.05 |" in text
+    assert "batch_size 16" in text
+    assert json.loads((tmp_path / "metrics.json").read_text())["evaluation"] == evaluation
