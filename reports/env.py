@@ -54,7 +54,10 @@ def device_description() -> str:
 
 
 def git_commit(path: Path = Path(__file__).resolve().parent) -> str:
-    """HEAD of the git repository holding `path`, with "-dirty" if it has uncommitted changes."""
+    """HEAD of the git repository holding `path`, with "-dirty" if it has uncommitted changes.
+
+    Where the code runs from a copy without `.git` (a batch machine), `LLM_REPRO_GIT_COMMIT` names it.
+    """
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=path, capture_output=True, text=True, check=True, timeout=10
@@ -64,7 +67,7 @@ def git_commit(path: Path = Path(__file__).resolve().parent) -> str:
         commit = git("rev-parse", "HEAD")
         return commit + ("-dirty" if git("status", "--porcelain") else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("LLM_REPRO_GIT_COMMIT", "unknown")
 
 
 def collect_env(seed: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -110,3 +110,63 @@ def loss_curve(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def loss_curves(histories: Mapping[str, Mapping[str, Series]], title: str = "Loss curves", smooth_after: int = 50) -> bytes:
+    """PNG bytes of several runs' losses on one axes: run label -> its history.
+
+    Each run has one colour: its train loss as a line (a centred moving mean past `smooth_after`
+    points) and its validation loss as markers.
+    """
+    fig = Figure(figsize=(8, 4.8), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = [f"C{i % 10}" for i in range(len(histories))]
+    drawn = False
+    for color, (label, history) in zip(colors, histories.items()):
+        train = history.get("train/loss") or []
+        if train:
+            steps, values = _xy(train)
+            if len(values) > smooth_after:
+                values = rolling_mean(values, max(5, len(values) // 50) | 1)
+            ax.plot(steps, values, color=color, lw=1.5, label=f"{label} train")
+            drawn = True
+        val = history.get("val/loss") or []
+        if val:
+            steps, values = _xy(val)
+            ax.plot(steps, values, color=color, lw=0, marker="o", ms=5, label=f"{label} validation")
+            drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no loss recorded", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    ax.grid(True, alpha=0.3)
+    if drawn:
+        ax.legend(frameon=False, fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def grouped_bars(series: Mapping[str, Mapping[str, float]], ylabel: str, title: str) -> bytes:
+    """PNG bytes of a grouped bar chart: group (a source) -> bar name (a case) -> value."""
+    names = list(dict.fromkeys(name for values in series.values() for name in values))
+    fig = Figure(figsize=(max(6.0, 1.2 * len(names) * max(1, len(series)) ** 0.5 + 2), 4.5), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(series))
+    for i, (group, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j, name in enumerate(names) if name in values]
+        ys = [values[name] for name in names if name in values]
+        bars = ax.bar(xs, ys, width, label=group, color=f"C{i % 10}")
+        ax.bar_label(bars, labels=[f"{y:,.0f}" if y >= 100 else f"{y:.3g}" for y in ys], fontsize=7, padding=2)
+    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
