@@ -1,0 +1,368 @@
+"""Prefill and decode speed of the one decoder, with the KV cache and without it.
+
+Prefill is one forward pass over a prompt, with a cache to fill and without. Decode is greedy,
+one token per row per step, each step timed on its own (CUDA events on a GPU, so the host never
+waits between steps) to draw the time per step against the sequence length. Decode modes:
+- `no cache`: the whole sequence through the model every step, as nanoGPT's `generate` does;
+- `cache`: one token through `Decoder.forward` and the static `KVCache`, eager;
+- `cache+graph`: `decode_step` (slot, mask and positions in device tensors) captured once as a
+  CUDA graph and replayed;
+- `cache+compile+graph`: that step compiled by torch.compile, then captured: the fast path of
+  `generate(..., compile=True)`; `cache+compile` is the compiled step without a graph (CPU).
+Each decode mode is set against the memory-bandwidth bound, the weight bytes per token over the
+copy bandwidth measured in the same call: a step reads every weight matrix once (a tied embedding
+once, as the LM head; a position table or an untied token table only for B rows, so not counted)
+and each row's keys and values of the mean context, and is shared by the B rows of the batch.
+The copy bandwidth counts bytes read plus bytes written (2 x the buffer per copy), STREAM's
+convention: it is the DRAM traffic per second, the same unit as the bytes a step reads, so the
+bound is the time to move those bytes at the rate copying moves bytes. Counting only the bytes
+copied would halve it and put well-run decoding above its bound. A pure read stream runs a few
+percent faster than a copy on GPUs, so a share of the bound slightly over 100% is possible and
+means "at the bound". The static cache makes every step attend over all its slots (prompt +
+new tokens), more than the mean context the bound counts; that gap is the implementation's.
+`python benchmarks/decode.py --preset gpt2-124m --batch 1 16 --new-tokens 256 --out DIR` prints
+a table and writes decode-<preset>.json, .md and .png under --out (three files, nothing else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.throughput import preset_model  # noqa: E402
+from modules.generation import CompiledDecoder  # noqa: E402
+from modules.nn import Decoder  # noqa: E402
+from modules.nn.cache import KVCache  # noqa: E402
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # recorded with the command: they set the CPU's speed
+MODES = ("no cache", "cache", "cache+graph", "cache+compile+graph", "cache+compile")
+
+
+def build_model(preset: str, device: torch.device, dtype: torch.dtype) -> Decoder:
+    """A preset's decoder with random weights, in `dtype` on `device`, in eval mode."""
+    cfg = preset_model(preset)
+    if preset == "gpt2-124m":  # the anchors' model: nanoGPT's padded GPT-2 vocabulary
+        cfg = replace(cfg, vocab_size=50304)
+    torch.manual_seed(0)
+    return Decoder(cfg).to(device=device, dtype=dtype).eval()
+
+
+class StepClock:
+    """Times consecutive steps: `mark()` before the first and after each one.
+
+    On CUDA each mark records an event and nothing waits until `seconds()`, so a step's time is
+    the GPU's time between marks: its own work, or the host's launches when those are slower.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, iters: int = 10) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (STREAM's
+    convention, the memory traffic per second); median of `iters` copies of `nbytes`."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(iters + 2):  # two warm-ups
+        clock = StepClock(device)
+        clock.mark()
+        dst.copy_(src)
+        clock.mark()
+        if i >= 2:
+            times += clock.seconds()
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes(model: Decoder) -> int:
+    """Bytes of weights one decode step must read: every parameter once (a tied embedding once, as
+    the LM head), less the position table and an untied token table, of which a step gathers B rows."""
+    n = model.num_params()
+    if model.wpe is not None:
+        n -= model.wpe.weight.numel()
+    if model.lm_head.weight is not model.wte.weight:
+        n -= model.wte.weight.numel()
+    return n * next(model.parameters()).element_size()
+
+
+def bandwidth_bound(model: Decoder, batch: int, context: float, bandwidth: float) -> float:
+    """Tokens/s if a decode step only moved the bytes it must, at `bandwidth` bytes/s: the
+    `weight_bytes` once for the whole batch and, for each row, the keys and values of `context` tokens."""
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    kv = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * context * elem  # keys and values, one row
+    return batch * bandwidth / (weight_bytes(model) + batch * kv)
+
+
+def random_prompt(model: Decoder, batch: int, length: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    device = next(model.parameters()).device
+    return torch.randint(0, model.config.vocab_size, (batch, length), generator=g).to(device)
+
+
+@torch.no_grad()
+def prefill_speed(model: Decoder, batch: int, prompt_len: int, cached: bool, repeats: int = 5, cache_len: int | None = None) -> dict:
+    """One forward pass over (batch, prompt_len) tokens, filling a cache of `cache_len` slots or
+    with none; median of `repeats` after two warm-ups."""
+    device = next(model.parameters()).device
+    idx = random_prompt(model, batch, prompt_len)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, batch, cache_len or prompt_len, device, dtype) if cached else None
+    times = []
+    for i in range(repeats + 2):
+        if cache is not None:
+            cache.reset()
+        clock = StepClock(device)
+        clock.mark()
+        model(idx, cache)
+        clock.mark()
+        if i >= 2:
+            times += clock.seconds()
+    seconds = statistics.median(times)
+    return {"batch": batch, "prompt_len": prompt_len, "cache": cached, "ms": 1e3 * seconds, "tokens_per_s": batch * prompt_len / seconds}
+
+
+def _decode(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None, fast: CompiledDecoder | None) -> tuple[list[float], torch.Tensor]:
+    """Seconds of each of `new_tokens` greedy steps after the prompt, and the tokens (B, new_tokens)."""
+    vocab = model.config.vocab_size
+    clock = StepClock(prompt.device)
+    tokens = []
+    if cache is None:  # recompute the whole prefix every step
+        seq = prompt
+        clock.mark()
+        for _ in range(new_tokens):
+            token = model(seq)[:, -1, :vocab].argmax(-1)  # (B,)
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            tokens.append(token)
+            clock.mark()
+    else:
+        cache.reset()
+        logits = model(prompt, cache)[:, -1]  # prefill, not timed
+        clock.mark()
+        for _ in range(new_tokens):
+            token = logits[:, :vocab].argmax(-1)  # (B,)
+            tokens.append(token)
+            logits = fast(token) if fast is not None else model(token[:, None], cache)[:, -1]
+            clock.mark()
+    return clock.seconds(), torch.stack(tokens, dim=1)
+
+
+@torch.no_grad()
+def decode_speed(model: Decoder, batch: int, prompt_len: int, new_tokens: int, mode: str, repeats: int = 3) -> dict:
+    """Greedy decode of `new_tokens` after a random prompt in one of `MODES`: per-step times
+    (median over `repeats` runs after one warm-up run, which also compiles and captures),
+    tokens/s, and the tokens of the first timed run."""
+    if mode not in MODES:
+        raise ValueError(f"unknown decode mode {mode!r}; choose from {MODES}")
+    device = next(model.parameters()).device
+    prompt = random_prompt(model, batch, prompt_len)
+    cache = fast = None
+    if mode != "no cache":
+        cache = KVCache(model.config, batch, prompt_len + new_tokens, device, next(model.parameters()).dtype)
+    if mode.startswith("cache+"):
+        fast = CompiledDecoder(model, cache, compile="compile" in mode, cuda_graph="graph" in mode)
+    runs, tokens = [], None
+    for i in range(repeats + 1):
+        seconds, out = _decode(model, prompt, new_tokens, cache, fast)
+        if i == 0:
+            warmup_s = sum(seconds)
+        else:
+            runs.append(seconds)
+            tokens = out if tokens is None else tokens
+    per_step = [statistics.median(s) for s in zip(*runs)]
+    head, tail = per_step[: max(1, new_tokens // 16)], per_step[-max(1, new_tokens // 16) :]
+    return {
+        "mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "tokens_per_s": batch * new_tokens / sum(per_step),
+        "ms_per_step": 1e3 * statistics.median(per_step),
+        "ms_first": 1e3 * statistics.mean(head), "ms_last": 1e3 * statistics.mean(tail),
+        "warmup_s": warmup_s,
+        "seq_len": [prompt_len + i for i in range(new_tokens)],
+        "step_ms": [1e3 * s for s in per_step],
+        "tokens": tokens.tolist(),
+    }
+
+
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> int:
+    """Leading steps at which every row's token equals the reference's."""
+    n = 0
+    for step in zip(*tokens, *reference):
+        half = len(step) // 2
+        if step[:half] != step[half:]:
+            break
+        n += 1
+    return n
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    """ms per decode step against sequence length, one panel per batch size, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.2), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for row in (r for r in rows if r["batch"] == batch):
+            ax.plot(row["seq_len"], row["step_ms"], label=f"{row['mode']} ({row['tokens_per_s']:,.0f} tok/s)", lw=1.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens before the step)")
+        ax.set_ylabel(f"ms per decode step ({batch} token{'s' if batch > 1 else ''})")
+        ax.set_title(f"batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(meta: dict, prefill: list[dict], decode: list[dict], failed: list[dict]) -> str:
+    bw = meta["copy_bandwidth_bytes_per_s"]
+    lines = [
+        f"# Prefill and decode speed, {meta['preset']}, {meta['device']}, {meta['dtype']}", "",
+        f"`{meta['command']}`", "",
+        f"torch {meta['torch']}, {meta['threads']} CPU threads; random weights, random prompts, greedy. Copy bandwidth measured in this run: "
+        f"{bw / 1e9:,.1f} GB/s (bytes read + written); weights read per step {meta['weight_bytes'] / 1e6:.1f} MB. The bound moves "
+        f"those weights once per step plus each row's keys and values of the mean context ({meta['mean_context']:.0f} tokens) "
+        "at that bandwidth.", "",
+        "## Prefill (one forward pass over the prompt)", "",
+        "| batch | prompt | cache | ms | tokens/s |", "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['batch']} | {r['prompt_len']} | {'yes' if r['cache'] else 'no'} | {r['ms']:.2f} | {r['tokens_per_s']:,.0f} |" for r in prefill]
+    lines += [
+        "", f"## Decode (prompt {meta['prompt_len']}, {meta['new_tokens']} new tokens, median of {meta['repeats']} runs per step)", "",
+        "| batch | mode | ms/step | ms first 1/16 | ms last 1/16 | tokens/s | bound tokens/s | share of bound | steps equal to `cache` |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in decode:
+        lines.append(
+            f"| {r['batch']} | {r['mode']} | {r['ms_per_step']:.3f} | {r['ms_first']:.3f} | {r['ms_last']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['bound_tokens_per_s']:,.0f} | {r['share_of_bound']:.1%} | {r['agree_with_cache']}/{r['new_tokens']} |"
+        )
+    for f in failed:
+        lines.append(f"| {f['batch']} | {f['mode']} | failed or skipped: {f['error']} | | | | | | |")
+    lines += [
+        "", "Steps equal to `cache`: leading steps at which every row's greedy token equals the eager cached path's. "
+        "Random weights give nearly flat logits (top-2 gaps of a few hundredths), so in bf16 a rounding "
+        "difference between kernels flips an argmax within a few steps and the sequences part; in fp32 "
+        "the modes agree step for step (tests/test_generation.py checks tokens and logits).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt", type=int, default=32, help="prompt length for decode and the short prefill")
+    parser.add_argument("--long-prompt", type=int, default=None, help="long prefill (default 512 on CUDA, 128 on CPU, capped at block_size)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the torch.compile'd step (default: on CUDA only)")
+    parser.add_argument("--budget-s", type=float, default=240,
+                        help="skip a decode mode that would end past this many seconds, judged by its time at the previous batch size")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    compile = cuda if args.compile is None else args.compile
+    model = build_model(args.preset, device, dtype)
+    cfg = model.config
+    if args.prompt + args.new_tokens > cfg.block_size:
+        parser.error(f"--prompt + --new-tokens = {args.prompt + args.new_tokens} exceeds block_size {cfg.block_size}")
+    long_prompt = min(args.long_prompt or (512 if cuda else 128), cfg.block_size)
+    modes = ["no cache", "cache"] + (["cache+graph"] if cuda else []) + (["cache+compile+graph" if cuda else "cache+compile"] if compile else [])
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
+
+    bandwidth = copy_bandwidth(device)
+    log(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s on {device}")
+    prefill = []
+    for batch in args.batch:
+        for length in dict.fromkeys([args.prompt, long_prompt]):
+            for cached in (False, True):
+                cache_len = min(length + args.new_tokens, cfg.block_size)
+                row = prefill_speed(model, batch, length, cached, repeats=10 if cuda else 5, cache_len=cache_len)
+                prefill.append(row)
+                log(f"prefill {json.dumps(row)}")
+    mean_context = args.prompt + (args.new_tokens + 1) / 2
+    decode, failed = [], []
+    took: dict[str, float] = {}  # wall seconds of each mode at the last batch size, compile and capture included
+    for batch in args.batch:
+        for mode in modes:
+            if time.perf_counter() - start + took.get(mode, 0.0) > args.budget_s:
+                failed.append({"batch": batch, "mode": mode, "error": f"skipped, would end past the {args.budget_s:.0f} s budget"})
+                log(f"skip batch {batch} {mode}: would end past the time budget")
+                continue
+            began = time.perf_counter()
+            try:
+                row = decode_speed(model, batch, args.prompt, args.new_tokens, mode, repeats=args.repeats)
+            except Exception as err:  # a fast path that fails here is reported, not fatal
+                traceback.print_exc()
+                failed.append({"batch": batch, "mode": mode, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
+                log(f"batch {batch} {mode} FAILED: {failed[-1]['error']}")
+                continue
+            took[mode] = time.perf_counter() - began
+            row["bound_tokens_per_s"] = bandwidth_bound(model, batch, mean_context, bandwidth)
+            row["share_of_bound"] = row["tokens_per_s"] / row["bound_tokens_per_s"]
+            decode.append(row)
+            summary = {k: row[k] for k in ("batch", "mode", "tokens_per_s", "ms_per_step", "ms_first", "ms_last", "share_of_bound", "warmup_s")}
+            log(f"decode {json.dumps(summary)}")
+    for row in decode:
+        reference = next((r for r in decode if r["batch"] == row["batch"] and r["mode"] == "cache"), None)
+        row["agree_with_cache"] = agreement(row["tokens"], reference["tokens"]) if reference else None
+    for row in decode:  # the tokens of random weights say nothing past that agreement, and are most of the JSON
+        del row["tokens"]
+
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    meta = {"preset": args.preset, "model": asdict(cfg), "device": device_name, "dtype": str(dtype).removeprefix("torch."),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "command": shlex.join([f"{k}={os.environ[k]}" for k in THREAD_VARS if k in os.environ] + ["python", *sys.argv]),
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "weight_bytes": weight_bytes(model), "mean_context": mean_context,
+            "prompt_len": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "seconds": time.perf_counter() - start}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"decode-{args.preset}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": decode, "failed": failed}, indent=1))
+    plot(decode, f"Decode time per step, {args.preset}, {device_name}, {meta['dtype']}", stem.with_suffix(".png"))
+    table = markdown(meta, prefill, decode, failed)
+    stem.with_suffix(".md").write_text(table)
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()
