@@ -36,7 +36,8 @@ class Technique:
     build(config, seed, stages) -> (LightningModule, LightningDataModule), where stages maps each
         technique in `requires` to the final checkpoint of its run (trained first, or reused)
     findings(config, final_metrics, module, datamodule, speed_records) -> Findings: the
-        technique's own metrics and its claim checks, computed from the finished run
+        technique's own metrics and its claim checks, computed from the finished run; final_metrics
+        holds the last validation's metrics and the lm-eval scores as `eval/<task>/<metric>`
     """
 
     name: str
@@ -47,6 +48,8 @@ class Technique:
     findings: Callable[..., "Findings"]
     default_preset: str = "tiny"
     requires: tuple[str, ...] = field(default=())
+    # lm-eval tasks or groups its final checkpoint is scored on (evaluation/tasks/ or lm-eval's own)
+    eval_tasks: tuple[str, ...] = ("repro_corpus_ppl", "repro_cloze", "repro_verifiable", "repro_verifiable_arithmetic_mc")
 
     @property
     def presets(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""One run of one technique: config -> train -> evaluate -> claim checks -> report."""
+"""One run of one technique: config -> train -> validate -> lm-eval -> claim checks -> report."""
 
 from __future__ import annotations
 
@@ -141,17 +141,40 @@ def run(
     final = {k: float(v) for k, v in trainer.validate(module, datamodule, verbose=False)[0].items()}
 
     if trainer.is_global_zero:
-        _report(run_dir, technique, spec, config, trainer, module, datamodule, final)
+        evaluation = _evaluate(run_dir, technique, config, trainer)
+        _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation)
     return run_dir
 
 
-def _report(run_dir, technique, spec, config, trainer, module, datamodule, final) -> None:
+def _evaluate(run_dir: Path, technique: registry.Technique, config: Any, trainer: L.Trainer) -> dict | None:
+    """Score the final checkpoint with lm-eval on the technique's tasks (or `eval.tasks`); write
+    eval.json and eval.md; return the report's evaluation section, or None when `eval.enabled` is off."""
+    settings = getattr(config, "eval", None)
+    if settings is None or not settings.enabled:
+        return None
+    from repro.evaluate import evaluate, result_rows, write_results
+
+    tasks = list(settings.tasks or technique.eval_tasks)
+    device = str(trainer.strategy.root_device)
+    results = evaluate(run_dir, tasks, settings.limit, settings.batch_size, device)
+    write_results(results, run_dir)
+    return {
+        "rows": result_rows(results),
+        "batch size": settings.batch_size,
+        "limit": settings.limit,
+        "lm-eval": results.get("lm_eval_version"),
+    }
+
+
+def _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation) -> None:
     from reports.env import collect_env
     from reports.writer import write_report
 
     history = next(c for c in trainer.callbacks if isinstance(c, History)).series
     speed = next(c for c in trainer.callbacks if isinstance(c, SpeedMonitor)).records
-    findings = technique.findings(config, final, module, datamodule, speed)
+    # claims may rest on lm-eval scores too: `eval/<task>/<metric>` beside the validation metrics
+    scores = {f"eval/{r['task']}/{r['metric']}": r["value"] for r in (evaluation or {}).get("rows", [])}
+    findings = technique.findings(config, {**final, **scores}, module, datamodule, speed)
     env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer)})
     if speed:
         history = {**history, "perf/tokens_per_s": [(r["step"], r["tokens_per_s"]) for r in speed]}
@@ -166,4 +189,5 @@ def _report(run_dir, technique, spec, config, trainer, module, datamodule, final
         metrics={**final, **findings.metrics},
         claims=findings.claims,
         notes=findings.notes,
+        evaluation=evaluation,
     )

@@ -28,6 +28,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How a run scores its final checkpoint through lm-eval (the `eval.` section of a preset)."""
+
+    enabled: bool = True
+    tasks: list[str] | None = None  # None: the technique's own tasks (`Technique.eval_tasks`)
+    limit: int | None = None  # documents per task; None: all of them
+    batch_size: int = 16  # scores move slightly with it (padding), so the report states it
+
+
+@dataclass
 class TrainerArgs:
     """Lightning's own knobs, straight from the command line."""
 

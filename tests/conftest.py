@@ -37,4 +37,5 @@ def tiny_overrides(text_corpus: Path, tmp_path: Path) -> list[str]:
         "train.val_batches=4",
         "train.checkpoint_every=4",
         "train.speed_window=2",
+        "eval.enabled=false",  # lm-eval adds seconds per run; tests that want it turn it on
     ]

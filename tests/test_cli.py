@@ -69,7 +69,7 @@ def test_overrides_are_typed_and_nested() -> None:
 
 
 def test_build_config_rejects_unknown_section() -> None:
-    with pytest.raises(ConfigError, match="Valid: data, model, optim, train"):
+    with pytest.raises(ConfigError, match="Valid: data, eval, model, optim, train"):
         build_config(PretrainConfig, apply_overrides({}, ["modle.n_layer=1"]))
 
 

@@ -136,3 +136,18 @@ def test_run_folder_loads_for_generation(first_run: Path, capsys) -> None:
     assert capsys.readouterr().out.startswith("def f(x):" + texts[0])
     assert truncate_at_stop("a = 1\n\nb = 2", ["\n\n", "b"]) == "a = 1"
     assert generate_main(["--checkpoint", str(first_run / "nowhere"), "--prompt", "x"]) == 2
+
+
+def test_run_scores_its_final_checkpoint_with_lm_eval(tiny_overrides, tmp_path) -> None:
+    tasks = "[repro_cloze,repro_verifiable_arithmetic_mc]"
+    overrides = [*tiny_overrides, "eval.enabled=true", "eval.limit=4", "eval.batch_size=2", f"eval.tasks={tasks}"]
+    run_dir = run(RunSpec("pretrain", "tiny", overrides, seed=1), out=tmp_path)
+    results = json.loads((run_dir / "eval.json").read_text())["results"]
+    section = metrics(run_dir)["evaluation"]
+    assert section["batch size"] == 2 and section["limit"] == 4
+    shown = {(r["task"], r["metric"]): r["value"] for r in section["rows"]}
+    assert shown[("repro_cloze", "acc")] == results["repro_cloze"]["acc,none"]
+    assert shown[("repro_verifiable_arithmetic_mc", "acc_norm")] == results["repro_verifiable_arithmetic_mc"]["acc_norm,none"]
+    assert 0 <= shown[("repro_cloze", "acc")] <= 1 and results["repro_cloze"]["perplexity,none"] > 1
+    report = (run_dir / "report.md").read_text()
+    assert "## Evaluation (lm-evaluation-harness)" in report and "| repro_verifiable_arithmetic_mc | acc_norm |" in report

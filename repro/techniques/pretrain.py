@@ -12,7 +12,7 @@ from modules.nn import DecoderConfig
 from modules.pretrain import OptimConfig, PretrainModule
 from reports.claims import check_below, not_measured
 from repro.registry import Findings, Technique, register
-from repro.trainer import TrainConfig
+from repro.trainer import EvalConfig, TrainConfig
 
 SOURCE = "GPT-2 (Radford et al. 2019); nanoGPT"
 # A model that learned anything beyond token frequencies beats the unigram entropy by a wide margin.
@@ -27,6 +27,7 @@ class PretrainConfig:
     data: CorpusConfig = field(default_factory=CorpusConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         self.model.vocab_size = self.data.vocab_size

@@ -1,0 +1,12 @@
+"""Evaluation through lm-evaluation-harness: the `llm-repro` model adapter and the suite's own tasks.
+
+- `evaluation.lm`: the adapter (importing it registers `llm-repro` with lm-eval);
+- `evaluation/tasks/`: task YAML (pass it as lm-eval's `--include_path`);
+- `evaluation.build_tasks`: the tasks' data, built offline from a run's held-out corpus and a seed;
+- `evaluation.verifiable`: the verifiable task generators, shared with SFT data;
+- `evaluation.standard_tasks`: lm-eval's builtin tasks (lambada, arc, hellaswag, ...) on local data files.
+"""
+
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).parent / "tasks"

@@ -1,0 +1,14 @@
+"""lm-eval's own command line with the suite's model registered.
+
+    python -m evaluation --model llm-repro --model_args checkpoint=RUN --tasks repro_cloze \\
+        --include_path evaluation/tasks [--limit 8] [--output_path OUT] [--device cpu]
+
+Every lm-eval subcommand and flag works as with `lm_eval`; lm-eval 0.4 has no plugin entry points
+for models, so the adapter must be imported before its command line parses `--model`.
+"""
+
+import evaluation.lm  # noqa: F401  registers "llm-repro"
+from lm_eval.__main__ import cli_evaluate
+
+if __name__ == "__main__":
+    cli_evaluate()
