@@ -123,6 +123,40 @@ def bandwidth_bound(model: Decoder, batch: int, context: float, bandwidth: float
     return batch * bandwidth / (weight_bytes(model) + batch * kv)
 
 
+@torch.no_grad()
+def matmul_floor(model: Decoder, batch: int, replays: int = 50) -> dict:
+    """The step's weight matmuls and nothing else: one `F.linear` of (batch, in_features) per
+    `nn.Linear` of the model (the LM head included), in the step's order, captured as one CUDA graph.
+
+    No decode step that runs these products as separate kernels can be faster. At batch 1 each is
+    a matrix-vector product of a few MB, too small to reach the copy bandwidth, so this floor shows
+    how much of the gap to the bandwidth bound the model's size alone leaves.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(batch, m.in_features, device=m.weight.device, dtype=m.weight.dtype) for m in linears]
+
+    def products() -> None:
+        for m, x in zip(linears, inputs):
+            torch.nn.functional.linear(x, m.weight, m.bias)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            products()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        products()
+    clock = StepClock(torch.device("cuda"))
+    clock.mark()
+    for _ in range(replays):
+        graph.replay()
+        clock.mark()
+    seconds = statistics.median(clock.seconds())
+    return {"batch": batch, "kernels": len(linears), "ms_per_step": 1e3 * seconds, "tokens_per_s": batch / seconds}
+
+
 def random_prompt(model: Decoder, batch: int, length: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     device = next(model.parameters()).device
@@ -272,6 +306,11 @@ def markdown(meta: dict, prefill: list[dict], decode: list[dict], failed: list[d
         )
     for f in failed:
         lines.append(f"| {f['batch']} | {f['mode']} | failed or skipped: {f['error']} | | | | | | |")
+    for r in meta.get("matmul_floor", []):
+        lines.append(
+            f"| {r['batch']} | *floor: the {r['kernels']} weight matmuls alone, one CUDA graph* | {r['ms_per_step']:.3f} | | | "
+            f"{r['tokens_per_s']:,.0f} | {r['bound_tokens_per_s']:,.0f} | {r['share_of_bound']:.1%} | |"
+        )
     lines += [
         "", "Steps equal to `cache`: leading steps at which every row's greedy token equals the eager cached path's. "
         "Random weights give nearly flat logits (top-2 gaps of a few hundredths), so in bf16 a rounding "
@@ -343,6 +382,14 @@ def main() -> None:
             decode.append(row)
             summary = {k: row[k] for k in ("batch", "mode", "tokens_per_s", "ms_per_step", "ms_first", "ms_last", "share_of_bound", "warmup_s")}
             log(f"decode {json.dumps(summary)}")
+    floor = []
+    if cuda:
+        for batch in args.batch:
+            row = matmul_floor(model, batch)
+            row["bound_tokens_per_s"] = bandwidth_bound(model, batch, mean_context, bandwidth)
+            row["share_of_bound"] = row["tokens_per_s"] / row["bound_tokens_per_s"]
+            floor.append(row)
+            log(f"matmul floor {json.dumps(row)}")
     for row in decode:
         reference = next((r for r in decode if r["batch"] == row["batch"] and r["mode"] == "cache"), None)
         row["agree_with_cache"] = agreement(row["tokens"], reference["tokens"]) if reference else None
@@ -354,7 +401,8 @@ def main() -> None:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "command": shlex.join([f"{k}={os.environ[k]}" for k in THREAD_VARS if k in os.environ] + ["python", *sys.argv]),
             "copy_bandwidth_bytes_per_s": bandwidth,
             "weight_bytes": weight_bytes(model), "mean_context": mean_context,
-            "prompt_len": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "seconds": time.perf_counter() - start}
+            "prompt_len": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "matmul_floor": floor,
+            "seconds": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"decode-{args.preset}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": decode, "failed": failed}, indent=1))
