@@ -56,8 +56,12 @@ def device_description() -> str:
 def git_commit(path: Path = Path(__file__).resolve().parent) -> str:
     """HEAD of the git repository holding `path`, with "-dirty" if it has uncommitted changes.
 
-    Where the code runs from a copy without `.git` (a batch machine), `LLM_REPRO_GIT_COMMIT` names it.
+    `LLM_REPRO_GIT_COMMIT`, where set, names it instead: a copy of the tree on a batch machine may
+    lack `.git` or carry a stale one.
     """
+    if os.environ.get("LLM_REPRO_GIT_COMMIT"):
+        return os.environ["LLM_REPRO_GIT_COMMIT"]
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=path, capture_output=True, text=True, check=True, timeout=10
@@ -67,7 +71,7 @@ def git_commit(path: Path = Path(__file__).resolve().parent) -> str:
         commit = git("rev-parse", "HEAD")
         return commit + ("-dirty" if git("status", "--porcelain") else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("LLM_REPRO_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def collect_env(seed: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:

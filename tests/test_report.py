@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -206,8 +207,16 @@ def test_collect_env() -> None:
         assert key in env and env[key] not in (None, "")
     assert env["seed"] == 123 and env["corpus_hash"] == "cafe"
     assert env["torch"] == torch.__version__
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", env["git_commit"])
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", env["git_commit"]) or "LLM_REPRO_GIT_COMMIT" in os.environ
     json.dumps(env)
+
+
+def test_git_commit_named_by_the_environment_wins(monkeypatch) -> None:
+    """A tree copied to a batch machine may carry a stale .git: LLM_REPRO_GIT_COMMIT, where set, is the commit."""
+    monkeypatch.delenv("LLM_REPRO_GIT_COMMIT", raising=False)
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", collect_env(seed=0)["git_commit"])
+    monkeypatch.setenv("LLM_REPRO_GIT_COMMIT", "4369a59")
+    assert collect_env(seed=0)["git_commit"] == "4369a59"
 
 
 def test_evaluation_table_is_rendered_and_recorded(tmp_path) -> None:
