@@ -22,12 +22,28 @@ from jsonargparse import ArgumentParser
 from repro.checkpoints import locate
 from repro.config import ConfigError
 
-DEFAULT_TASKS = ("repro_corpus_ppl", "repro_cloze", "repro_verifiable", "repro_verifiable_arithmetic_mc")
+
+
+def default_tasks(checkpoint: str | Path) -> list[str]:
+    """The tasks a run of this checkpoint is scored on: its config's `eval.tasks`, else its technique's."""
+    import yaml
+
+    from repro import registry
+
+    _, run_dir = locate(checkpoint)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    tasks = ((config or {}).get("eval") or {}).get("tasks")
+    if tasks:
+        return list(tasks)
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        raise ConfigError(f"{run_dir}: no run.json to name the technique whose tasks to use; pass --tasks")
+    return list(registry.get(json.loads(run_json.read_text())["technique"]).eval_tasks)
 
 
 def evaluate(
     checkpoint: str | Path,
-    tasks: str | list[str | dict] | tuple[str, ...] = DEFAULT_TASKS,
+    tasks: str | list[str | dict] | tuple[str, ...] | None = None,
     limit: int | float | None = None,
     batch_size: int = 16,
     device: str | None = None,
@@ -36,7 +52,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """lm-eval's results dict for `checkpoint` (a run folder or a .ckpt) on `tasks`.
 
-    `tasks`: "a,b", or a list of names and task config dicts (see `evaluation.standard_tasks`).
+    `tasks`: "a,b", or a list of names and task config dicts (see `evaluation.standard_tasks`);
+    None: the run's own (`default_tasks`).
     Goes through `lm_eval.simple_evaluate(model="llm-repro", ...)`, the path lm-eval's command line
     takes. Task rows come from `data_dir`, else from the run's own held-out corpus
     (`evaluation.build_tasks`). Raises TaskConfigError (a ConfigError) for an unknown task or an
@@ -49,6 +66,7 @@ def evaluate(
     from evaluation.task_checks import check_tasks
 
     locate(checkpoint)  # a bad path fails here, with the message load_model would give
+    tasks = default_tasks(checkpoint) if tasks is None else tasks
     names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
     model_args = {"checkpoint": str(checkpoint)}
     # lm-eval's command line hands --model_args to tasks as metadata; evaluation.build_tasks.load reads it
@@ -137,7 +155,8 @@ def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="repro/evaluate.py", description=__doc__, exit_on_error=False)
     p.add_argument("--checkpoint", type=str, required=True, help="run folder (final, else last checkpoint) or a .ckpt")
-    p.add_argument("--tasks", type=str, default=",".join(DEFAULT_TASKS), help="comma-separated task or group names")
+    p.add_argument("--tasks", type=str, default=None,
+                   help="comma-separated task or group names (default: the run's eval.tasks, else its technique's)")
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1); for quick checks")
     p.add_argument("--batch-size", type=int, default=16, help="scores move slightly with it (padding); reported")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -414,3 +414,22 @@ def test_task_rows_repeat_for_a_seed_and_answers_are_right(text_corpus: Path, tm
         letter, word = re.fullmatch(r"How many times does the letter (\w) appear in (\w+)\?", row["question"]).groups()
         assert int(row["answer"]) == word.count(letter)
     assert any(row["answer"] == "0" for row in rows["repro_verifiable_count_letter"])
+
+
+def test_default_tasks_are_the_runs_own(run_dir: Path, tmp_path: Path) -> None:
+    """Without --tasks a run is scored on its config's eval.tasks, else on its technique's tasks."""
+    import shutil
+
+    import yaml
+
+    from repro.evaluate import default_tasks
+    from repro.registry import get
+
+    assert default_tasks(run_dir) == list(get("pretrain").eval_tasks)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.ckpt"))
+    (copy / "checkpoints" / "final.ckpt").touch()
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["eval"]["tasks"] = ["repro_cloze"]
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert default_tasks(copy) == ["repro_cloze"]
