@@ -50,6 +50,12 @@ class Technique:
     requires: tuple[str, ...] = field(default=())
     # lm-eval tasks or groups its final checkpoint is scored on (evaluation/tasks/ or lm-eval's own)
     eval_tasks: tuple[str, ...] = ("repro_corpus_ppl", "repro_cloze", "repro_verifiable", "repro_verifiable_arithmetic_mc")
+    # metrics logged every optimizer step and kept in the run's history (metrics.json, plots)
+    step_metrics: tuple[str, ...] = ("train/loss",)
+    # what its golden trajectory (repro/golden.py) pins, step by step, and the overrides that shrink
+    # its default preset to a few seconds beyond repro.golden.SHRINK
+    golden_metrics: tuple[str, ...] = ("train/loss", "val/loss")
+    golden_overrides: tuple[str, ...] = ()
 
     @property
     def presets(self) -> list[str]:

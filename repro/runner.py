@@ -127,7 +127,7 @@ def run(
 
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = technique.build(config, spec.seed, stages)
-    trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks))
+    trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics)
     try:
         trainer.fit(module, datamodule, ckpt_path=checkpoint)
     except BaseException:

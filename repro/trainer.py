@@ -58,8 +58,10 @@ def resolve_precision(args: TrainerArgs) -> str:
     return "bf16-mixed" if on_gpu(args) else "32-true"
 
 
-def build_trainer(train: TrainConfig, args: TrainerArgs, run_dir: Path, callbacks: list[L.Callback] = ()) -> L.Trainer:
-    """A Trainer whose one epoch is the whole run: `max_steps` optimizer steps."""
+def build_trainer(
+    train: TrainConfig, args: TrainerArgs, run_dir: Path, callbacks: list[L.Callback] = (), step_metrics: tuple[str, ...] = ("train/loss",)
+) -> L.Trainer:
+    """A Trainer whose one epoch is the whole run: `max_steps` optimizer steps; `step_metrics` go in the history."""
     batches = train.max_steps * train.accumulate
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on a GPU
     checkpoint = ModelCheckpoint(
@@ -82,7 +84,7 @@ def build_trainer(train: TrainConfig, args: TrainerArgs, run_dir: Path, callback
         num_sanity_val_steps=0,
         callbacks=[
             SpeedMonitor(train.speed_window, train.peak_tflops),
-            History(),
+            History(step_keys=tuple(step_metrics)),
             LossProgressBar(refresh_rate=10 if on_gpu(args) else 1),  # each refresh waits for the GPU
             checkpoint,
             *callbacks,
