@@ -26,6 +26,9 @@ class ClaimResult:
     threshold: the computed test, e.g. "measured < 0.8 × unigram entropy (= 6.12)"
     verdict: "reproduced", "not reproduced" or "not measured"
     detail: how the verdict came about (bound value, ratio, or why nothing was measured)
+    limit, direction: the computed bound and the side the measured value must be on ("<" or ">"),
+        when the claim is a threshold test; `margin` then says by how much it holds (negative: fails),
+        which is what `reports.seeds` tests over seeds
     """
 
     claim: str
@@ -36,6 +39,15 @@ class ClaimResult:
     threshold: str
     verdict: Verdict
     detail: str = ""
+    limit: float | None = None
+    direction: Literal["<", ">"] | None = None
+
+    @property
+    def margin(self) -> float | None:
+        """How far the measured value is on the claim's side of its limit (positive: the claim holds)."""
+        if self.measured is None or self.limit is None or self.direction is None:
+            return None
+        return self.limit - self.measured if self.direction == "<" else self.measured - self.limit
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -67,14 +79,15 @@ def _check(
     threshold = f"measured {op} {scaled} (= {limit:.4g})"
     if value is None:
         why = detail or ("measured value was NaN" if measured is not None else "no value was measured")
-        return ClaimResult(claim, source, metric, None, paper, threshold, "not measured", why)
+        return ClaimResult(claim, source, metric, None, paper, threshold, "not measured", why, limit=limit, direction=op)
     passed = value < limit if below else value > limit
     if not detail:
         detail = f"{bound_name} = {base:.4g}"
         if base != 0:
             detail += f"; measured / {bound_name} = {value / base:.3g}"
     return ClaimResult(
-        claim, source, metric, value, paper, threshold, "reproduced" if passed else "not reproduced", detail
+        claim, source, metric, value, paper, threshold, "reproduced" if passed else "not reproduced", detail,
+        limit=limit, direction=op,
     )
 
 

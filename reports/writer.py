@@ -103,6 +103,8 @@ def render_markdown(
     summary = f"{reproduced} of {len(claims)} claims reproduced" if claims else "no claims checked"
     if unmeasured:
         summary += f" ({unmeasured} not measured in this run)"
+    if claims:
+        summary += " · single seed (`--seeds K` tests each verdict over K seeds)"
     lines = [f"# {title}", "", f"Technique `{technique}` · run `{run_dir.name}` · {summary}", ""]
     lines += ["## Command", "", *_fence(command, "bash"), ""]
 
@@ -185,6 +187,7 @@ def write_report(
         "command": command,
         "metrics": metrics_data,
         "claims": jsonable(list(claims)),
+        "seeds": 1,  # verdicts of one run; reports/seeds.py aggregates runs of several seeds
         "evaluation": jsonable(evaluation),
         "history": jsonable(history),
         "env": env_data,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE", help="override a preset value, e.g. --set model.n_layer=4")
     p.add_argument("--list", action="store_true", help="list techniques, their presets and settings, then exit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run K seeds (--seed, --seed + 1, ...) and test each claim over them at 95%% (reports/seeds.py)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
     p.add_argument("--resume", type=Path, help="run folder (or a .ckpt in one) to continue")
     p.add_argument("--accelerator", type=str, default="auto", help="cpu, gpu, auto, ...")
@@ -51,6 +54,23 @@ def list_techniques() -> str:
     return "\n".join(lines)
 
 
+def run_seeds(spec: RunSpec, k: int, out: Path, argv: list[str]) -> int:
+    """K runs of `spec` at seeds spec.seed .. spec.seed + k - 1, each with its own report, then the
+    verdicts over the seeds in runs/<technique>/<preset>-seeds<k>-<stamp>/seeds.md."""
+    from dataclasses import replace
+
+    from reports import seeds
+
+    run_dirs = []
+    for i in range(k):
+        print(f"seed {spec.seed + i} ({i + 1} of {k})", flush=True)
+        run_dirs.append(run(replace(spec, seed=spec.seed + i), out=out))
+    command = shlex.join(["python", "repro/run.py", *argv])
+    report = seeds.write(run_dirs, seeds.folder_for(out, spec.technique, spec.preset, k), command)
+    print(f"report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
@@ -69,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         technique = registry.get(args.technique)
         spec = RunSpec(args.technique, args.preset or technique.default_preset, args.set, args.seed, trainer_args)
         resolve(spec)  # fail fast on a bad key or value, before any work
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds {args.seeds}: give a number of seeds of at least 1")
+        if args.seeds > 1:
+            return run_seeds(spec, args.seeds, args.out, argv if argv is not None else sys.argv[1:])
         run_dir = run(spec, out=args.out)
     except (ConfigError, ArgumentError, DataFormatError, FileNotFoundError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
