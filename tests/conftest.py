@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from repro.golden import SHRINK
+
 
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -20,22 +22,14 @@ def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tiny_overrides(text_corpus: Path, tmp_path: Path) -> list[str]:
-    """A 2-layer GPT on the small corpus: a dozen steps in a few seconds."""
+    """A 2-layer GPT on the small corpus: a dozen steps in a few seconds (the golden trajectories'
+    shrunk preset, validated and checkpointed every few steps)."""
     return [
         f"data.source={text_corpus}",
         f"data.cache_dir={tmp_path / 'cache'}",
+        *SHRINK,
         "data.vocab_size=320",
-        "data.batch_size=8",
-        "model.block_size=32",
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "optim.warmup_steps=2",
-        "optim.lr=1e-2",
-        "train.max_steps=12",
-        "train.val_every=6",
         "train.val_batches=4",
         "train.checkpoint_every=4",
         "train.speed_window=2",
-        "eval.enabled=false",  # lm-eval adds seconds per run; tests that want it turn it on
     ]

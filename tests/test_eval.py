@@ -26,24 +26,15 @@ from modules.generation import generate
 from repro.checkpoints import load_model
 from repro.config import ConfigError
 from repro.evaluate import evaluate, main
+from repro.golden import SHRINK
 from repro.runner import RunSpec, run
 
 TINY = [
+    *SHRINK,  # 2 layers, 32 wide, block 32, 12 steps, lm-eval off (the tests below evaluate it)
     "data.vocab_size=320",
-    "data.batch_size=8",
-    "model.block_size=32",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=32",
     "model.pad_vocab_to=128",  # logits past the vocabulary exist, and must be left out
-    "optim.warmup_steps=2",
-    "optim.lr=1e-2",
-    "train.max_steps=12",
     "train.val_every=12",
-    "train.val_batches=2",
-    "train.checkpoint_every=12",
     "train.speed_window=2",
-    "eval.enabled=false",  # the tests below evaluate it
 ]
 
 
