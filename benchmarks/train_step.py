@@ -26,6 +26,7 @@ import lightning as L
 import torch
 
 from benchmarks.calibration import calibration_block
+from repro.callbacks import batch_tokens
 from repro.hardware import peak_memory_bytes
 from repro.runner import RunSpec, resolve, stage_checkpoint, stage_spec
 from repro.trainer import TrainerArgs, build_trainer, resolve_precision
@@ -64,19 +65,6 @@ def bench_stage(name: str, dependent: RunSpec, corpus: Path | None, cache: Path,
     _, config = resolve(spec)
     overrides += ["train.val_batches=1"] + (["eval.enabled=false"] if hasattr(config, "eval") else [])
     return stage_checkpoint(replace(spec, overrides=overrides), out)
-
-
-def batch_tokens(module: L.LightningModule, batch: Any) -> int:
-    """Tokens one micro-batch trains on: the module's `tokens_in(batch)` where it defines one; otherwise
-    batch x seq for a packed (batch, seq + 1) tensor of token ids, as `SpeedMonitor` counts them."""
-    if hasattr(module, "tokens_in"):
-        return int(module.tokens_in(batch))
-    if isinstance(batch, torch.Tensor) and batch.dim() == 2:
-        return batch.shape[0] * (batch.shape[1] - 1)
-    raise TypeError(
-        f"{type(module).__name__}: cannot count the tokens of a {type(batch).__name__} batch; "
-        "give the module a `tokens_in(batch) -> int`"
-    )
 
 
 class PeakMemory:

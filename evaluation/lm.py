@@ -16,6 +16,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from datamodules.chat import END, is_chat_tokenizer, render
 from datamodules.tokenizer import EOT_ID  # <|endoftext|>: separates documents in training; the model has no BOS
 from modules.generation import generate, truncate_at_stop
 from repro.checkpoints import load_model
@@ -50,13 +51,20 @@ class ReproLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         max_batch_size: int | None = None,
+        arm: str | None = None,
     ) -> None:
         super().__init__()
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"llm-repro: batch_size must be a positive integer, got {batch_size!r} ('auto' is not supported)")
         self._device = resolve_device(device)
-        self.model, self.bpe = load_model(checkpoint, self._device)  # `self.tokenizer` is read by lm-eval as a HF tokenizer
-        self.bpe.encode_special_tokens = True  # as in training: "<|endoftext|>" in a text is bytes, not the separator
+        # `self.tokenizer` is read by lm-eval as a HF tokenizer, hence `bpe`
+        self.model, self.bpe = load_model(checkpoint, self._device, arm or None)
+        self.arm = arm
+        # A chat model (SFT) reads its template's tags as special tokens, as `datamodules.chat.encode` wrote
+        # them, and ends a turn with <|end|>. Otherwise, as in pretraining, "<|endoftext|>" in a text is bytes.
+        self.chat = is_chat_tokenizer(self.bpe)
+        self.bpe.encode_special_tokens = not self.chat
+        self.stop_id = self.bpe.token_to_id(END) if self.chat else EOT_ID
         self.checkpoint = str(checkpoint)
         self.batch_size = int(batch_size)
         block_size = self.model.config.block_size
@@ -68,6 +76,16 @@ class ReproLM(TemplateLM):
     def eot_token_id(self) -> int:
         return EOT_ID
 
+    @property
+    def tokenizer_name(self) -> str:
+        return "llm-repro-chat" if self.chat else "llm-repro"
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's messages through the suite's chat template (`datamodules.chat.render`)."""
+        if not self.chat:
+            raise ValueError(f"{self.checkpoint}: this model has no chat template (its tokenizer lacks the chat tokens)")
+        return render(chat_history, add_generation_prompt=add_generation_prompt)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         return self.bpe.encode(string).ids
 
@@ -78,6 +96,8 @@ class ReproLM(TemplateLM):
         """Merged into lm-eval's `results["config"]`."""
         return {
             "checkpoint": self.checkpoint,
+            "arm": self.arm,
+            "chat_template": self.chat,
             "model_batch_size": self.batch_size,
             "max_length": self.max_length,
             "model_num_parameters": self.model.num_params(),
@@ -154,9 +174,9 @@ class ReproLM(TemplateLM):
             until = settings.pop("until")
             max_new = min(settings.pop("max_gen_toks"), self.max_length - 1)
             prompts = [self.tok_encode(context)[-(self.max_length - max_new) :] or [EOT_ID] for context, _ in chunk]
-            outputs = generate(self.model, prompts, max_new, eos_id=EOT_ID, **settings)
+            outputs = generate(self.model, prompts, max_new, eos_id=self.stop_id, **settings)
             for (context, gen_kwargs), ids in zip(chunk, outputs):
-                text = truncate_at_stop(self.tok_decode(ids), until)
+                text = truncate_at_stop(self.tok_decode([i for i in ids if i != self.stop_id]), until)
                 answers.append(text)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return collator.get_original(answers)

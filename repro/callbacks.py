@@ -12,6 +12,14 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from repro.hardware import matmul_tflops, peak_memory_bytes
 
 
+def batch_tokens(module: L.LightningModule, batch: Any) -> int:
+    """Tokens one micro-batch trains on: the module's `tokens_in(batch)` where it defines one, else
+    batch x (seq - 1) for a packed (batch, seq) tensor of token ids."""
+    if hasattr(module, "tokens_in"):
+        return int(module.tokens_in(batch))
+    return batch.shape[0] * (batch.shape[1] - 1)
+
+
 class SpeedMonitor(L.Callback):
     """Tokens/s over windows of `window` optimizer steps, MFU on CUDA and peak memory.
 
@@ -49,12 +57,12 @@ class SpeedMonitor(L.Callback):
     ) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             if self._start is not None:
-                self._tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+                self._tokens += batch_tokens(pl_module, batch) * trainer.world_size
             return
         if self._start is None:
             self._start, self._tokens, self._warm = self._now(pl_module.device), 0, False
             return
-        self._tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size  # targets, all processes
+        self._tokens += batch_tokens(pl_module, batch) * trainer.world_size  # targets, all processes
         if trainer.global_step % self.window:
             return
         now = self._now(pl_module.device)

@@ -26,12 +26,25 @@ def locate(path: str | Path) -> tuple[Path, Path]:
     raise ConfigError(f"--checkpoint {path}: not a run folder with checkpoints/final.ckpt or last.ckpt")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decoder, Tokenizer]:
-    """The decoder (eval mode, on `device`) and the tokenizer of a run folder or checkpoint."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", arm: str | None = None) -> tuple[Decoder, Tokenizer]:
+    """The decoder (eval mode, on `device`) and the tokenizer of a run folder or checkpoint.
+
+    `arm` picks one of several models a run trained side by side (SFT's "full" and "lora"), through
+    the module's `arm_model(arm)`; None is the run's main model.
+    """
     checkpoint, run_dir = locate(path)
     run_json, tokenizer_json = run_dir / "run.json", run_dir / "tokenizer.json"
     if not run_json.is_file() or not tokenizer_json.is_file():
         raise ConfigError(f"{run_dir}: a run folder needs run.json and tokenizer.json beside checkpoints/")
     technique = registry.get(json.loads(run_json.read_text())["technique"])
     module = technique.module.load_from_checkpoint(checkpoint, map_location=device, weights_only=False)
-    return module.model.eval(), Tokenizer.from_file(str(tokenizer_json))
+    if arm is not None:
+        if not hasattr(module, "arm_model"):
+            raise ConfigError(f"{run_dir}: a {technique.name} run has one model; drop arm={arm}")
+        try:
+            model = module.arm_model(arm)
+        except ValueError as err:
+            raise ConfigError(f"{run_dir}: {err}") from err
+    else:
+        model = module.model
+    return model.eval(), Tokenizer.from_file(str(tokenizer_json))

@@ -24,6 +24,17 @@ from repro.config import ConfigError
 
 
 
+def is_chat_run(checkpoint: str | Path) -> bool:
+    """Whether the run's tokenizer carries the chat template's tokens (an instruction-tuned model)."""
+    from tokenizers import Tokenizer
+
+    from datamodules.chat import is_chat_tokenizer
+
+    _, run_dir = locate(checkpoint)
+    path = run_dir / "tokenizer.json"
+    return path.is_file() and is_chat_tokenizer(Tokenizer.from_file(str(path)))
+
+
 def default_tasks(checkpoint: str | Path) -> list[str]:
     """The tasks a run of this checkpoint is scored on: its config's `eval.tasks`, else its technique's."""
     import yaml
@@ -49,6 +60,7 @@ def evaluate(
     device: str | None = None,
     include_path: str | Path | list[str | Path] | None = None,
     data_dir: str | Path | None = None,
+    arm: str | None = None,
 ) -> dict[str, Any]:
     """lm-eval's results dict for `checkpoint` (a run folder or a .ckpt) on `tasks`.
 
@@ -57,7 +69,9 @@ def evaluate(
     Goes through `lm_eval.simple_evaluate(model="llm-repro", ...)`, the path lm-eval's command line
     takes. Task rows come from `data_dir`, else from the run's own held-out corpus
     (`evaluation.build_tasks`). Raises TaskConfigError (a ConfigError) for an unknown task or an
-    incomplete task config before the model is loaded.
+    incomplete task config before the model is loaded. `arm` scores one of several models a run
+    trained side by side (SFT's "lora"). A chat model (its tokenizer has the chat tokens) reads each
+    prompt through its chat template, as lm-eval's `--apply_chat_template` does.
     """
     import lm_eval
 
@@ -68,7 +82,7 @@ def evaluate(
     locate(checkpoint)  # a bad path fails here, with the message load_model would give
     tasks = default_tasks(checkpoint) if tasks is None else tasks
     names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
-    model_args = {"checkpoint": str(checkpoint)}
+    model_args = {"checkpoint": str(checkpoint), **({"arm": arm} if arm else {})}
     # lm-eval's command line hands --model_args to tasks as metadata; evaluation.build_tasks.load reads it
     metadata = model_args | ({"data_dir": str(data_dir)} if data_dir is not None else {})
     manager = _task_manager(names, include_path, metadata)
@@ -81,6 +95,7 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         task_manager=manager,
+        apply_chat_template=is_chat_run(checkpoint),
     )
     if any(name.startswith("repro_") for name in results["configs"]):
         folder = data_dir_for(checkpoint, data_dir)

@@ -4,8 +4,9 @@
     python -m repro.golden --update           # the same, then rewrite tests/golden/<technique>.json
     python -m repro.golden --technique dpo    # one technique (repeatable)
 
-A trajectory is a short run of the technique's default preset shrunk to seconds (`SHRINK`, plus
-the technique's own `golden_overrides`), seed 0, on a corpus this module writes from a seeded
+A trajectory is a short run of the technique's default preset shrunk to seconds by its
+`golden_overrides` (pretraining's are `SHRINK`; a technique that starts from a pretrained stage
+shrinks that stage with `pretrain.`-prefixed ones), seed 0, on a corpus this module writes from a seeded
 grammar (`write_corpus`), so it depends on neither the network nor the interpreter's standard
 library. It records every step of the technique's `golden_metrics` (the training loss, and for
 later techniques their reward, KL, MaxVio, acceptance rate, ...) with the versions that made it.
@@ -35,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 RTOL, ATOL = 1e-5, 1e-6
 SEED = 0
+CORPUS = ["data.source={corpus}", "data.cache_dir={cache}"]  # filled in by `record`
 SHRINK = [  # a 2-layer, 32-wide model; 12 steps of 8 x 32 tokens; no lm-eval, checkpoints only at the end
     "data.vocab_size=300",
     "data.batch_size=8",
@@ -69,7 +71,8 @@ def write_corpus(folder: Path, documents: int = 60, sentences: int = 40) -> Path
             obj = f"{rng.choice(['a', 'the', 'every'])} {rng.choice(_NOUNS)}"
             number = rng.randrange(100)
             lines.append(f"{subject.capitalize()} {rng.choice(_VERBS)} {obj} {number} times.")
-        (folder / f"doc{d:03d}.txt").write_text("\n".join(lines) + "\n")
+        paragraphs = [" ".join(lines[i : i + 5]) for i in range(0, len(lines), 5)]  # ~250-character paragraphs
+        (folder / f"doc{d:03d}.txt").write_text("\n\n".join(paragraphs) + "\n")
     return folder
 
 
@@ -91,7 +94,7 @@ def record(name: str, workdir: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"golden-{name}-") as tmp:
         root = Path(workdir or tmp)
         corpus = write_corpus(root / "corpus")
-        overrides = [f"data.source={corpus}", f"data.cache_dir={root / 'cache'}", *SHRINK, *technique.golden_overrides]
+        overrides = [o.format(corpus=corpus, cache=root / "cache") for o in technique.golden_overrides]
         run_dir = run(RunSpec(name, technique.default_preset, overrides, seed=SEED), out=root / "runs")
         history = json.loads((run_dir / "metrics.json").read_text())["history"]
     missing = [k for k in technique.golden_metrics if not history.get(k)]
@@ -100,7 +103,7 @@ def record(name: str, workdir: Path | None = None) -> dict[str, Any]:
     return {
         "technique": name,
         "preset": technique.default_preset,
-        "overrides": [o for o in overrides if not o.startswith(("data.source=", "data.cache_dir="))],
+        "overrides": list(technique.golden_overrides),
         "seed": SEED,
         "tolerance": {"rtol": RTOL, "atol": ATOL},
         "versions": versions(),

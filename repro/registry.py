@@ -53,7 +53,7 @@ class Technique:
     # metrics logged every optimizer step and kept in the run's history (metrics.json, plots)
     step_metrics: tuple[str, ...] = ("train/loss",)
     # what its golden trajectory (repro/golden.py) pins, step by step, and the overrides that shrink
-    # its default preset to a few seconds beyond repro.golden.SHRINK
+    # its default preset to a few seconds ("{corpus}" and "{cache}" are filled in by repro.golden)
     golden_metrics: tuple[str, ...] = ("train/loss", "val/loss")
     golden_overrides: tuple[str, ...] = ()
 

@@ -44,7 +44,8 @@ class RunSpec:
 def resolve(spec: RunSpec) -> tuple[registry.Technique, Any]:
     """Look the technique up and build its validated config; raises ConfigError before any work."""
     technique = registry.get(spec.technique)
-    values = apply_overrides(load_preset(technique.name, spec.preset), spec.overrides)
+    own = [o for o in spec.overrides if not o.startswith(tuple(f"{name}." for name in technique.requires))]
+    values = apply_overrides(load_preset(technique.name, spec.preset), own)
     return technique, build_config(technique.config, values)
 
 
@@ -80,10 +81,13 @@ def resume_point(path: Path) -> tuple[Path, Path]:
 
 
 def stage_spec(name: str, dependent: RunSpec) -> RunSpec:
-    """The prerequisite run a dependent run needs: same preset name where one exists, same seed and hardware."""
+    """The prerequisite run a dependent run needs: same preset name where one exists, same seed and
+    hardware, and the dependent's overrides that start with the stage's name (that prefix removed)."""
     technique = registry.get(name)
     preset = dependent.preset if dependent.preset in technique.presets else technique.default_preset
-    return RunSpec(name, preset, [], dependent.seed, dependent.trainer)
+    # `--set <stage>.<section>.<key>=<value>` on the dependent run sets the stage's own config
+    overrides = [o.removeprefix(f"{name}.") for o in dependent.overrides if o.startswith(f"{name}.")]
+    return RunSpec(name, preset, overrides, dependent.seed, dependent.trainer)
 
 
 def stage_checkpoint(spec: RunSpec, out: Path) -> Path:
@@ -124,6 +128,8 @@ def run(
         run_dir.mkdir(parents=True)
         (run_dir / "run.json").write_text(json.dumps(asdict(spec), indent=2))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+        if stages:  # the checkpoints this run started from
+            (run_dir / "stages.json").write_text(json.dumps({k: str(v) for k, v in stages.items()}, indent=2))
 
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = technique.build(config, spec.seed, stages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,11 @@ def resolve_precision(args: TrainerArgs) -> str:
     if args.precision != "auto":
         return args.precision
     return "bf16-mixed" if on_gpu(args) else "32-true"
+
+
+# Manual optimisation (SFT's two arms) saves checkpoints after the step, as automatic optimisation does;
+# Lightning warns that it cannot save the state before it, which no run here wants.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def build_trainer(

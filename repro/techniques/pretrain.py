@@ -11,6 +11,7 @@ from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from modules.nn import DecoderConfig
 from modules.pretrain import OptimConfig, PretrainModule
 from reports.claims import check_below, not_measured
+from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig
 
@@ -92,5 +93,6 @@ register(
         module=PretrainModule,
         build=build,
         findings=findings,
+        golden_overrides=(*CORPUS, *SHRINK),
     )
 )
