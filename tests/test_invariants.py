@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from modules.nn import Decoder, DecoderConfig
+from datamodules.chat import IGNORE
 from modules.pretrain import OptimConfig, PretrainModule, warmup_cosine
+from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
 from repro.registry import techniques
 
 
@@ -75,7 +77,46 @@ def pretrain_validation_perplexity_is_exp_loss() -> None:
     assert logged["val/ppl"].item() == pytest.approx(math.exp(logged["val/loss"].item()), rel=1e-6)
 
 
+def sft_module() -> tuple[SFTModule, Decoder]:
+    torch.manual_seed(0)
+    base = Decoder(small_config())
+    module = SFTModule(small_config(vocab_size=304), SFTOptimConfig(), max_steps=1, lora=LoraSettings(r=4))
+    module.init_from_base(base, {300: [1, 2], 301: [3], 302: [4, 5, 6], 303: [0]})
+    return module, base
+
+
+def sft_arms_start_equal_to_the_base() -> None:
+    """LoRA's B starts at zero and both arms copy the base: at step 0 every arm's logits are the base's
+    on the base's tokens, exactly."""
+    module, base = sft_module()
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        expected = base.eval()(idx)[..., :300]
+        for model in module.arms.values():
+            assert torch.equal(model.eval()(idx)[..., :300], expected)
+
+
+def sft_new_token_rows_are_the_mean_of_their_sources() -> None:
+    module, base = sft_module()
+    table, old = module.model.wte.weight, base.wte.weight
+    assert torch.equal(table[:300], old[:300]) and torch.equal(module.model.lm_head.weight, table)
+    torch.testing.assert_close(table[302], old[[4, 5, 6]].mean(0), rtol=0, atol=0)
+
+
+def sft_loss_counts_only_supervised_tokens() -> None:
+    """With one supervised label in a batch, the loss is -log p of that one token (float64 reference)."""
+    module, _ = sft_module()
+    ids = torch.randint(0, 304, (2, 9))
+    labels = torch.full_like(ids, IGNORE)
+    labels[1, 5] = ids[1, 5]
+    with torch.no_grad():
+        loss = module.model.loss(ids[:, :-1], labels[:, 1:]).item()
+        logits = module.model.double()(ids[:, :-1])
+    assert loss == pytest.approx(-logits[1, 4].log_softmax(-1)[ids[1, 5]].item(), rel=1e-5)
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "sft": [sft_arms_start_equal_to_the_base, sft_new_token_rows_are_the_mean_of_their_sources, sft_loss_counts_only_supervised_tokens],
     "pretrain": [
         pretrain_uniform_model_loss_is_log_vocab,
         pretrain_initial_loss_is_near_log_vocab,

@@ -1,0 +1,204 @@
+"""Supervised fine-tuning (InstructGPT, Ouyang et al. 2022): full fine-tuning and LoRA side by side.
+
+One module trains two arms from the same base on the same batches: `model`, every weight trained,
+and `lora_model`, the base frozen with LoRA adapters (Hu et al. 2021) injected by `peft` into the
+decoder's linear layers named in `lora.target_modules`. Each arm has its own AdamW, schedule and
+gradient clipping (manual optimisation), and its own wall-clock time, so the report can set
+quality against trained parameters, optimizer memory and time. The loss is the decoder's
+cross-entropy over response tokens only: labels are IGNORE elsewhere (`datamodules/chat.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from peft import LoraConfig, LoraModel, get_peft_model_state_dict, set_peft_model_state_dict
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from modules.nn import Decoder, DecoderConfig
+from modules.pretrain import decay_groups, warmup_cosine
+
+ARMS = ("full", "lora")
+
+
+@dataclass
+class SFTOptimConfig:
+    """AdamW per arm; warmup then cosine decay; gradients clipped per arm to `grad_clip`."""
+
+    lr: float = 3e-4  # full fine-tuning
+    lora_lr: float = 3e-3  # LoRA adapters learn from zero, at a higher rate (Hu et al. 2021)
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA arm: rank, scale alpha / r, dropout, and which linear layers get adapters."""
+
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc"])
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.target_modules))
+
+
+def with_lora(model: Decoder, settings: LoraSettings) -> Decoder:
+    """`model` with LoRA adapters injected in place (only they require grad); returns the same object."""
+    LoraModel(model, settings.peft_config(), "default")
+    return model
+
+
+def merged(model: Decoder) -> Decoder:
+    """A plain decoder whose weights are `model`'s with its LoRA adapters merged in (W + B A alpha / r)."""
+    from peft.tuners.lora import LoraLayer
+
+    work = copy.deepcopy(model)
+    for module in work.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    state = {k.replace(".base_layer", ""): v for k, v in work.state_dict().items() if "lora_" not in k}
+    plain = Decoder(model.config).to(next(model.parameters()).device)
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
+def save_adapter(model: Decoder, settings: LoraSettings, folder: Path) -> Path:
+    """The adapter weights (peft's state dict) and their settings, into `folder`."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(get_peft_model_state_dict(model), folder / "adapter.pt")
+    (folder / "adapter.json").write_text(json.dumps(asdict(settings), indent=2))
+    return folder
+
+
+def load_adapter(base: Decoder, folder: Path) -> Decoder:
+    """`base` (plain weights) with the adapter saved in `folder` injected and loaded."""
+    import json
+
+    settings = LoraSettings(**json.loads((folder / "adapter.json").read_text()))
+    model = with_lora(base, settings)
+    set_peft_model_state_dict(model, torch.load(folder / "adapter.pt", weights_only=True))
+    return model
+
+
+def trained_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+class SFTModule(L.LightningModule):
+    """Batches {"ids", "labels"} (B, T); next-token loss on labels != IGNORE, for each arm."""
+
+    def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | SFTOptimConfig, max_steps: int,
+                 lora: dict[str, Any] | LoraSettings | None = None) -> None:
+        super().__init__()
+        model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
+        optim = asdict(optim) if isinstance(optim, SFTOptimConfig) else dict(optim)
+        lora = asdict(lora) if isinstance(lora, LoraSettings) else dict(lora or {})
+        self.save_hyperparameters({"model": model, "optim": optim, "max_steps": max_steps, "lora": lora})
+        self.automatic_optimization = False
+        self.optim, self.lora, self.max_steps = SFTOptimConfig(**optim), LoraSettings(**lora), max_steps
+        config = DecoderConfig(**model)
+        self.model = Decoder(config)
+        self.lora_model = with_lora(Decoder(config), self.lora) if self.lora.enabled else None
+        self.arms = {"full": self.model, **({"lora": self.lora_model} if self.lora_model is not None else {})}
+        self.val_loss = torch.nn.ModuleDict({arm: MeanMetric() for arm in self.arms})
+        self.seconds = dict.fromkeys(self.arms, 0.0)  # training time of each arm, forward + backward + step
+
+    def init_from_base(self, base: Decoder, new_rows: dict[int, list[int]]) -> None:
+        """Both arms start from `base`'s weights; each id in `new_rows` (a token the base lacks) starts as the
+        mean of the base's embeddings of the listed ids."""
+        state = base.state_dict()
+        old = state["wte.weight"]
+        table = torch.empty(self.model.config.padded_vocab_size, old.shape[1], dtype=old.dtype)
+        torch.nn.init.normal_(table, std=0.02)
+        table[: old.shape[0]] = old[: table.shape[0]]
+        for row, sources in new_rows.items():
+            table[row] = old[sources].mean(0)
+        state = {**state, "wte.weight": table, "lm_head.weight": table}
+        self.model.load_state_dict(state)
+        if self.lora_model is not None:
+            lora_state = self.lora_model.state_dict()
+            for key in lora_state:
+                plain = key.replace(".base_layer", "")
+                if plain in state:
+                    lora_state[key] = state[plain]
+            self.lora_model.load_state_dict(lora_state)
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["ids"].shape[0] * (batch["ids"].shape[1] - 1))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ids, labels = batch["ids"], batch["labels"]
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        for (arm, model), opt, sched in zip(self.arms.items(), optimizers, schedulers):
+            start = time.perf_counter()
+            loss = model.loss(ids[:, :-1], labels[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            if self.optim.grad_clip:
+                self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+            # the full arm's step is the run's step: the LoRA arm steps the optimizer Lightning wraps,
+            # so that global_step (max_steps, checkpoints, logging) counts batches, not arms x batches
+            opt.step() if arm == "full" else opt.optimizer.step()
+            sched.step()
+            if ids.is_cuda:
+                torch.cuda.synchronize(ids.device)
+            self.seconds[arm] += time.perf_counter() - start
+            self.log("train/loss" if arm == "full" else f"train/loss_{arm}", loss.detach())
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ids, labels = batch["ids"], batch["labels"]
+        weight = (labels[:, 1:] != -100).sum()
+        for arm, model in self.arms.items():
+            self.val_loss[arm].update(model.loss(ids[:, :-1], labels[:, 1:]), weight=weight)
+
+    def on_validation_epoch_end(self) -> None:
+        for arm in self.arms:
+            loss = self.val_loss[arm].compute()
+            self.val_loss[arm].reset()
+            suffix = "" if arm == "full" else f"_{arm}"
+            self.log_dict({f"val/loss{suffix}": loss, f"val/ppl{suffix}": loss.exp()}, prog_bar=arm == "full")
+
+    def configure_optimizers(self) -> tuple[list, list]:
+        o = self.optim
+        optimizers, schedulers = [], []
+        for arm, model in self.arms.items():
+            lr = o.lr if arm == "full" else o.lora_lr
+            opt = torch.optim.AdamW(decay_groups(model.parameters(), o.weight_decay), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            optimizers.append(opt)
+            schedule = LambdaLR(opt, lambda step: warmup_cosine(step, o.warmup_steps, self.max_steps, o.min_lr_ratio))
+            schedulers.append({"scheduler": schedule, "interval": "step"})
+        return optimizers, schedulers
+
+    def arm_model(self, arm: str | None = None) -> Decoder:
+        """The decoder of `arm` ("full", default, or "lora", merged into plain weights), in eval mode."""
+        if arm in (None, "full"):
+            return self.model.eval()
+        if arm == "lora" and self.lora_model is not None:
+            return merged(self.lora_model)
+        raise ValueError(f"no arm {arm!r} in this checkpoint; it has {', '.join(self.arms)}")
+
+    def optimizer_state_bytes(self, arm: str) -> int:
+        """Gradient plus AdamW's two moments, fp32, for the arm's trained parameters: what training adds to the weights."""
+        return trained_parameters(self.arms[arm]) * 4 * 3
