@@ -105,17 +105,29 @@ class SFTModule(L.LightningModule):
     """Batches {"ids", "labels"} (B, T); next-token loss on labels != IGNORE, for each arm."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | SFTOptimConfig, max_steps: int,
-                 lora: dict[str, Any] | LoraSettings | None = None) -> None:
+                 lora: dict[str, Any] | LoraSettings | None = None, new_tokens: list[int] | None = None) -> None:
         super().__init__()
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         optim = asdict(optim) if isinstance(optim, SFTOptimConfig) else dict(optim)
         lora = asdict(lora) if isinstance(lora, LoraSettings) else dict(lora or {})
-        self.save_hyperparameters({"model": model, "optim": optim, "max_steps": max_steps, "lora": lora})
+        new_tokens = list(new_tokens or [])
+        self.save_hyperparameters({"model": model, "optim": optim, "max_steps": max_steps, "lora": lora, "new_tokens": new_tokens})
         self.automatic_optimization = False
         self.optim, self.lora, self.max_steps = SFTOptimConfig(**optim), LoraSettings(**lora), max_steps
         config = DecoderConfig(**model)
         self.model = Decoder(config)
         self.lora_model = with_lora(Decoder(config), self.lora) if self.lora.enabled else None
+        self.new_tokens = new_tokens
+        if self.lora_model is not None and new_tokens:
+            # Tokens the base never saw need embeddings of their own (a frozen row cannot become a tag the
+            # model reads or the <|end|> it writes): the LoRA arm also trains these rows of the tied table,
+            # and only them; the other rows get zero gradient and no weight decay, so they stay the base's.
+            table = self.lora_model.wte.weight
+            table.requires_grad_(True)
+            mask = torch.zeros(table.shape[0], 1)
+            mask[new_tokens] = 1.0
+            self.register_buffer("_new_rows", mask, persistent=False)
+            table.register_hook(lambda grad: grad * self._new_rows.to(grad.dtype))
         self.arms = {"full": self.model, **({"lora": self.lora_model} if self.lora_model is not None else {})}
         self.val_loss = torch.nn.ModuleDict({arm: MeanMetric() for arm in self.arms})
         self.seconds = dict.fromkeys(self.arms, 0.0)  # training time of each arm, forward + backward + step
@@ -185,7 +197,11 @@ class SFTModule(L.LightningModule):
         optimizers, schedulers = [], []
         for arm, model in self.arms.items():
             lr = o.lr if arm == "full" else o.lora_lr
-            opt = torch.optim.AdamW(decay_groups(model.parameters(), o.weight_decay), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            table = model.wte.weight
+            groups = decay_groups((p for p in model.parameters() if p is not table), o.weight_decay)
+            if table.requires_grad:
+                groups.append({"params": [table], "weight_decay": o.weight_decay if arm == "full" else 0.0})
+            opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(o.beta1, o.beta2), eps=o.eps)
             optimizers.append(opt)
             schedule = LambdaLR(opt, lambda step: warmup_cosine(step, o.warmup_steps, self.max_steps, o.min_lr_ratio))
             schedulers.append({"scheduler": schedule, "interval": "step"})
@@ -199,6 +215,15 @@ class SFTModule(L.LightningModule):
             return merged(self.lora_model)
         raise ValueError(f"no arm {arm!r} in this checkpoint; it has {', '.join(self.arms)}")
 
+    def trained_params(self, arm: str) -> int:
+        """Parameters the arm's optimizer changes: every weight for "full"; adapters and new-token rows for "lora"."""
+        model = self.arms[arm]
+        if arm == "full":
+            return trained_parameters(model)
+        adapters = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+        return adapters + len(self.new_tokens) * model.config.n_embd
+
     def optimizer_state_bytes(self, arm: str) -> int:
-        """Gradient plus AdamW's two moments, fp32, for the arm's trained parameters: what training adds to the weights."""
+        """Gradient plus AdamW's two moments, fp32, for the parameters the arm's optimizer holds (for "lora"
+        the whole token table, whose frozen rows get zero updates)."""
         return trained_parameters(self.arms[arm]) * 4 * 3

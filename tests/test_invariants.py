@@ -115,8 +115,30 @@ def sft_loss_counts_only_supervised_tokens() -> None:
     assert loss == pytest.approx(-logits[1, 4].log_softmax(-1)[ids[1, 5]].item(), rel=1e-5)
 
 
+def sft_lora_arm_moves_only_adapters_and_new_token_rows() -> None:
+    """One LoRA step changes the adapters and the new tokens' rows of the tied table, and no other weight."""
+    torch.manual_seed(0)
+    base = Decoder(small_config())
+    module = SFTModule(small_config(vocab_size=304), SFTOptimConfig(lora_lr=1e-2, warmup_steps=0), max_steps=10,
+                       lora=LoraSettings(r=4), new_tokens=[300, 301, 302, 303])
+    module.init_from_base(base, {300: [1], 301: [2], 302: [3], 303: [0]})
+    before = {k: v.clone() for k, v in module.lora_model.state_dict().items()}
+    optimizers, _ = module.configure_optimizers()
+    ids = torch.randint(0, 304, (4, 12))
+    loss = module.lora_model.loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    optimizers[1].step()
+    after = module.lora_model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("lora_" in k or k in ("wte.weight", "lm_head.weight") for k in moved)
+    table_moved = (before["wte.weight"] != after["wte.weight"]).any(-1).nonzero().flatten().tolist()
+    assert table_moved == [300, 301, 302, 303]
+    assert module.trained_params("lora") == sum(p.numel() for n, p in module.lora_model.named_parameters() if "lora_" in n) + 4 * 32
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
-    "sft": [sft_arms_start_equal_to_the_base, sft_new_token_rows_are_the_mean_of_their_sources, sft_loss_counts_only_supervised_tokens],
+    "sft": [sft_arms_start_equal_to_the_base, sft_new_token_rows_are_the_mean_of_their_sources, sft_loss_counts_only_supervised_tokens,
+            sft_lora_arm_moves_only_adapters_and_new_token_rows],
     "pretrain": [
         pretrain_uniform_model_loss_is_log_vocab,
         pretrain_initial_loss_is_near_log_vocab,

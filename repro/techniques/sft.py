@@ -17,7 +17,7 @@ from typing import Any
 from datamodules.chat import INIT_FROM, add_chat_tokens
 from datamodules.sft import FAMILIES, SFTDataConfig, SFTDataModule
 from datamodules.tokenizer import EOT, EOT_ID
-from modules.sft import SFTModule, SFTOptimConfig, LoraSettings, trained_parameters
+from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
 from reports.claims import check_above, check_below, not_measured
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
@@ -59,7 +59,8 @@ def build(config: SFTConfig, seed: int, stages: dict[str, Path]) -> tuple[SFTMod
     base_dir = Path(stages["pretrain"]).parent.parent
     base, tokenizer = load_model(base_dir)
     chat_ids = add_chat_tokens(tokenizer)
-    module = SFTModule(replace(base.config, vocab_size=tokenizer.get_vocab_size()), config.optim, config.train.max_steps, config.lora)
+    module = SFTModule(replace(base.config, vocab_size=tokenizer.get_vocab_size()), config.optim, config.train.max_steps,
+                       config.lora, new_tokens=sorted(chat_ids.values()))
     sources = {chat_ids[token]: [EOT_ID] if word == EOT else tokenizer.encode(word).ids for token, word in INIT_FROM.items()}
     module.init_from_base(base, sources)
     module.base_dir = base_dir
@@ -80,7 +81,7 @@ def findings(config: SFTConfig, final: dict[str, float], module: SFTModule, data
     metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items()}
     metrics["data/supervised_share"] = datamodule.stats.get("supervised_tokens", 0) / max(1, datamodule.stats.get("tokens", 1))
     for arm, model in module.arms.items():
-        metrics[f"{arm}/trained_params"] = trained_parameters(model)
+        metrics[f"{arm}/trained_params"] = module.trained_params(arm)
         metrics[f"{arm}/train_state_mib"] = module.optimizer_state_bytes(arm) / 2**20
         metrics[f"{arm}/train_seconds"] = module.seconds[arm]
     values = [r["peak_mem_gib"] for r in speed if "peak_mem_gib" in r]
