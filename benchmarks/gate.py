@@ -16,7 +16,7 @@ steps or just before and after it, else the session's `test_calibration_cpu` cas
 calibration matmuls per token, does not move when the whole machine is uniformly slower or busier.
 A case fails when its quotient exceeds the baseline's by more than TOLERANCE. The tolerance is
 set from measured run-to-run spread of these quotients on a shared 2-core machine (README,
-"Benchmarks and the regression gate"): it is meant to catch a step that got a fifth slower, not a few per cent.
+"Benchmarks and the regression gate"): it is meant to catch a step that got a third slower, not a few per cent.
 
 Cases in the run but not the baseline are reported and pass. Baseline cases missing from the run
 fail: a case that silently vanished (renamed, dropped from the parametrisation, a skip gone wrong)
@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / "benchmarks" / "baseline" / "cpu.json"
 RESULTS = ROOT / ".benchmarks" / "gate"
-TOLERANCE = 0.15  # cases calibrated between their own steps
+TOLERANCE = 0.25  # cases calibrated between their own steps (clean-run spread seen: 4-16%)
 LOOSE_TOLERANCE = 1.0  # cases calibrated only before and after (or by the session case): fail at 2x
 CALIBRATION_CASE = "test_calibration_cpu"
 UPDATE_RUNS = 3

@@ -23,23 +23,19 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
-from modules.pretrain import decay_groups, warmup_cosine
+from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
 
 ARMS = ("full", "lora")
 
 
 @dataclass
-class SFTOptimConfig:
-    """AdamW per arm; warmup then cosine decay; gradients clipped per arm to `grad_clip`."""
+class SFTOptimConfig(OptimConfig):
+    """Pretraining's AdamW settings per arm, with fine-tuning defaults, LoRA's own rate and per-arm clipping."""
 
     lr: float = 3e-4  # full fine-tuning
     lora_lr: float = 3e-3  # LoRA adapters learn from zero, at a higher rate (Hu et al. 2021)
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
     grad_clip: float = 1.0
 
 

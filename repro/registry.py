@@ -72,15 +72,22 @@ def register(technique: Technique) -> Technique:
     return technique
 
 
+_discovered = False
+
+
 def _discover() -> None:
+    """Import every module of `repro.techniques` once (each registers itself); one imported directly
+    before this ran must not hide the others."""
+    global _discovered
     import repro.techniques as package
 
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")
+    _discovered = True
 
 
 def techniques() -> dict[str, Technique]:
-    if not _REGISTRY:
+    if not _discovered:
         _discover()
     return dict(_REGISTRY)
 
