@@ -16,7 +16,7 @@ from jsonargparse import ArgumentParser
 from datamodules.sources import DataFormatError
 from repro import registry
 from repro.config import ConfigError
-from repro.runner import RunSpec, resolve, run
+from repro.runner import RunSpec, init_checkpoint, resolve, run
 from repro.trainer import TrainerArgs
 
 
@@ -31,6 +31,7 @@ def parser() -> ArgumentParser:
                    help="run K seeds (--seed, --seed + 1, ...) and test each claim over them at 95%% (reports/seeds.py)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
     p.add_argument("--resume", type=Path, help="run folder (or a .ckpt in one) to continue")
+    p.add_argument("--init", type=str, help="start from this run folder or .ckpt of the prerequisite (e.g. a pretrain run for sft) instead of training it")
     p.add_argument("--accelerator", type=str, default="auto", help="cpu, gpu, auto, ...")
     p.add_argument("--devices", type=str, default="auto", help="number or list of devices, or auto")
     p.add_argument("--strategy", type=str, default="auto", help="auto, ddp, fsdp, deepspeed_stage_2, ...")
@@ -79,16 +80,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         trainer_args = TrainerArgs(args.accelerator, args.devices, args.strategy, args.precision, args.num_nodes)
         if args.resume is not None:
-            if args.set or args.technique:
-                raise ConfigError("--resume continues a run with its own settings; drop --technique/--preset/--set")
+            if args.set or args.technique or args.init:
+                raise ConfigError("--resume continues a run with its own settings; drop --technique/--preset/--set/--init")
             run_dir = run(resume=args.resume)
             print(f"report: {run_dir / 'report.md'}")
             return 0
         if not args.technique:
             raise ConfigError(f"--technique is required. Valid: {', '.join(registry.techniques())}.")
         technique = registry.get(args.technique)
-        spec = RunSpec(args.technique, args.preset or technique.default_preset, args.set, args.seed, trainer_args)
+        spec = RunSpec(args.technique, args.preset or technique.default_preset, args.set, args.seed, trainer_args, args.init)
         resolve(spec)  # fail fast on a bad key or value, before any work
+        if spec.init:
+            init_checkpoint(technique, spec.init)
         if args.seeds < 1:
             raise ConfigError(f"--seeds {args.seeds}: give a number of seeds of at least 1")
         if args.seeds > 1:

@@ -29,11 +29,13 @@ class RunSpec:
     overrides: list[str] = field(default_factory=list)
     seed: int = 0
     trainer: TrainerArgs = field(default_factory=TrainerArgs)
+    init: str | None = None  # a run folder or checkpoint of the first prerequisite, used instead of training it
 
     def command(self) -> str:
         """The command line that reproduces this run."""
         args = ["python", "repro/run.py", "--technique", self.technique, "--preset", self.preset, "--seed", str(self.seed)]
         args += [arg for item in self.overrides for arg in ("--set", item)]
+        args += ["--init", self.init] if self.init else []
         defaults = TrainerArgs()
         for name, value in asdict(self.trainer).items():
             if value != getattr(defaults, name):
@@ -90,6 +92,20 @@ def stage_spec(name: str, dependent: RunSpec) -> RunSpec:
     return RunSpec(name, preset, overrides, dependent.seed, dependent.trainer)
 
 
+def init_checkpoint(technique: registry.Technique, init: str) -> Path:
+    """The checkpoint `--init` names for the technique's first prerequisite, checked to be one of its runs."""
+    if not technique.requires:
+        raise ConfigError(f"--init: {technique.name} starts from no checkpoint; drop --init")
+    from repro.checkpoints import locate
+
+    checkpoint, run_dir = locate(init)
+    made_by = json.loads((run_dir / "run.json").read_text())["technique"] if (run_dir / "run.json").is_file() else None
+    if made_by != technique.requires[0]:
+        raise ConfigError(f"--init {init}: a {technique.name} run starts from a {technique.requires[0]} run; "
+                          f"this one is {made_by or 'not a run folder'}")
+    return checkpoint
+
+
 def stage_checkpoint(spec: RunSpec, out: Path) -> Path:
     """Final checkpoint of a prerequisite stage, trained only if no run of the same config and seed exists.
 
@@ -122,7 +138,9 @@ def run(
         run_dir, checkpoint = resume_point(resume)
         spec = _load_spec(run_dir)
     technique, config = resolve(spec)
-    stages = {name: stage_checkpoint(stage_spec(name, spec), out) for name in technique.requires}
+    stages = {name: stage_checkpoint(stage_spec(name, spec), out) for name in technique.requires[1 if spec.init else 0 :]}
+    if spec.init:
+        stages = {technique.requires[0]: init_checkpoint(technique, spec.init), **stages}
     if resume is None:
         run_dir = run_dir or _run_dir(Path(out), spec)
         run_dir.mkdir(parents=True)

@@ -181,3 +181,24 @@ def test_fine_tuned_model_is_prompted_through_its_chat_template(sft_run) -> None
     context = sample["arguments"][0][0] if isinstance(sample["arguments"][0], (list, tuple)) else sample["arguments"]["gen_args_0"]["arg_0"]
     assert context == render([{"role": "user", "content": prompt(sample["doc"]["question"])}], add_generation_prompt=True)
     assert results["config"]["model_args"]["arm"] == "lora" if isinstance(results["config"]["model_args"], dict) else "arm=lora" in results["config"]["model_args"]
+
+
+def test_init_starts_from_a_given_base_instead_of_training_one(sft_run, tmp_path, capsys) -> None:
+    from repro.run import main
+
+    base_ckpt = json.loads((sft_run / "stages.json").read_text())["pretrain"]
+    base_run = Path(base_ckpt).parent.parent
+    out = tmp_path / "runs"
+    args = ["--technique", "sft", "--init", str(base_run), "--out", str(out)]
+    for item in ["data.per_family=20", "data.batch_size=8", "train.max_steps=2", "train.val_every=2", "train.val_batches=1",
+                 "train.checkpoint_every=2", "eval.enabled=false"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    run_dir = next((out / "sft").iterdir())
+    assert json.loads((run_dir / "stages.json").read_text()) == {"pretrain": base_ckpt}
+    assert not (out / "pretrain").exists()  # no stage trained
+    assert "--init" in (run_dir / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["--technique", "sft", "--init", str(sft_run), "--out", str(out)]) == 2
+    assert "starts from a pretrain run; this one is sft" in capsys.readouterr().err
+    assert main(["--technique", "pretrain", "--init", str(base_run), "--out", str(out)]) == 2
