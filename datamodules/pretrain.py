@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from datamodules import tokenizer as bpe
 from datamodules.clean import Corpus, clean, corpus_hash
 from datamodules.packing import Blocks, build_split
-from datamodules.sampler import ResumableSampler
+from datamodules.sampler import ResumableBatches
 from datamodules.sources import read_source
 
 PIPELINE_VERSION = 1  # bump when cleaning or packing changes, so old caches are not reused
@@ -135,7 +135,7 @@ def build(corpus: Corpus, digest: str, note: str, config: CorpusConfig, block_si
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(ResumableBatches, L.LightningDataModule):
     """Rows of `block_size + 1` tokens: the model reads `row[:-1]` and predicts `row[1:]`.
 
     Train batches come from an endless, rank-sharded, resumable shuffle; a checkpoint records how
@@ -161,11 +161,9 @@ class PretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches of shape (batch_size, block_size + 1), LongTensor."""
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        start = self.batches_consumed * self.config.batch_size
-        sampler = ResumableSampler(len(self.train_set), self.seed, rank, world_size, start)
         return DataLoader(
-            self.train_set, self.config.batch_size, sampler=sampler, drop_last=True, **self._loader_args()
+            self.train_set, self.config.batch_size, sampler=self.train_sampler(len(self.train_set)), drop_last=True,
+            **self._loader_args(),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -180,20 +178,6 @@ class PretrainDataModule(L.LightningDataModule):
     def _loader_args(self) -> dict[str, Any]:
         workers = self.config.num_workers
         return {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": workers > 0}
-
-    def state_dict(self) -> dict[str, int]:
-        """Train batches this rank has consumed.
-
-        `processed` counts a batch once its training step ran, and `ModelCheckpoint` saves in
-        `on_train_batch_end`, after that count but before `completed` moves (Lightning 2.6
-        `training_epoch_loop.advance`). `total` spans the whole run, resumes included.
-        """
-        if self.trainer is None:
-            return {"batches_consumed": self.batches_consumed}
-        return {"batches_consumed": self.trainer.fit_loop.epoch_loop.batch_progress.total.processed}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.batches_consumed = state_dict["batches_consumed"]
 
     @property
     def stats(self) -> dict[str, Any]:

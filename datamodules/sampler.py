@@ -41,3 +41,28 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return ENDLESS
+
+
+class ResumableBatches:
+    """A LightningDataModule's resumable training order: `train_sampler(n)` continues where the batches
+    recorded in the checkpoint (`state_dict`) left off. The class using it sets `seed`, `config.batch_size`
+    and `batches_consumed = 0`."""
+
+    def train_sampler(self, n: int) -> ResumableSampler:
+        """The rank's endless shuffle of `n` rows, past the batches consumed before a resume."""
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return ResumableSampler(n, self.seed, rank, world_size, self.batches_consumed * self.config.batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        """Train batches this rank has consumed.
+
+        `processed` counts a batch once its training step ran, and `ModelCheckpoint` saves in
+        `on_train_batch_end`, after that count but before `completed` moves (Lightning 2.6
+        `training_epoch_loop.advance`). `total` spans the whole run, resumes included.
+        """
+        if self.trainer is None:
+            return {"batches_consumed": self.batches_consumed}
+        return {"batches_consumed": self.trainer.fit_loop.epoch_loop.batch_progress.total.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.batches_consumed = state_dict["batches_consumed"]

@@ -19,8 +19,8 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from datamodules.chat import IGNORE, add_chat_tokens, encode, read_records, verifiable_conversations
-from datamodules.sampler import ResumableSampler
+from datamodules.chat import END, IGNORE, add_chat_tokens, encode, is_chat_tokenizer, read_records, verifiable_conversations
+from datamodules.sampler import ResumableBatches
 from datamodules.sources import DataFormatError
 
 VERIFIABLE = "verifiable"
@@ -78,15 +78,15 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
     return {"ids": ids, "labels": labels}
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(ResumableBatches, L.LightningDataModule):
     """Conversations encoded with the base's tokenizer plus the chat tokens (`tokenizer`, already extended)."""
 
     def __init__(self, config: SFTDataConfig, tokenizer: Tokenizer, seed: int = 0) -> None:
         super().__init__()
         self.config, self.tokenizer, self.seed = config, tokenizer, seed
-        if tokenizer.token_to_id("<|end|>") is None:
+        if not is_chat_tokenizer(tokenizer):
             add_chat_tokens(tokenizer)
-        self.pad_id = tokenizer.token_to_id("<|end|>")  # any id: padding is never attended to or scored
+        self.pad_id = tokenizer.token_to_id(END)  # any id: padding is never attended to or scored
         self.batches_consumed = 0
         self.stats: dict[str, Any] = {}
         self.train_set: Conversations | None = None
@@ -120,22 +120,12 @@ class SFTDataModule(L.LightningDataModule):
         self.stats = {"conversations": len(items), "dropped_over_max_len": dropped, "train": len(self.train_set),
                       "val": len(self.val_set), "tokens": sum(len(ids) for ids, _ in encoded), "supervised_tokens": supervised}
 
-    def _loader(self, dataset: Conversations, sampler: Any) -> DataLoader:
-        return DataLoader(dataset, self.config.batch_size, sampler=sampler, drop_last=sampler is not None and not isinstance(sampler, list),
+    def _loader(self, dataset: Conversations, sampler: Any, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, self.config.batch_size, sampler=sampler, drop_last=drop_last,
                           collate_fn=lambda rows: collate(rows, self.pad_id), num_workers=self.config.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = ResumableSampler(len(self.train_set), self.seed, rank, world_size, self.batches_consumed * self.config.batch_size)
-        return self._loader(self.train_set, sampler)
+        return self._loader(self.train_set, self.train_sampler(len(self.train_set)), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, list(range(len(self.val_set))))
-
-    def state_dict(self) -> dict[str, int]:
-        if self.trainer is None:
-            return {"batches_consumed": self.batches_consumed}
-        return {"batches_consumed": self.trainer.fit_loop.epoch_loop.batch_progress.total.processed}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.batches_consumed = state_dict["batches_consumed"]
+        return self._loader(self.val_set, list(range(len(self.val_set))), drop_last=False)
