@@ -45,15 +45,20 @@ class ClaimResult:
     @property
     def margin(self) -> float | None:
         """How far the measured value is on the claim's side of its limit (positive: the claim holds)."""
-        if self.measured is None or self.limit is None or self.direction is None:
-            return None
-        return self.limit - self.measured if self.direction == "<" else self.measured - self.limit
+        return margin(self.measured, self.limit, self.direction)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict {self.verdict!r} is not one of {VERDICTS}")
         if self.measured is None and self.verdict != "not measured":
             raise ValueError(f"claim {self.claim!r} has no measured value but verdict {self.verdict!r}")
+
+
+def margin(measured: float | None, limit: float | None, direction: str | None) -> float | None:
+    """limit - measured for a "<" claim, measured - limit for ">"; None when any part is missing."""
+    if measured is None or limit is None or direction not in ("<", ">"):
+        return None
+    return limit - measured if direction == "<" else measured - limit
 
 
 def _number(value: object) -> float | None:

@@ -23,16 +23,15 @@ from typing import Any, Sequence
 from scipy import stats
 
 from reports import plots
+from reports.claims import margin as claim_margin
 from reports.writer import _table, format_value, jsonable
 
 ALPHA = 0.05  # one-sided: the claim must hold at 95% confidence
 
 
 def margin(claim: dict[str, Any]) -> float | None:
-    measured, limit, direction = claim.get("measured"), claim.get("limit"), claim.get("direction")
-    if measured is None or limit is None or direction not in ("<", ">"):
-        return None
-    return limit - measured if direction == "<" else measured - limit
+    """`ClaimResult.margin` of a claim as metrics.json records it."""
+    return claim_margin(claim.get("measured"), claim.get("limit"), claim.get("direction"))
 
 
 def claim_over_seeds(per_seed: Sequence[dict[str, Any]], alpha: float = ALPHA) -> dict[str, Any]:
