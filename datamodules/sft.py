@@ -50,10 +50,10 @@ class SFTDataConfig:
 
 def held_out_rows(families: list[str]) -> dict[str, list[dict]]:
     """The evaluation rows of each verifiable family, as `evaluation.build_tasks` writes them."""
-    from evaluation.build_tasks import DEFAULT_SEED
+    from evaluation.build_tasks import verifiable_rows
     from evaluation.verifiable import GENERATORS
 
-    return {family: GENERATORS[family](200, DEFAULT_SEED) for family in families if family in GENERATORS}
+    return {family: verifiable_rows(family) for family in families if family in GENERATORS}
 
 
 class Conversations(torch.utils.data.Dataset):

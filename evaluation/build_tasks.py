@@ -38,6 +38,7 @@ from evaluation.verifiable import GENERATORS
 
 BUILD_VERSION = 1  # bump when any row would change, so cached folders are rebuilt
 DEFAULT_SEED = 0
+ROWS = 200  # rows per cloze and verifiable task
 
 
 class _NoMetadataHint(logging.Filter):
@@ -54,16 +55,21 @@ if not any(isinstance(f, _NoMetadataHint) for f in _task_logger.filters):
     _task_logger.addFilter(_NoMetadataHint())
 
 
-def task_rows(texts: Sequence[str], seed: int = DEFAULT_SEED, n: int = 200) -> dict[str, list[dict]]:
+def verifiable_rows(name: str, seed: int = DEFAULT_SEED, n: int = ROWS) -> list[dict]:
+    """The rows of `repro_verifiable_<name>`: a function of the seed alone (SFT trains on none of them)."""
+    return GENERATORS[name](n, seed)
+
+
+def task_rows(texts: Sequence[str], seed: int = DEFAULT_SEED, n: int = ROWS) -> dict[str, list[dict]]:
     """Rows of every task, by task name: corpus tasks from `texts`, verifiable tasks from `seed` alone."""
     return {
         "repro_corpus_ppl": perplexity_documents(texts, seed),
         "repro_cloze": cloze_passages(texts, seed, n),
-        **{f"repro_verifiable_{name}": generate(n, seed) for name, generate in GENERATORS.items()},
+        **{f"repro_verifiable_{name}": verifiable_rows(name, seed, n) for name in GENERATORS},
     }
 
 
-def build(out: Path, texts: Sequence[str], seed: int = DEFAULT_SEED, n: int = 200, about: dict | None = None) -> Path:
+def build(out: Path, texts: Sequence[str], seed: int = DEFAULT_SEED, n: int = ROWS, about: dict | None = None) -> Path:
     """Write `<task>.jsonl` for every task and `manifest.json` (seed, version, row counts, `about`) into `out`.
 
     The folder is written beside `out` and renamed into place, so a reader never sees half of it.
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=str, default=None, help="use the held-out documents of this run's corpus")
     p.add_argument("--source", type=str, default=None, help="or of this corpus source (default: python-docs)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--n", type=int, default=200, help="rows per cloze and verifiable task")
+    p.add_argument("--n", type=int, default=ROWS, help="rows per cloze and verifiable task")
     args = p.parse_args(argv)
     corpus = corpus_of_run(args.checkpoint) if args.checkpoint else CorpusConfig(source=args.source or "python-docs")
     texts, digest = held_out_texts(corpus)

@@ -22,6 +22,7 @@ from peft import LoraConfig, LoraModel, get_peft_model_state_dict, set_peft_mode
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from datamodules.chat import IGNORE
 from modules.nn import Decoder, DecoderConfig
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
 
@@ -177,7 +178,7 @@ class SFTModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids, labels = batch["ids"], batch["labels"]
-        weight = (labels[:, 1:] != -100).sum()
+        weight = (labels[:, 1:] != IGNORE).sum()
         for arm, model in self.arms.items():
             self.val_loss[arm].update(model.loss(ids[:, :-1], labels[:, 1:]), weight=weight)
 

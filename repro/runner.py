@@ -165,12 +165,12 @@ def run(
     final = {k: float(v) for k, v in trainer.validate(module, datamodule, verbose=False)[0].items()}
 
     if trainer.is_global_zero:
-        evaluation = _evaluate(run_dir, technique, config, trainer)
+        evaluation = _evaluate(run_dir, config, trainer)
         _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation)
     return run_dir
 
 
-def _evaluate(run_dir: Path, technique: registry.Technique, config: Any, trainer: L.Trainer) -> dict | None:
+def _evaluate(run_dir: Path, config: Any, trainer: L.Trainer) -> dict | None:
     """Score the final checkpoint with lm-eval on the technique's tasks (or `eval.tasks`); write
     eval.json and eval.md; return the report's evaluation section, or None when `eval.enabled` is off."""
     settings = getattr(config, "eval", None)
@@ -178,9 +178,8 @@ def _evaluate(run_dir: Path, technique: registry.Technique, config: Any, trainer
         return None
     from repro.evaluate import evaluate, result_rows, write_results
 
-    tasks = list(settings.tasks or technique.eval_tasks)
-    device = str(trainer.strategy.root_device)
-    results = evaluate(run_dir, tasks, settings.limit, settings.batch_size, device)
+    # tasks None: `evaluate` takes the run's own, the config's `eval.tasks` or else the technique's
+    results = evaluate(run_dir, settings.tasks, settings.limit, settings.batch_size, str(trainer.strategy.root_device))
     write_results(results, run_dir)
     return {
         "rows": result_rows(results),

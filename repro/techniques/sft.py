@@ -80,7 +80,7 @@ def findings(config: SFTConfig, final: dict[str, float], module: SFTModule, data
     families = list(config.data.families)
     metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items()}
     metrics["data/supervised_share"] = datamodule.stats.get("supervised_tokens", 0) / max(1, datamodule.stats.get("tokens", 1))
-    for arm, model in module.arms.items():
+    for arm in module.arms:
         metrics[f"{arm}/trained_params"] = module.trained_params(arm)
         metrics[f"{arm}/train_state_mib"] = module.optimizer_state_bytes(arm) / 2**20
         metrics[f"{arm}/train_seconds"] = module.seconds[arm]
