@@ -37,7 +37,7 @@ def margin(claim: dict[str, Any]) -> float | None:
 def claim_over_seeds(per_seed: Sequence[dict[str, Any]], alpha: float = ALPHA) -> dict[str, Any]:
     """One claim's records from K runs (same claim, one per seed) -> its verdict over the seeds."""
     first = per_seed[0]
-    out: dict[str, Any] = {key: first.get(key) for key in ("claim", "source", "metric", "paper", "direction")}
+    out: dict[str, Any] = {key: first.get(key) for key in ("claim", "source", "metric", "paper", "threshold", "direction")}
     out["seeds"] = len(per_seed)
     out["measured"] = [c.get("measured") for c in per_seed]
     out["limit"] = [c.get("limit") for c in per_seed]
@@ -107,8 +107,9 @@ def write(run_dirs: Sequence[Path], out: Path, command: str) -> Path:
     for c in summary["claims"]:
         measured = "—" if c.get("mean_measured") is None else f"{c['mean_measured']:.4g} (per seed: {', '.join(format_value(v) for v in c['measured'])})"
         interval = "—" if c.get("lower_bound") is None else f"{c['mean_margin']:.4g} (lower bound {c['lower_bound']:.4g})"
-        rows.append((c["claim"], c["metric"], measured, interval, f"**{c['verdict']}**"))
-    lines += _table(("claim", "metric", "measured, mean", "margin, mean (95% lower bound)", "verdict"), rows, "llrrl")
+        rows.append((c["claim"], c["source"], c["metric"], measured, c["paper"], c["threshold"], interval, f"**{c['verdict']}**"))
+    header = ("claim", "source", "metric", "measured, mean", "paper", "test (each seed)", "margin, mean (95% lower bound)", "verdict")
+    lines += _table(header, rows, "lllrllrl")
     lines += ["", *(f"- *{c['claim']}*: {c['detail']}" for c in summary["claims"] if c.get("detail")), ""]
     lines += ["## Metrics over seeds", ""]
     lines += _table(("metric", "mean", "sd", "min", "max"),

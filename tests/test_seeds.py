@@ -75,4 +75,6 @@ def test_run_with_seeds_writes_per_seed_reports_and_a_verdict_over_them(tiny_ove
     runs = sorted((tmp_path / "pretrain").glob("tiny-s[0-9]*"))
     assert [json.loads((r / "metrics.json").read_text())["seeds"] for r in runs] == [1, 1]
     assert "single seed" in (runs[0] / "report.md").read_text()
+    table = Path(report).read_text()
+    assert "| claim | source | metric | measured, mean | paper | test (each seed) |" in table
     assert main(["--technique", "pretrain", "--seeds", "0"]) == 2
