@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, LoraModel, get_peft_model_state_dict, set_peft_model_state_dict
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
@@ -94,6 +95,17 @@ def load_adapter(base: Decoder, folder: Path) -> Decoder:
     return model
 
 
+def response_loss(model: Decoder, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not IGNORE; the LM head reads only those positions.
+
+    The same value as `model.loss(ids, targets)`, without the head's matmul and softmax over the
+    vocabulary at the prompt's and the padding's positions (most of a batch of short answers).
+    """
+    keep = targets != IGNORE
+    logits = model.lm_head(model.features(ids)[keep])
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
 def trained_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
 
@@ -162,7 +174,7 @@ class SFTModule(L.LightningModule):
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
         for (arm, model), opt, sched in zip(self.arms.items(), optimizers, schedulers):
             start = time.perf_counter()
-            loss = model.loss(ids[:, :-1], labels[:, 1:])
+            loss = response_loss(model, ids[:, :-1], labels[:, 1:])
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             if self.optim.grad_clip:
@@ -180,7 +192,7 @@ class SFTModule(L.LightningModule):
         ids, labels = batch["ids"], batch["labels"]
         weight = (labels[:, 1:] != IGNORE).sum()
         for arm, model in self.arms.items():
-            self.val_loss[arm].update(model.loss(ids[:, :-1], labels[:, 1:]), weight=weight)
+            self.val_loss[arm].update(response_loss(model, ids[:, :-1], labels[:, 1:]), weight=weight)
 
     def on_validation_epoch_end(self) -> None:
         for arm in self.arms:

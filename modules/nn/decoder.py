@@ -75,7 +75,13 @@ class Decoder(nn.Module):
     def forward(
         self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits (B, T, padded_vocab) for token ids idx (B, T).
+        """Logits (B, T, padded_vocab) for token ids idx (B, T); see `features` for the cache."""
+        return self.lm_head(self.features(idx, cache, valid))
+
+    def features(
+        self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, C), after the last norm: what the LM head (or a scalar head) reads.
 
         With a cache, idx fills its next T slots; `valid` (B, T) marks real tokens (False for left
         padding, default all True) and positions count real tokens only, so a left-padded row
@@ -102,7 +108,7 @@ class Decoder(nn.Module):
             x = block(x, rope, cache, layer, mask)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (nats) of targets (B, T) given idx (B, T)."""
