@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from datamodules.sources import DataFormatError
+from datamodules.sources import DataFormatError, load_table
 
 ROLES = ("system", "user", "assistant")
 TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -97,24 +97,7 @@ def to_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 def read_records(source: str, split: str = "train", cache_dir: Path | None = None) -> list[list[dict[str, str]]]:
     """Conversations from a local .jsonl / .json / .parquet file or `hf:<name>`, through `datasets`."""
-    import datasets
-
-    if source.startswith("hf:"):
-        dataset = datasets.load_dataset(source[3:], split=split, cache_dir=str(cache_dir) if cache_dir else None)
-        name = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.source {source}: no such file (give a .jsonl, .json or .parquet, or hf:<name>)")
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-        if builder is None:
-            raise DataFormatError(f"{path}: unsupported instruction file type {path.suffix!r}; use .jsonl, .json or .parquet")
-        try:
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train",
-                                            cache_dir=str(cache_dir) if cache_dir else None)
-        except Exception as err:  # datasets wraps the parser's error; keep its first line
-            raise DataFormatError(f"{path}: cannot be read as {builder}: {str(err).splitlines()[0]}") from err
-        name = str(path)
+    dataset, name = load_table(source, split, cache_dir, "instruction")
     return [to_messages(record, f"{name}, record {i + 1}") for i, record in enumerate(dataset)]
 
 

@@ -156,3 +156,24 @@ def _texts(table: datasets.Dataset, text_field: str, where: str) -> list[str]:
 
 def _hf_cache(cache_dir: Path | None) -> str | None:
     return None if cache_dir is None else str(cache_dir / "hf")
+
+
+def load_table(source: str, split: str = "train", cache_dir: Path | None = None, kind: str = "record"):
+    """(`datasets.Dataset`, its name for messages) of a local .jsonl / .json / .parquet file or `hf:<name>`.
+
+    `kind` names what the file should hold ("instruction", "preference") in the errors.
+    """
+    if source.startswith("hf:"):
+        dataset = datasets.load_dataset(source[3:], split=split, cache_dir=str(cache_dir) if cache_dir else None)
+        return dataset, source
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.source {source}: no such file (give a .jsonl, .json or .parquet, or hf:<name>)")
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+    if builder is None:
+        raise DataFormatError(f"{path}: unsupported {kind} file type {path.suffix!r}; use .jsonl, .json or .parquet")
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir) if cache_dir else None)
+    except Exception as err:  # datasets wraps the parser's error; keep its first line
+        raise DataFormatError(f"{path}: cannot be read as {builder}: {str(err).splitlines()[0]}") from err
+    return dataset, str(path)
