@@ -103,13 +103,14 @@ def held_out_texts(corpus: CorpusConfig) -> tuple[list[str], str]:
 
 def corpus_of_run(checkpoint: str | Path) -> CorpusConfig:
     """The `data.` settings of the run holding `checkpoint` (default corpus if the run names none); for a
-    run that started from a pretrained stage (`stages.json`), that stage's corpus."""
+    run that started from other runs (`stages.json`), its base's corpus."""
     from repro.checkpoints import locate  # repro imports the technique registry; only needed here
 
     _, run_dir = locate(checkpoint)
     stages = run_dir / "stages.json"
-    if stages.is_file() and "pretrain" in json.loads(stages.read_text()):  # a fine-tuned model: its base's corpus
-        return corpus_of_run(json.loads(stages.read_text())["pretrain"])
+    if stages.is_file():  # a model trained from another run: the corpus of its base (through every stage)
+        started_from = json.loads(stages.read_text())
+        return corpus_of_run(started_from.get("pretrain") or next(iter(started_from.values())))
     data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}
     names = {f.name for f in dataclasses.fields(CorpusConfig)}
     return CorpusConfig(**{k: v for k, v in data.items() if k in names}) if "source" in data else CorpusConfig()

@@ -170,3 +170,49 @@ def grouped_bars(series: Mapping[str, Mapping[str, float]], ylabel: str, title: 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def reward_kl(history: Mapping[str, Series], title: str, kl_target: float | None = None,
+              reward_keys: Sequence[str] = ("ppo/true_reward", "ppo/score"), kl_key: str = "ppo/kl",
+              val_reward_key: str = "val/true_reward", val_kl_key: str = "val/kl", smooth_after: int = 30) -> bytes:
+    """PNG bytes of an RL run: rewards (left) and KL(pi || ref) per sequence (right) against the step.
+
+    Per-iteration series are drawn faint and, past `smooth_after` points, as a centred moving mean;
+    validation points (held-out prompts) as markers; the controller's KL target as a dashed line.
+    """
+    fig = Figure(figsize=(11, 4.2), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    colors = ("#2ca02c", "#9467bd", "#8c564b")
+
+    def draw(ax: Axes, key: str, color: str, label: str) -> None:
+        series = history.get(key) or []
+        if not series:
+            return
+        steps, values = _xy(series)
+        many = len(series) > smooth_after
+        ax.plot(steps, values, color=color, lw=1.0, alpha=0.3 if many else 0.9, label=label if not many else None)
+        if many:
+            ax.plot(steps, rolling_mean(values, max(5, len(series) // 30) | 1), color=color, lw=1.8, label=f"{label} (moving mean)")
+
+    for key, color in zip(reward_keys, colors):
+        draw(left, key, color, key.split("/")[-1].replace("_", " "))
+    draw(right, kl_key, colors[0], "KL, rollouts")
+    for ax, key, label in ((left, val_reward_key, "true reward, held-out prompts"), (right, val_kl_key, "KL, held-out prompts")):
+        series = history.get(key) or []
+        if series:
+            steps, values = _xy(series)
+            ax.plot(steps, values, color=VAL_COLOR, lw=1.5, marker="o", ms=4.5, label=label, zorder=3)
+    if kl_target is not None:
+        right.axhline(kl_target, color="black", ls="--", lw=1.0, label=f"KL target ({kl_target:g})")
+    left.set(xlabel="PPO iteration", ylabel="reward", title="reward")
+    right.set(xlabel="PPO iteration", ylabel="nats per sequence", title="KL(policy || reference)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -96,8 +96,9 @@ def render_markdown(
     run_dir: Path, technique: str, title: str, command: str, config_yaml: str, env: Mapping[str, Any],
     metrics: Mapping[str, Any], claims: Sequence[ClaimResult], notes: Sequence[str],
     evaluation: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
-    """The body of `report.md`."""
+    """The body of `report.md`; `sections` (title -> Markdown lines) go after the results."""
     reproduced = sum(c.verdict == "reproduced" for c in claims)
     unmeasured = sum(c.verdict == "not measured" for c in claims)
     summary = f"{reproduced} of {len(claims)} claims reproduced" if claims else "no claims checked"
@@ -128,6 +129,8 @@ def render_markdown(
         lines += _table(("task", "metric", "value", "stderr"), rows, "llrr")
         settings = ", ".join(f"{k} {v}" for k, v in evaluation.items() if k != "rows")
         lines += ["", f"Scores move with batch size (padding): {settings}."] if settings else []
+    for heading, body in (sections or {}).items():
+        lines += ["", f"## {heading}", "", *body]
     lines += ["", "## Loss curve", "", "![loss curve](loss_curve.png)", ""]
     lines += ["## Environment", "", *_table(("", ""), list(env.items())), ""]
     if notes:
@@ -170,12 +173,14 @@ def write_report(
     notes: Sequence[str] = (),
     evaluation: Mapping[str, Any] | None = None,
     log_y: bool = False,
+    sections: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write the run's record into `run_dir` (created if missing) and return the path of `report.md`.
 
     history: metric name -> [(step, value), ...]; `train/loss` and `val/loss` are plotted.
     metrics: final values, shown in the Results table. claims: computed by `reports.claims`.
     evaluation: lm-eval scores, {"rows": [{"task", "metric", "value", "stderr"}, ...], **settings}.
+    sections: extra Markdown sections after the results, title -> lines (figures, sample tables).
     log_y: draw the loss curve on a log scale (when every loss is positive).
     """
     run_dir = Path(run_dir)
@@ -195,7 +200,7 @@ def write_report(
     }
     config_yaml = yaml.safe_dump(config_data, sort_keys=False, allow_unicode=True)
     markdown = render_markdown(
-        run_dir, technique, title, command, config_yaml, env, metrics, claims, list(notes), evaluation
+        run_dir, technique, title, command, config_yaml, env, metrics, claims, list(notes), evaluation, sections
     )
     png = plots.loss_curve(history, title, log_y=log_y)
     _publish(run_dir, {

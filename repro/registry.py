@@ -22,11 +22,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Findings:
-    """What a technique concludes from its run: extra metrics, claim verdicts, notes for the report."""
+    """What a technique concludes from its run: extra metrics, claim verdicts, notes and sections for the report."""
 
     metrics: dict[str, Any]
     claims: list["ClaimResult"]
     notes: list[str] = field(default_factory=list)
+    sections: dict[str, list[str]] = field(default_factory=dict)  # extra report sections: title -> Markdown lines
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,15 @@ class Technique:
     eval_tasks: tuple[str, ...] = ("repro_corpus_ppl", "repro_cloze", "repro_verifiable", "repro_verifiable_arithmetic_mc")
     # metrics logged every optimizer step and kept in the run's history (metrics.json, plots)
     step_metrics: tuple[str, ...] = ("train/loss",)
+    # metrics of each validation kept in the history
+    val_metrics: tuple[str, ...] = ("val/loss", "val/ppl")
     # what its golden trajectory (repro/golden.py) pins, step by step, and the overrides that shrink
     # its default preset to a few seconds ("{corpus}" and "{cache}" are filled in by repro.golden)
     golden_metrics: tuple[str, ...] = ("train/loss", "val/loss")
     golden_overrides: tuple[str, ...] = ()
+    # settings that shorten a run's setup without changing what one training step computes (fewer
+    # sampled prompts, say; never a shape): benchmark cases and their prerequisite stages use them
+    quick: tuple[str, ...] = ()
 
     @property
     def presets(self) -> list[str]:

@@ -151,7 +151,7 @@ def run(
 
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = technique.build(config, spec.seed, stages)
-    trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics)
+    trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics)
     try:
         trainer.fit(module, datamodule, ckpt_path=checkpoint)
     except BaseException:
@@ -213,4 +213,5 @@ def _report(run_dir, technique, spec, config, trainer, module, datamodule, final
         claims=findings.claims,
         notes=findings.notes,
         evaluation=evaluation,
+        sections=findings.sections,
     )

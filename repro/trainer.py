@@ -65,9 +65,11 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 
 def build_trainer(
-    train: TrainConfig, args: TrainerArgs, run_dir: Path, callbacks: list[L.Callback] = (), step_metrics: tuple[str, ...] = ("train/loss",)
+    train: TrainConfig, args: TrainerArgs, run_dir: Path, callbacks: list[L.Callback] = (), step_metrics: tuple[str, ...] = ("train/loss",),
+    val_metrics: tuple[str, ...] = ("val/loss", "val/ppl"),
 ) -> L.Trainer:
-    """A Trainer whose one epoch is the whole run: `max_steps` optimizer steps; `step_metrics` go in the history."""
+    """A Trainer whose one epoch is the whole run: `max_steps` optimizer steps; `step_metrics` (each step) and
+    `val_metrics` (each validation) go in the history."""
     batches = train.max_steps * train.accumulate
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on a GPU
     checkpoint = ModelCheckpoint(
@@ -90,7 +92,7 @@ def build_trainer(
         num_sanity_val_steps=0,
         callbacks=[
             SpeedMonitor(train.speed_window, train.peak_tflops),
-            History(step_keys=tuple(step_metrics)),
+            History(step_keys=tuple(step_metrics), val_keys=tuple(val_metrics)),
             LossProgressBar(refresh_rate=10 if on_gpu(args) else 1),  # each refresh waits for the GPU
             checkpoint,
             *callbacks,

@@ -231,3 +231,16 @@ def test_evaluation_table_is_rendered_and_recorded(tmp_path) -> None:
     assert "## Evaluation (lm-evaluation-harness)" in text and "| repro_cloze | acc | 0.25 | 0.05 |" in text
     assert "batch_size 16" in text
     assert json.loads((tmp_path / "metrics.json").read_text())["evaluation"] == evaluation
+
+
+def test_extra_sections_follow_the_results(tmp_path: Path) -> None:
+    text = _write(tmp_path, sections={"Samples": ["| prompt | sample |", "|---|---|", "| a | b |"]}).read_text()
+    assert text.index("## Results") < text.index("## Samples\n\n| prompt | sample |\n|---|---|\n| a | b |") < text.index("## Loss curve")
+
+
+def test_reward_kl_figure_is_a_png() -> None:
+    history = {"ppo/true_reward": [(s, 0.01 * s) for s in range(1, 80)], "ppo/score": [(s, 0.05 * s) for s in range(1, 80)],
+               "ppo/kl": [(s, min(4.0, 0.2 * s)) for s in range(1, 80)], "val/true_reward": [(40, 0.3), (79, 0.6)],
+               "val/kl": [(40, 3.9), (79, 4.1)]}
+    assert plots.reward_kl(history, "t", kl_target=4.0).startswith(PNG_MAGIC)
+    assert plots.reward_kl({}, "t").startswith(PNG_MAGIC)
