@@ -136,7 +136,55 @@ def sft_lora_arm_moves_only_adapters_and_new_token_rows() -> None:
     assert module.trained_params("lora") == sum(p.numel() for n, p in module.lora_model.named_parameters() if "lora_" in n) + 4 * 32
 
 
+def reward_equal_scores_cost_ln2() -> None:
+    """Bradley-Terry with r_chosen = r_rejected is -log sigmoid(0) = ln 2, whatever the scores."""
+    from modules.reward import bradley_terry_loss
+
+    scores = torch.randn(7, dtype=torch.float64)
+    assert bradley_terry_loss(scores, scores).item() == pytest.approx(math.log(2))
+
+
+def reward_trunk_starts_as_the_base_and_reads_the_last_token() -> None:
+    """After `init_from_base` the trunk is the base; a row's reward depends only on tokens up to `last`."""
+    from modules.reward import RewardModule
+
+    torch.manual_seed(0)
+    base = Decoder(small_config())
+    module = RewardModule(small_config(), OptimConfig(), max_steps=1)
+    module.init_from_base(base)
+    ids = torch.randint(0, 300, (2, 10))
+    torch.testing.assert_close(module.model.trunk(ids), base(ids))
+    changed = ids.clone()
+    changed[:, 6:] = 7  # after `last`
+    last = torch.tensor([5, 5])
+    torch.testing.assert_close(module.model(ids, last), module.model(changed, last))
+
+
+def rlhf_policy_starts_at_zero_kl_from_its_reference() -> None:
+    """Before any update the policy is the reference: the sampled KL of every rollout is exactly 0."""
+    from modules.ppo import PPOConfig, PPOModule
+
+    torch.manual_seed(0)
+    module = PPOModule(small_config(), PPOConfig(reward="true", response_tokens=5), max_steps=1)
+    module.init_from(Decoder(small_config()), None)
+    rollout = module.rollout(torch.randint(1, 300, (4, 3)), seed=0)
+    assert ((rollout["logp"] - rollout["ref_logp"]) * rollout["mask"]).abs().max().item() == 0.0
+
+
+def rlhf_perfect_values_leave_no_advantage() -> None:
+    """A constant final reward with values equal to it gives zero advantage everywhere (gamma = lambda = 1)."""
+    from modules.ppo import gae
+
+    rewards = torch.zeros(3, 5)
+    rewards[:, -1] = 0.7
+    advantages, returns = gae(rewards, torch.full((3, 5), 0.7), torch.ones(3, 5), 1.0, 1.0)
+    assert advantages.abs().max().item() < 1e-7
+    torch.testing.assert_close(returns, torch.full((3, 5), 0.7))
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "reward": [reward_equal_scores_cost_ln2, reward_trunk_starts_as_the_base_and_reads_the_last_token],
+    "rlhf": [rlhf_policy_starts_at_zero_kl_from_its_reference, rlhf_perfect_values_leave_no_advantage],
     "sft": [sft_arms_start_equal_to_the_base, sft_new_token_rows_are_the_mean_of_their_sources, sft_loss_counts_only_supervised_tokens,
             sft_lora_arm_moves_only_adapters_and_new_token_rows],
     "pretrain": [
