@@ -77,6 +77,8 @@ class Pair:
     rejected: list[int]
     chosen_reward: float | None = None  # the true reward, where known (embedded source)
     rejected_reward: float | None = None
+    ref_chosen: float | None = None  # the reference's sequence log-probs of the responses, once computed (DPO)
+    ref_rejected: float | None = None
 
 
 def corpus_prompts(texts: list[str], tokenizer: Tokenizer, n_tokens: int, n: int, seed: int) -> list[list[int]]:
@@ -184,7 +186,8 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """{"ids" (2B, T), "last" (2B,), "prompt_len" (2B,)}: chosen rows then rejected rows, right-padded.
 
     `last` is the index of each row's final real token (where a reward model reads its score);
-    tokens from `prompt_len` to `last` are the response.
+    tokens from `prompt_len` to `last` are the response. Where every pair has its reference
+    log-probs, "ref_logps" (2B,) holds them in the same order.
     """
     rows = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
     width = max(len(r) for r in rows)
@@ -192,7 +195,10 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
     prompt_len = torch.tensor([len(p.prompt) for p in pairs] * 2)
-    return {"ids": ids, "last": torch.tensor([len(r) - 1 for r in rows]), "prompt_len": prompt_len}
+    batch = {"ids": ids, "last": torch.tensor([len(r) - 1 for r in rows]), "prompt_len": prompt_len}
+    if all(p.ref_chosen is not None and p.ref_rejected is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs])
+    return batch
 
 
 class Pairs(torch.utils.data.Dataset):

@@ -216,3 +216,32 @@ def reward_kl(history: Mapping[str, Series], title: str, kl_target: float | None
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def frontier_plot(points: Mapping[str, Mapping[str, object]], title: str) -> bytes:
+    """PNG bytes of reward against KL(pi || ref): one marker per arm, DPO and PPO each joined in order of KL
+    (the paper's Fig. 2 left), other arms and the base as labelled markers.
+
+    points: arm name -> {"kind": "DPO" | "PPO" | "base" | ..., "kl", "reward", "reward_se"}.
+    """
+    fig = Figure(figsize=(7.5, 4.8), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    styles = {"DPO": ("#d62728", "o"), "PPO": ("#1f77b4", "s"), "base": ("black", "*")}
+    others = iter(("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"))
+    for kind in dict.fromkeys(str(p["kind"]) for p in points.values()):
+        group = sorted(((name, p) for name, p in points.items() if p["kind"] == kind), key=lambda item: float(item[1]["kl"]))
+        color, marker = styles.get(kind, (next(others, "gray"), "D"))
+        kls = [float(p["kl"]) for _, p in group]
+        rewards = [float(p["reward"]) for _, p in group]
+        errors = [float(p.get("reward_se", 0.0)) for _, p in group]
+        ax.errorbar(kls, rewards, yerr=errors, color=color, marker=marker, ms=6, lw=1.5 if kind in ("DPO", "PPO") else 0,
+                    elinewidth=0.8, capsize=2, label=kind)
+        for name, p in group:
+            ax.annotate(name, (float(p["kl"]), float(p["reward"])), fontsize=6, xytext=(4, 3), textcoords="offset points")
+    ax.set(xlabel="KL(policy || reference), nats per sequence", ylabel="mean true reward (VADER)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -182,7 +182,38 @@ def rlhf_perfect_values_leave_no_advantage() -> None:
     torch.testing.assert_close(returns, torch.full((3, 5), 0.7))
 
 
+def dpo_policy_equal_to_reference_costs_ln2() -> None:
+    """At the start every arm is the reference: DPO's loss is ln 2 and every implicit reward is 0, whatever the pair."""
+    from modules.dpo import DPOModule, DPOSettings
+
+    torch.manual_seed(0)
+    base = Decoder(small_config())
+    arms = [{"name": "dpo", "loss": "dpo", "beta": 0.3}, {"name": "lora", "loss": "dpo", "beta": 0.3, "lora": True}]
+    module = DPOModule(small_config(), DPOSettings(arms=arms), max_steps=1)
+    module.init_from(base)
+    ids = torch.randint(1, 300, (4, 9))
+    batch = {"ids": ids, "last": torch.tensor([8, 6, 8, 7]), "prompt_len": torch.tensor([3, 3, 3, 3])}
+    from modules.dpo import reference_logps
+
+    batch["ref_logps"] = reference_logps(base, [batch])
+    for arm in module.arms:
+        loss, stats = module._arm_terms(arm, batch)
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+        assert stats["margin"].abs().item() < 1e-5
+
+
+def dpo_ipo_is_zero_at_its_target_margin() -> None:
+    """IPO's loss vanishes exactly when the log-ratio margin equals 1 / (2 beta)."""
+    from modules.dpo import ipo_loss
+
+    beta = 0.25
+    loss = ipo_loss(torch.tensor([2.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64),
+                    torch.tensor([0.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64), beta)
+    assert loss.item() == 0.0
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "dpo": [dpo_policy_equal_to_reference_costs_ln2, dpo_ipo_is_zero_at_its_target_margin],
     "reward": [reward_equal_scores_cost_ln2, reward_trunk_starts_as_the_base_and_reads_the_last_token],
     "rlhf": [rlhf_policy_starts_at_zero_kl_from_its_reference, rlhf_perfect_values_leave_no_advantage],
     "sft": [sft_arms_start_equal_to_the_base, sft_new_token_rows_are_the_mean_of_their_sources, sft_loss_counts_only_supervised_tokens,

@@ -1,0 +1,55 @@
+"""DPO and its variants against hand-computed values and their papers' formulas; sequence log-probs against a loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from modules.dpo import dpo_loss, implicit_rewards, ipo_loss, sequence_logps, simpo_loss
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_dpo_loss_matches_its_formula() -> None:
+    # h_c = -1 - (-2) = 1, h_r = -3 - (-2.5) = -0.5; beta 0.1 -> logits 0.15
+    loss = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), beta=0.1)
+    assert loss.item() == pytest.approx(-math.log(sigmoid(0.15)), rel=1e-6)
+    # equal log-ratios: ln 2 whatever beta
+    assert dpo_loss(torch.tensor([0.3]), torch.tensor([0.3]), torch.zeros(1), torch.zeros(1), beta=5.0).item() == pytest.approx(math.log(2))
+
+
+def test_conservative_dpo_mixes_both_labels() -> None:
+    eps, logits = 0.2, 0.15
+    loss = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), beta=0.1, label_smoothing=eps)
+    assert loss.item() == pytest.approx(-(1 - eps) * math.log(sigmoid(logits)) - eps * math.log(sigmoid(-logits)), rel=1e-6)
+
+
+def test_ipo_regresses_the_margin_to_one_over_two_beta() -> None:
+    # margin 1.5, beta 0.5 -> target 1 -> (1.5 - 1)^2
+    assert ipo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), beta=0.5).item() == pytest.approx(0.25)
+    assert ipo_loss(torch.tensor([0.0]), torch.tensor([-1.0]), torch.zeros(1), torch.zeros(1), beta=0.5).item() == 0.0
+
+
+def test_simpo_uses_length_normalized_logps_and_a_margin() -> None:
+    # means -0.5 and -1.0, beta 2, gamma 0.5 -> -log sigmoid(2 * 0.5 - 0.5)
+    assert simpo_loss(torch.tensor([-0.5]), torch.tensor([-1.0]), beta=2.0, gamma=0.5).item() == pytest.approx(-math.log(sigmoid(0.5)), rel=1e-6)
+
+
+def test_implicit_reward() -> None:
+    torch.testing.assert_close(implicit_rewards(torch.tensor([-1.0, -4.0]), torch.tensor([-2.0, -2.0]), 0.1), torch.tensor([0.1, -0.2]))
+
+
+def test_sequence_logps_sum_the_response_tokens_only() -> None:
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 6, 7, 8, 0], [1, 2, 3, 0, 0]])
+    prompt_len, last = torch.tensor([2, 1]), torch.tensor([3, 2])
+    logits = torch.randn(2, 4, 10, dtype=torch.float64)
+    total, count = sequence_logps(logits, ids, prompt_len, last)
+    logp = torch.log_softmax(logits, -1)
+    expected = [sum(logp[b, t - 1, ids[b, t]].item() for t in range(int(prompt_len[b]), int(last[b]) + 1)) for b in range(2)]
+    assert total.tolist() == pytest.approx(expected)
+    assert count.tolist() == [2, 2]
