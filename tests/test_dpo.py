@@ -53,3 +53,16 @@ def test_sequence_logps_sum_the_response_tokens_only() -> None:
     expected = [sum(logp[b, t - 1, ids[b, t]].item() for t in range(int(prompt_len[b]), int(last[b]) + 1)) for b in range(2)]
     assert total.tolist() == pytest.approx(expected)
     assert count.tolist() == [2, 2]
+
+
+def test_frontier_kinds_and_domination() -> None:
+    from modules.dpo import Arm
+    from repro.techniques.dpo import kind_of, undominated
+
+    kinds = [kind_of(Arm("a", "dpo", 0.1)), kind_of(Arm("b", "dpo", 0.1, label_smoothing=0.1)), kind_of(Arm("c", "dpo", 0.1, lora=True)),
+             kind_of(Arm("d", "ipo", 0.1)), kind_of(Arm("e", "simpo", 2.0, gamma=0.5))]
+    assert kinds == ["DPO", "cDPO", "LoRA-DPO", "IPO", "SimPO"]  # only plain DPO arms make DPO's frontier
+    dpo = [{"kl": 1.0, "reward": 0.2}, {"kl": 3.0, "reward": 0.5}]
+    ppo = [{"kl": 1.5, "reward": 0.1}, {"kl": 3.0, "reward": 0.5}, {"kl": 2.0, "reward": 0.3}, {"kl": 0.5, "reward": 0.0}]
+    # (1.5, 0.1) and (3.0, 0.5) are matched; (2.0, 0.3) beats every DPO point at KL <= 2; nothing sits at KL <= 0.5
+    assert undominated(dpo, ppo) == [{"kl": 2.0, "reward": 0.3}, {"kl": 0.5, "reward": 0.0}]

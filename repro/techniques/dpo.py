@@ -130,6 +130,14 @@ def _point(result: dict[str, Any]) -> dict[str, float]:
             "reward_se": statistics.stdev(rewards) / math.sqrt(len(rewards)), "distinct": result["distinct"]}
 
 
+def kind_of(arm: Any) -> str:
+    """The arm's family on the frontier: plain DPO arms make DPO's frontier; cDPO, LoRA-DPO, IPO and SimPO are shown apart."""
+    name = {"dpo": "DPO", "ipo": "IPO", "simpo": "SimPO"}[arm.loss]
+    if arm.loss == "dpo" and arm.label_smoothing:
+        name = "cDPO"
+    return f"LoRA-{name}" if arm.lora else name
+
+
 def undominated(dpo: list[dict[str, float]], ppo: list[dict[str, float]]) -> list[dict[str, float]]:
     """PPO points that no DPO point matches: none at or below their KL with at least their reward."""
     return [p for p in ppo if not any(d["kl"] <= p["kl"] and d["reward"] >= p["reward"] for d in dpo)]
@@ -169,8 +177,7 @@ def findings(config: DPOConfig, final: dict[str, float], module: DPOModule, data
         points["base"] = _point(evaluator.evaluate_prompts(prompts, 30_000, SAMPLES, policy=evaluator.reference)) | {"kind": "base"}
         for arm in module.arms:
             points[arm.name] = _point(evaluator.evaluate_prompts(prompts, 30_000, SAMPLES, policy=module.arm_model(arm.name)))
-            points[arm.name] |= {"kind": "DPO" if arm.loss == "dpo" and not arm.lora and not arm.label_smoothing else arm.loss.upper(),
-                                 "beta": arm.beta, "loss": arm.loss, "lora": arm.lora}
+            points[arm.name] |= {"kind": kind_of(arm), "beta": arm.beta, "loss": arm.loss, "lora": arm.lora}
         for target in config.frontier.kl_targets:
             ppo = _train_ppo(config, module, datamodule, target, seed=0)
             points[f"ppo-kl{target:g}"] = _point(evaluator.evaluate_prompts(prompts, 30_000, SAMPLES, policy=ppo.model))
