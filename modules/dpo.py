@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
+from modules.ppo import response_logprobs
 from modules.sft import LoraSettings, with_lora
 
 LOSSES = ("dpo", "ipo", "simpo")
@@ -63,7 +64,7 @@ def sequence_logps(logits: torch.Tensor, ids: torch.Tensor, prompt_len: torch.Te
     logits (B, T - 1, V) are the model's on ids[:, :-1]; ids (B, T) right-padded; the rows' prompt
     lengths and last real indices are (B,) (`datamodules.preference.collate_pairs`).
     """
-    logp = torch.gather(F.log_softmax(logits.float(), -1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T - 1)
+    logp = response_logprobs(logits, ids[:, 1:])  # (B, T - 1)
     position = torch.arange(1, ids.shape[1], device=ids.device)[None, :]  # the token each logit predicts
     mask = (position >= prompt_len[:, None]) & (position <= last[:, None])
     return (logp * mask).sum(1), mask.sum(1)

@@ -277,12 +277,11 @@ class PPOModule(L.LightningModule):
         B = rollout["ids"].shape[0]
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "approx_kl", "entropy", "value_error")}
         self.policy.train()
-        updates = c.epochs * -(-B // c.minibatch_size)
-        for update in range(updates):
-            epoch, index = divmod(update, -(-B // c.minibatch_size))
-            if index == 0:
-                order = torch.randperm(B, device=mask.device, generator=None)
-            rows = order[index * c.minibatch_size : (index + 1) * c.minibatch_size]
+        minibatches = [start for _ in range(c.epochs) for start in range(0, B, c.minibatch_size)]
+        for update, start in enumerate(minibatches):
+            if start == 0:  # each epoch visits the rollouts in a fresh order
+                order = torch.randperm(B, device=mask.device)
+            rows = order[start : start + c.minibatch_size]
             logits, values = self.policy(rollout["ids"][rows, :-1])
             logits, values = logits[:, P - 1 :], values[:, P - 1 :]
             logp = response_logprobs(logits, rollout["responses"][rows])
@@ -295,7 +294,7 @@ class PPOModule(L.LightningModule):
             if c.grad_clip:
                 self.clip_gradients(opt, gradient_clip_val=c.grad_clip, gradient_clip_algorithm="norm")
             # one global step per PPO iteration: the wrapped step (which counts) closes the iteration
-            opt.step() if update == updates - 1 else opt.optimizer.step()
+            opt.step() if update == len(minibatches) - 1 else opt.optimizer.step()
             with torch.no_grad():
                 probs = logits.float().softmax(-1)
                 entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)

@@ -64,6 +64,15 @@ def resolve_precision(args: TrainerArgs) -> str:
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
+def check_manual_optimization(train: TrainConfig, clipping: str, accumulation: str) -> None:
+    """A technique that steps its own optimizers clips and accumulates itself: `train.grad_clip` must be 0
+    and `train.accumulate` 1; the errors say, after the setting's name, `clipping` and `accumulation`."""
+    if train.grad_clip:
+        raise ValueError(f"train.grad_clip: {clipping}")
+    if train.accumulate != 1:
+        raise ValueError(f"train.accumulate: {accumulation}")
+
+
 def build_trainer(
     train: TrainConfig, args: TrainerArgs, run_dir: Path, callbacks: list[L.Callback] = (), step_metrics: tuple[str, ...] = ("train/loss",),
     val_metrics: tuple[str, ...] = ("val/loss", "val/ppl"),

@@ -29,7 +29,7 @@ from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.techniques.reward import ACCURACY, PREFERENCES, base_of
 from repro.techniques.rlhf import SAMPLES, true_reward_of
-from repro.trainer import EvalConfig, TrainConfig
+from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
 SOURCE = "DPO (Rafailov et al. 2023), Fig. 2 left"
 
@@ -74,10 +74,8 @@ class DPOConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(tasks=["repro_corpus_ppl"]))
 
     def __post_init__(self) -> None:
-        if self.train.grad_clip:
-            raise ValueError("train.grad_clip: each DPO arm clips its own gradients; set dpo.grad_clip and train.grad_clip=0")
-        if self.train.accumulate != 1:
-            raise ValueError("train.accumulate: DPO steps each arm once per batch; raise data.batch_size instead")
+        check_manual_optimization(self.train, "each DPO arm clips its own gradients; set dpo.grad_clip and train.grad_clip=0",
+                                  "DPO steps each arm once per batch; raise data.batch_size instead")
 
 
 def _with_reference(datamodule: PreferenceDataModule, base: Any, batch: int = 256) -> None:

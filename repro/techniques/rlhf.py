@@ -28,7 +28,7 @@ from reports.claims import check_above, check_below, not_measured
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.techniques.reward import PREFERENCES, base_of
-from repro.trainer import EvalConfig, TrainConfig
+from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
 SOURCE = "Ziegler et al. 2019; InstructGPT (Ouyang et al. 2022)"
 KL_SLACK = 1.5  # the held-out KL must stay under this multiple of the controller's target
@@ -59,10 +59,8 @@ class RLHFConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # lm-eval on the policy: how far RL moved it off the corpus
 
     def __post_init__(self) -> None:
-        if self.train.grad_clip:
-            raise ValueError("train.grad_clip: PPO clips its own minibatch gradients; set ppo.grad_clip and train.grad_clip=0")
-        if self.train.accumulate != 1:
-            raise ValueError("train.accumulate: PPO steps once per minibatch; set ppo.minibatch_size instead")
+        check_manual_optimization(self.train, "PPO clips its own minibatch gradients; set ppo.grad_clip and train.grad_clip=0",
+                                  "PPO steps once per minibatch; set ppo.minibatch_size instead")
 
 
 def true_reward_of(tokenizer: Any):

@@ -21,7 +21,7 @@ from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
 from reports.claims import check_above, check_below, not_measured
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
-from repro.trainer import EvalConfig, TrainConfig
+from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
 SOURCE = "InstructGPT (Ouyang et al. 2022)"
 LORA_SOURCE = "LoRA (Hu et al. 2021); InstructGPT"
@@ -45,10 +45,8 @@ class SFTConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.train.grad_clip:
-            raise ValueError("train.grad_clip: SFT clips each arm's gradients itself; set optim.grad_clip and train.grad_clip=0")
-        if self.train.accumulate != 1:
-            raise ValueError("train.accumulate: SFT steps each arm once per batch; raise data.batch_size instead")
+        check_manual_optimization(self.train, "SFT clips each arm's gradients itself; set optim.grad_clip and train.grad_clip=0",
+                                  "SFT steps each arm once per batch; raise data.batch_size instead")
         if self.eval.tasks is None:  # every family, trained on or not: the report shows what did not transfer too
             self.eval.tasks = [task_of(f) for f in FAMILIES]
 
