@@ -21,13 +21,20 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else sampled.
+    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else sampled from `sampling_probs`."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The distribution (..., V) that sampling at `temperature` > 0 draws from, in float32.
 
     top-k keeps the k largest logits; top-p (nucleus, Holtzman et al. 2020) keeps the smallest
     set of tokens whose probability reaches p, always including the most likely one.
     """
-    if temperature == 0.0:
-        return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -37,7 +44,7 @@ def sample_next(
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def decode_step(model: Decoder, token: torch.Tensor, cache: SlotCache) -> torch.Tensor:

@@ -49,6 +49,13 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (a rejected speculative draft); the next token goes to slot `length`."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} filled slots to {length}")
+        self.valid[:, length:] = False
+        self.length = length
+
     def reset(self) -> None:
         """Empty the cache in place, keeping its buffers (a graph captured over them stays valid)."""
         self.valid.zero_()

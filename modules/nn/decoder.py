@@ -16,6 +16,18 @@ from modules.nn.norm import build_norm
 from modules.nn.position import rope_cache
 
 
+def init_weights(module: nn.Module, n_layer: int) -> None:
+    """GPT-2's initialisation of one module: N(0, 0.02) everywhere, residual projections scaled by
+    1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth."""
+    if isinstance(module, nn.Linear):
+        std = 0.02 / math.sqrt(2 * n_layer) if getattr(module, "residual", False) else 0.02
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -59,18 +71,7 @@ class Decoder(nn.Module):
             )
         else:
             self.rope = None
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)
-        # so the residual stream's variance does not grow with depth.
-        if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        self.apply(lambda module: init_weights(module, config.n_layer))
 
     def forward(
         self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
@@ -81,7 +82,13 @@ class Decoder(nn.Module):
     def features(
         self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Final hidden states (B, T, C), after the last norm: what the LM head (or a scalar head) reads.
+        """Final hidden states (B, T, C), after the last norm: what the LM head (or a scalar head) reads."""
+        return self.norm(self.hidden(idx, cache, valid))
+
+    def hidden(
+        self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The residual stream after the last block (B, T, C), before the final norm (what MTP modules read).
 
         With a cache, idx fills its next T slots; `valid` (B, T) marks real tokens (False for left
         padding, default all True) and positions count real tokens only, so a left-padded row
@@ -108,7 +115,7 @@ class Decoder(nn.Module):
             x = block(x, rope, cache, layer, mask)
         if cache is not None:
             cache.advance(T)
-        return self.norm(x)
+        return x
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (nats) of targets (B, T) given idx (B, T)."""
