@@ -103,6 +103,17 @@ def evaluate(
     return results
 
 
+def arm_scores(run_dir: str | Path, arms: list[str], settings: Any, device: str, final: dict[str, float]) -> dict[str, dict[str, float]]:
+    """lm-eval's scores of each arm of a run that trained several side by side, as "task/metric" -> value:
+    the first arm's from the run's own evaluation (`eval/<task>/<metric>` in `final`), the others
+    scored here on the same tasks, limit and batch size (`settings`: the run's `eval.` section)."""
+    scores = {arms[0]: {k.removeprefix("eval/"): v for k, v in final.items() if k.startswith("eval/")}}
+    for arm in arms[1:]:
+        results = evaluate(run_dir, settings.tasks, settings.limit, settings.batch_size, device, arm=arm)
+        scores[arm] = {f"{r['task']}/{r['metric']}": r["value"] for r in result_rows(results)}
+    return scores
+
+
 def _task_manager(names: list[str | dict], include_path: Any, metadata: dict[str, str]) -> Any:
     """A TaskManager over the suite's tasks (and `include_path`), with lm-eval's builtin tasks only when
     a name needs them: indexing their 14,000 YAML files takes 10-15 s on a laptop CPU."""

@@ -74,23 +74,11 @@ def _prompts(datamodule: PretrainDataModule, decode: DecodeConfig) -> list[list[
     return [rows[i][: decode.prompt_tokens].tolist() for i in range(0, len(rows), step)][: decode.prompts]
 
 
-def _lm_eval(config: MTPConfig, module: MTPModule, final: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Per arm, lm-eval's scores: the first arm's from the run's own evaluation, the others scored here."""
-    from repro.evaluate import evaluate, result_rows
-
-    first = module.arms[0].name
-    scores = {first: {k.removeprefix("eval/"): v for k, v in final.items() if k.startswith("eval/")}}
-    run_dir = Path(module.trainer.default_root_dir)
-    for arm in module.arms[1:]:
-        results = evaluate(run_dir, config.eval.tasks, config.eval.limit, config.eval.batch_size, str(module.device), arm=arm.name)
-        scores[arm.name] = {f"{r['task']}/{r['metric']}": r["value"] for r in result_rows(results)}
-    return scores
-
-
 def findings(config: MTPConfig, final: dict[str, float], module: MTPModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
     from benchmarks.speculative import PROMPTS_FILE, measure
     from reports.plots import loss_curves
+    from repro.evaluate import arm_scores
 
     run_dir = Path(module.trainer.default_root_dir)
     metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items() if k != "note"}
@@ -107,7 +95,7 @@ def findings(config: MTPConfig, final: dict[str, float], module: MTPModule, data
     if tokens:
         metrics["perf/tokens_per_s"] = statistics.median(tokens)
 
-    scores = _lm_eval(config, module, final) if config.eval.enabled else {}
+    scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
     prompts = _prompts(datamodule, config.decode)
     (run_dir / PROMPTS_FILE).write_text(json.dumps({"new_tokens": config.decode.new_tokens, "prompts": prompts}))
     decoding: list[dict[str, Any]] = []
