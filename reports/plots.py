@@ -245,3 +245,72 @@ def frontier_plot(points: Mapping[str, Mapping[str, object]], title: str) -> byt
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def expert_load_heatmap(loads: Mapping[str, Sequence[Sequence[Sequence[float]]]], title: str, bins: int = 50) -> bytes:
+    """PNG bytes of each arm's expert load over training: arm -> per step, per MoE layer, slots per expert.
+
+    One panel per arm: experts down, training across (steps averaged into `bins` columns), colour the
+    expert's share of the slots relative to an even split (1 = balanced), averaged over layers, on
+    one log colour scale for every panel, so a collapsed router shows as a few bright rows.
+    """
+    from matplotlib.colors import LogNorm
+
+    arms = [name for name, steps in loads.items() if steps]
+    fig = Figure(figsize=(8, 1.2 + 1.6 * max(1, len(arms))), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    if not arms:
+        fig.add_subplot().text(0.5, 0.5, "no expert loads recorded", ha="center", va="center", color="0.4")
+    grids = {}
+    for name in arms:
+        steps = loads[name]
+        experts = len(steps[0][0])
+        relative = []  # per step, per expert: share x experts, averaged over layers
+        for layers in steps:
+            row = [0.0] * experts
+            for load in layers:
+                total = sum(load) or 1.0
+                for i, count in enumerate(load):
+                    row[i] += count / total * experts / len(layers)
+            relative.append(row)
+        width = max(1, math.ceil(len(relative) / bins))
+        columns = [[sum(r[i] for r in relative[c : c + width]) / len(relative[c : c + width]) for i in range(experts)]
+                   for c in range(0, len(relative), width)]
+        grids[name] = ([list(col) for col in zip(*columns)], width)
+    values = [v for grid, _ in grids.values() for row in grid for v in row if v > 0]
+    norm = LogNorm(vmin=max(min(values, default=0.1), 0.05), vmax=max(max(values, default=10.0), 1.5))
+    image = None
+    for index, name in enumerate(arms):
+        ax = fig.add_subplot(len(arms), 1, index + 1)
+        grid, width = grids[name]
+        image = ax.imshow([[max(v, norm.vmin) for v in row] for row in grid], aspect="auto", cmap="magma", norm=norm,
+                          interpolation="nearest", extent=(0, len(grid[0]) * width, len(grid) - 0.5, -0.5))
+        ax.set_ylabel(f"{name}\nexpert", fontsize=7)
+        ax.tick_params(labelsize=7)
+        if index == len(arms) - 1:
+            ax.set_xlabel("optimizer step")
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, label="load / even share (layer mean)", shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def metric_curves(series: Mapping[str, Series], ylabel: str, title: str, smooth: int = 25) -> bytes:
+    """PNG bytes of one metric per arm against the step (a centred moving mean over `smooth` steps)."""
+    fig = Figure(figsize=(8, 4.2), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for index, (name, points) in enumerate(series.items()):
+        if points:
+            steps, values = _xy(points)
+            ax.plot(steps, rolling_mean(values, smooth) if len(values) > smooth else values, color=f"C{index % 10}", lw=1.5,
+                    label=name)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(frameon=False, fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

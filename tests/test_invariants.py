@@ -250,7 +250,25 @@ def mtp_zero_weight_leaves_the_decoder_as_next_token_training() -> None:
     assert (ntp["wte.weight"] - start).abs().max().item() > 1e-3
 
 
+def moe_even_split_has_no_violation_and_aux_loss_alpha() -> None:
+    """A router that splits tokens evenly over the experts has MaxVio 0, and both balance losses equal
+    their alpha there (f_i = 1 and P_i = 1 / E for every expert); a lopsided split costs more."""
+    from modules.nn.moe import MoE, max_violation
+
+    assert max_violation(torch.full((3, 8), 5.0)).abs().max().item() == 0
+    for balance in ("aux", "loss_free_seq"):
+        config = small_config(mlp="swiglu", moe_experts=4, moe_top_k=2, moe_balance=balance, moe_aux_alpha=0.01, moe_seq_alpha=0.01)
+        moe = MoE(config)
+        affinity = torch.full((32, 4), 0.5)
+        even = torch.stack([torch.arange(32) % 4, (torch.arange(32) + 1) % 4], -1)  # every expert takes 16 of 64 slots
+        assert moe._balancing_loss(affinity, even, 2, 16).item() == pytest.approx(0.01, rel=1e-6), balance
+        lopsided = torch.tensor([[0, 1]] * 32)
+        skewed = torch.tensor([[0.9, 0.9, 0.1, 0.1]] * 32)
+        assert moe._balancing_loss(skewed, lopsided, 2, 16).item() > 0.01, balance
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "moe": [moe_even_split_has_no_violation_and_aux_loss_alpha],
     "mtp": [mtp_uniform_heads_cost_log_vocab, mtp_zero_weight_leaves_the_decoder_as_next_token_training],
     "dpo": [dpo_policy_equal_to_reference_costs_ln2, dpo_ipo_is_zero_at_its_target_margin],
     "reward": [reward_equal_scores_cost_ln2, reward_trunk_starts_as_the_base_and_reads_the_last_token],

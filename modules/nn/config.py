@@ -30,6 +30,17 @@ class DecoderConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     pad_vocab_to: int = 1  # round the embedding table up to a multiple of this (64 keeps matmuls aligned)
+    # mixture of experts (modules/nn/moe.py): 0 routed experts keeps every block's MLP dense
+    moe_experts: int = 0  # routed experts per MoE layer
+    moe_top_k: int = 2  # routed experts per token
+    moe_shared: int = 1  # shared experts, seen by every token
+    moe_hidden: int | None = None  # width of one expert; None: hidden_dim / (top_k + shared), the dense MLP's active size
+    moe_every: int = 1  # MoE in every k-th block (the k-th, 2k-th, ...); 2 is Jamba's "every other layer"
+    moe_score: Literal["softmax", "sigmoid"] = "sigmoid"  # affinity (DeepSeekMoE: softmax; DeepSeek-V3: sigmoid)
+    moe_balance: Literal["none", "aux", "loss_free", "loss_free_seq"] = "loss_free"
+    moe_aux_alpha: float = 0.001  # weight of the auxiliary balance loss ("aux")
+    moe_seq_alpha: float = 0.0001  # weight of DeepSeek-V3's sequence-wise loss ("loss_free_seq")
+    moe_bias_rate: float = 0.001  # u of the loss-free bias update
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -38,6 +49,15 @@ class DecoderConfig:
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head size; got n_embd/n_head={self.head_dim}")
+        if self.moe_experts:
+            if not 1 <= self.moe_top_k <= self.moe_experts:
+                raise ValueError(f"model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}")
+            if self.moe_every < 1:
+                raise ValueError(f"model.moe_every={self.moe_every} must be at least 1")
+            if self.moe_balance not in ("none", "aux", "loss_free", "loss_free_seq"):
+                raise ValueError(f"model.moe_balance={self.moe_balance!r}: use none, aux, loss_free or loss_free_seq")
+            if self.moe_score not in ("softmax", "sigmoid"):
+                raise ValueError(f"model.moe_score={self.moe_score!r}: use softmax or sigmoid")
 
     @property
     def kv_heads(self) -> int:
@@ -50,6 +70,14 @@ class DecoderConfig:
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) has a mixture of experts instead of a dense MLP."""
+        return self.moe_experts > 0 and (layer + 1) % self.moe_every == 0
+
+    @property
+    def moe_hidden_dim(self) -> int:
+        return self.moe_hidden or max(1, self.hidden_dim // (self.moe_top_k + self.moe_shared))
 
     @property
     def hidden_dim(self) -> int:

@@ -12,6 +12,7 @@ from modules.nn.attention import CausalSelfAttention
 from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
 from modules.nn.mlp import build_mlp
+from modules.nn.moe import MoE
 from modules.nn.norm import build_norm
 from modules.nn.position import rope_cache
 
@@ -26,17 +27,19 @@ def init_weights(module: nn.Module, n_layer: int) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    elif isinstance(module, MoE):
+        module.reset_parameters(0.02, 0.02 / math.sqrt(2 * n_layer))
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig, layer: int | None = None) -> None:
         super().__init__()
         self.norm_attn = build_norm(config)
         self.attn = CausalSelfAttention(config)
         self.norm_mlp = build_norm(config)
-        self.mlp = build_mlp(config)
+        self.mlp = MoE(config) if layer is not None and config.is_moe(layer) else build_mlp(config)
 
     def forward(
         self,
@@ -60,7 +63,7 @@ class Decoder(nn.Module):
         self.wte = nn.Embedding(vocab, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm = build_norm(config)
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         if config.tie_embeddings:
@@ -122,21 +125,31 @@ class Decoder(nn.Module):
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count (tied weights once); optionally without token/position embeddings."""
+    def moe_layers(self) -> list[MoE]:
+        """The blocks' mixture-of-experts layers, first to last (none in a dense decoder)."""
+        return [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
+
+    def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
+        """Parameter count (tied weights once); optionally without token/position embeddings, and
+        optionally only those one token uses (`active`: top_k of each layer's routed experts)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        if active:
+            for moe in self.moe_layers():
+                routed = sum(p.numel() for p in moe.experts.parameters())
+                n -= routed * (moe.n_experts - moe.top_k) // moe.n_experts
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token, forward + backward (PaLM, Chowdhery et al. 2022, App. B).
 
-        6 N for the matmuls with the N non-embedding parameters plus the LM head (2 FLOPs per
+        6 N for the matmuls with the N non-embedding parameters a token uses (a mixture of experts:
+        the shared experts, the router and top_k routed experts) plus the LM head (2 FLOPs per
         multiply-add, x3 for backward), and 12 L H Q T for attention scores and values with
         L layers, H heads, Q head size and context T.
         """
         cfg = self.config
         seq_len = seq_len or cfg.block_size
-        n_matmul = self.num_params(exclude_embeddings=True) + cfg.padded_vocab_size * cfg.n_embd
+        n_matmul = self.num_params(exclude_embeddings=True, active=True) + cfg.padded_vocab_size * cfg.n_embd
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len

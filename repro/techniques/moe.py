@@ -1,0 +1,160 @@
+"""Mixture of experts with auxiliary-loss-free load balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3).
+
+Arms pretrain side by side on the same batches: a dense decoder of the MoE's active size, and one
+DeepSeekMoE decoder (shared + fine-grained routed experts, identical initial weights) per balancing
+scheme: none, the auxiliary loss, loss-free bias balancing, and the bias plus DeepSeek-V3's
+sequence-wise loss. The report compares validation loss, MaxVio (global on the validation set, and
+per training batch), the expert loads over training (heat map) and lm-eval scores.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datamodules.pretrain import CorpusConfig, PretrainDataModule
+from modules.moe import MoEModule, MoESettings
+from modules.nn import DecoderConfig
+from modules.pretrain import OptimConfig
+from reports.claims import check_below, not_measured
+from repro.golden import CORPUS, SHRINK
+from repro.registry import Findings, Technique, register
+from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
+
+SOURCE = "Wang et al. 2024 (arXiv 2408.15664), Table 1; DeepSeek-V3, Sec. 2.1.2"
+
+
+@dataclass
+class MoEConfig:
+    """Sections of an MoE preset. `model.vocab_size` follows `data.vocab_size`; `model.moe_*` shape the experts."""
+
+    model: DecoderConfig = field(default_factory=lambda: DecoderConfig(mlp="swiglu", moe_experts=8))
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    moe: MoESettings = field(default_factory=MoESettings)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(grad_clip=0.0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        self.model.vocab_size = self.data.vocab_size
+        check_manual_optimization(self.train, "each arm clips its own gradients; set moe.grad_clip and train.grad_clip=0",
+                                  "the arms step once per batch; raise data.batch_size instead")
+
+
+def build(config: MoEConfig, seed: int, stages: dict[str, Path]) -> tuple[MoEModule, PretrainDataModule]:
+    module = MoEModule(config.model, config.optim, config.moe, config.train.max_steps)
+    return module, PretrainDataModule(config.data, block_size=config.model.block_size, seed=seed)
+
+
+def _maxvio_batch(module: MoEModule, name: str, tail: float = 1.0) -> float | None:
+    """Mean over training steps (the last `tail` share of them) of MaxVio of each step's loads, layer mean."""
+    from modules.nn.moe import max_violation
+    import torch
+
+    steps = module.loads[name]
+    steps = steps[int(len(steps) * (1 - tail)) :]
+    if not steps:
+        return None
+    return float(max_violation(torch.tensor(steps, dtype=torch.float64)).mean())
+
+
+def findings(config: MoEConfig, final: dict[str, float], module: MoEModule, datamodule: PretrainDataModule,
+             speed: list[dict[str, float]]) -> Findings:
+    import torch
+
+    from modules.nn.moe import max_violation
+    from reports.plots import expert_load_heatmap, loss_curves, metric_curves
+    from repro.evaluate import arm_scores
+
+    run_dir = Path(module.trainer.default_root_dir)
+    seq = config.model.block_size
+    metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items() if k != "note"}
+    for arm in module.arms:
+        decoder = module.decoder(arm.name)
+        metrics |= {
+            f"{arm.name}/val_loss": final.get(f"val/{arm.name}/loss"),
+            f"{arm.name}/maxvio_global": final.get(f"val/{arm.name}/maxvio_global"),
+            f"{arm.name}/maxvio_batch": _maxvio_batch(module, arm.name),
+            f"{arm.name}/maxvio_batch_last_quarter": _maxvio_batch(module, arm.name, 0.25),
+            f"{arm.name}/params": decoder.num_params(),
+            f"{arm.name}/active_params": decoder.num_params(active=True),
+            f"{arm.name}/flops_per_token": decoder.flops_per_token(seq),
+            f"{arm.name}/train_seconds": module.arm_seconds[arm.name],
+        }
+    tokens = [r["tokens_per_s"] for r in speed if "tokens_per_s" in r]
+    if tokens:
+        metrics["perf/tokens_per_s"] = statistics.median(tokens)
+    scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
+
+    (run_dir / "arm_losses.png").write_bytes(loss_curves(module.loss_curves(), "Validation and train loss per arm (equal tokens)"))
+    (run_dir / "expert_load.png").write_bytes(expert_load_heatmap(module.loads, "Expert load over training"))
+    maxvio = {a.name: [(i + 1, float(max_violation(torch.tensor(step, dtype=torch.float64)).mean()))
+                       for i, step in enumerate(module.loads[a.name])] for a in module.arms if module.loads[a.name]}
+    (run_dir / "maxvio.png").write_bytes(metric_curves(maxvio, "MaxVio of the batch (layer mean)", "Load imbalance per training batch"))
+
+    claims = _claims(module, metrics)
+    tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
+    table = ["| arm | balancing | val loss | MaxVio global | MaxVio batch (all / last quarter) | params (active) | train s |"
+             + "".join(f" {t} |" for t in tasks), "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
+    for arm in module.arms:
+        m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{arm.name}/")}
+
+        def fmt(value: Any, spec: str) -> str:
+            return "" if value is None else format(value, spec)
+
+        table.append(f"| {arm.name} | {arm.balance} | {fmt(m['val_loss'], '.4f')} | {fmt(m['maxvio_global'], '.3f')} | "
+                     f"{fmt(m['maxvio_batch'], '.3f')} / {fmt(m['maxvio_batch_last_quarter'], '.3f')} | "
+                     f"{m['params']:,} ({m['active_params']:,}) | {m['train_seconds']:.1f} |"
+                     + "".join(f" {scores.get(arm.name, {}).get(t, float('nan')):.4f} |" for t in tasks))
+    c = config.model
+    sections = {
+        "Arms": ["![loss per arm](arm_losses.png)", "", *table],
+        "Expert load": ["![expert load over training](expert_load.png)", "", "![MaxVio per batch](maxvio.png)"],
+    }
+    notes = [
+        f"Every MoE layer: {c.moe_shared} shared + {c.moe_experts} routed experts of width {c.moe_hidden_dim}, top-{c.moe_top_k}, "
+        f"{c.moe_score} affinities, MoE in every {c.moe_every}. block; the dense arm's MLP has the active width "
+        f"{c.moe_hidden_dim * (c.moe_top_k + c.moe_shared)}. Aux loss alpha {c.moe_aux_alpha}, sequence-wise alpha "
+        f"{c.moe_seq_alpha}, bias rate u {c.moe_bias_rate}.",
+        f"All arms train on the same {config.train.max_steps} batches of {config.data.batch_size} x {seq} tokens; the MoE arms "
+        "from identical weights. MaxVio = (max load - mean load) / mean load over experts (Wang et al. Eq. 5), "
+        "averaged over MoE layers: global over the whole validation set, batch over each training batch.",
+    ]
+    return Findings(metrics=metrics, claims=claims, notes=notes, sections=sections)
+
+
+def _claims(module: MoEModule, metrics: dict[str, Any]) -> list:
+    aux = next((a.name for a in module.arms if a.balance == "aux"), None)
+    free = next((a.name for a in module.arms if a.balance == "loss_free"), None)
+    if not (aux and free):
+        why = "needs an aux-loss arm and a loss-free arm"
+        return [not_measured("Loss-free balancing balances better than the auxiliary loss", SOURCE, "MaxVio_global",
+                             "0.04 vs 0.72 at 1B", why),
+                not_measured("Loss-free balancing is no worse in loss", SOURCE, "validation loss", "perplexity 9.50 vs 9.56", why)]
+    return [
+        check_below(
+            claim="Loss-free balancing keeps experts better balanced than the auxiliary loss", source=SOURCE,
+            metric=f"MaxVio_global on the validation set, {free}", measured=metrics[f"{free}/maxvio_global"],
+            bound=metrics[f"{aux}/maxvio_global"], factor=1.0, paper="MaxVio_global 0.04 (loss-free) vs 0.72 (aux loss) at 1B",
+            bound_name=f"{aux}'s MaxVio_global"),
+        check_below(
+            claim="Loss-free balancing reaches a validation loss no worse than the auxiliary loss", source=SOURCE,
+            metric=f"validation loss (nats/token), {free}", measured=metrics[f"{free}/val_loss"],
+            bound=metrics[f"{aux}/val_loss"], factor=1.0, paper="perplexity 9.50 (loss-free) vs 9.56 (aux loss) at 1B",
+            bound_name=f"{aux}'s loss"),
+    ]
+
+
+register(
+    Technique(
+        name="moe",
+        summary="mixture of experts: dense vs no balancing, aux loss, loss-free bias balancing (Wang et al. 2024)",
+        config=MoEConfig,
+        module=MoEModule,
+        build=build,
+        findings=findings,
+        golden_overrides=(*CORPUS, *SHRINK, "model.moe_experts=4"),
+    )
+)
