@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,8 +156,6 @@ def test_bias_update_sees_the_global_load_under_ddp() -> None:
 
 
 def test_moe_arms_start_equal_train_and_only_loss_free_arms_move_their_bias() -> None:
-    import lightning as L
-
     config = moe_config(vocab_size=40)
     torch.manual_seed(0)
     module = MoEModule(config, OptimConfig(lr=1e-2, warmup_steps=1), MoESettings(), max_steps=20)
@@ -189,3 +188,35 @@ def test_grouped_gemm_experts_match_the_loop_on_hopper() -> None:
         out[grouped] = (y, *torch.autograd.grad(y.float().pow(2).sum(), [x, moe.experts.w_in]))
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3)
+
+
+class SaveBiases(L.Callback):
+    """Writes each process's expert biases and recorded loads at the end of training."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer: L.Trainer, module: MoEModule) -> None:
+        biases = {a.name: [m.expert_bias.clone() for m in module.decoder(a.name).moe_layers()] for a in module.arms}
+        torch.save({"biases": biases, "loads": module.loads}, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+def test_moe_module_under_ddp_keeps_one_bias_across_processes() -> None:
+    """Lightning's DDP on two CPU processes (gloo), each on its own half of the batches: after
+    training, both processes hold the same biases, moved by the loads summed over both."""
+    config = moe_config(vocab_size=40)
+    settings = MoESettings(arms=[{"name": "loss-free", "balance": "loss_free"}])
+    torch.manual_seed(0)
+    module = MoEModule(config, OptimConfig(lr=1e-2, warmup_steps=1), settings, max_steps=6)
+    data = torch.randint(0, 40, (48, 17))
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=2,
+                            strategy="ddp_spawn", callbacks=[SaveBiases(folder)])
+        trainer.fit(module, torch.utils.data.DataLoader([row for row in data], batch_size=4))
+        ranks = [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in (0, 1)]
+    for a, b in zip(ranks[0]["biases"]["loss-free"], ranks[1]["biases"]["loss-free"]):
+        torch.testing.assert_close(a, b)
+        assert a.abs().sum() > 0
+    assert ranks[0]["loads"] == ranks[1]["loads"]  # every step's loads are the global ones
+    assert sum(ranks[0]["loads"]["loss-free"][0][0]) == 2 * 4 * 16 * config.moe_top_k  # both processes' slots, first step
