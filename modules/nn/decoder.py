@@ -23,7 +23,7 @@ def init_weights(module: nn.Module, n_layer: int) -> None:
     if isinstance(module, nn.Linear):
         std = 0.02 / math.sqrt(2 * n_layer) if getattr(module, "residual", False) else 0.02
         nn.init.normal_(module.weight, mean=0.0, std=std)
-        if module.bias is not None:
+        if module.bias is not None and not getattr(module, "keep_bias", False):
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
