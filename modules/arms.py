@@ -26,6 +26,14 @@ def key(name: str) -> str:
     return name.replace(".", "_")
 
 
+def check_arm_names(section: str, names: list[str]) -> None:
+    """An `arms` list of a preset section names at least one arm and each arm once."""
+    if not names:
+        raise ValueError(f"{section}.arms: name at least one arm")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{section}.arms: arm names must differ, got {names}")
+
+
 class ArmsModule(L.LightningModule):
     """Base of multi-arm techniques; `self.arms` has `.name`; `model` is the first arm's decoder."""
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from modules.arms import check_arm_names, key
 from modules.nn import Decoder, DecoderConfig
 from modules.ppo import response_logprobs
 from modules.sft import LoraSettings, with_lora
@@ -108,11 +109,6 @@ class Arm:
         return simpo_loss(chosen / n_chosen.clamp(min=1), rejected / n_rejected.clamp(min=1), self.beta, self.gamma).mean()
 
 
-def key(name: str) -> str:
-    """An arm's name as a module name (no dots)."""
-    return name.replace(".", "_")
-
-
 def default_arms() -> list[dict[str, Any]]:
     return [asdict(Arm("dpo-beta0.1", "dpo", 0.1))]
 
@@ -133,11 +129,7 @@ class DPOSettings:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
         arms = [Arm(**a) if isinstance(a, dict) else a for a in self.arms]
-        if not arms:
-            raise ValueError("dpo.arms: name at least one arm")
-        names = [a.name for a in arms]
-        if len(set(names)) != len(names):
-            raise ValueError(f"dpo.arms: arm names must differ, got {names}")
+        check_arm_names("dpo", [a.name for a in arms])
         self.arms = [asdict(a) for a in arms]
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from modules.arms import ArmsModule
+from modules.arms import ArmsModule, check_arm_names
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.moe import BALANCING, max_violation, update_biases
 from modules.pretrain import OptimConfig
@@ -47,9 +47,7 @@ class MoESettings:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        names = [a["name"] if isinstance(a, dict) else a.name for a in self.arms]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"moe.arms: name at least one arm, each name once; got {names}")
+        check_arm_names("moe", [a["name"] if isinstance(a, dict) else a.name for a in self.arms])
 
 
 def arm_config(config: DecoderConfig, arm: MoEArm) -> DecoderConfig:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modules.arms import ArmsModule
+from modules.arms import ArmsModule, check_arm_names
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.mtp import MTPHeads
 from modules.pretrain import OptimConfig
@@ -52,11 +52,7 @@ class MTPSettings:
     grad_clip: float = 1.0  # each arm clips its own gradients
 
     def __post_init__(self) -> None:
-        if not self.arms:
-            raise ValueError("mtp.arms is empty; name at least one arm")
-        names = [a["name"] if isinstance(a, dict) else a.name for a in self.arms]
-        if len(set(names)) != len(names):
-            raise ValueError(f"mtp.arms: names must differ; got {names}")
+        check_arm_names("mtp", [a["name"] if isinstance(a, dict) else a.name for a in self.arms])
         if len(self.lambdas) not in (1, 2):
             raise ValueError(f"mtp.lambdas: one weight, or two (before and after mtp.switch_at); got {self.lambdas}")
 
