@@ -72,22 +72,28 @@ def measure(decoder: Decoder, heads: MTPHeads, prompts: list[list[int]], new_tok
     return record
 
 
+def measure_arms(module: Any, prompts: list[list[int]], new_tokens: int, temperatures: tuple[float, ...] = (0.0, 1.0),
+                 repeats: int = 2) -> list[dict[str, Any]]:
+    """`measure` for every arm with heads of an `MTPModule`, at each draft depth and temperature."""
+    records = []
+    for arm in module.arms:
+        heads = module.mtp_heads(arm.name)
+        for depth in range(1, (heads.depth if heads is not None else 0) + 1):
+            for temperature in temperatures:
+                record = measure(module.arm_model(arm.name), heads, prompts, new_tokens, depth, temperature, repeats=repeats)
+                records.append({"arm": arm.name, "kind": arm.kind, **record})
+    return records
+
+
 def measure_run(run_dir: Path, device: str = "cpu", temperatures: tuple[float, ...] = (0.0, 1.0)) -> list[dict[str, Any]]:
-    """`measure` for every arm with heads of the MTP run in `run_dir`, at each depth and temperature."""
+    """`measure_arms` for the MTP run in `run_dir`, on the prompts it saved."""
     from repro import registry
     from repro.checkpoints import locate
 
     checkpoint, run_dir = locate(run_dir)
     settings = json.loads((run_dir / PROMPTS_FILE).read_text())
     module = registry.get("mtp").module.load_from_checkpoint(checkpoint, map_location=device, weights_only=False)
-    records = []
-    for arm in module.arms:
-        heads = module.mtp_heads(arm.name)
-        for depth in range(1, (heads.depth if heads is not None else 0) + 1):
-            for temperature in temperatures:
-                record = measure(module.decoder(arm.name), heads, settings["prompts"], settings["new_tokens"], depth, temperature)
-                records.append({"arm": arm.name, "kind": arm.kind, **record})
-    return records
+    return measure_arms(module, settings["prompts"], settings["new_tokens"], temperatures)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,7 +144,7 @@ def self_speculative_generate(
     m = n  # the newest settled token, not yet fed to the decoder
     tokens[0, m] = pick(distribution(decoder.lm_head(decoder.norm(h[:, -1]))[0]))
     out = [int(tokens[0, m])]
-    stats = SpeculativeStats(depth, tokens=1)
+    stats = SpeculativeStats(depth)
     while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
         drafts = []
         for k in range(1, depth + 1):
@@ -171,7 +171,6 @@ def self_speculative_generate(
         tokens[0, m] = nxt
         cache.truncate(m)
         out.extend(new)
-        stats.tokens += len(new)
     if eos_id is not None and eos_id in out:
         out = out[: out.index(eos_id) + 1]
     out = out[:max_new_tokens]

@@ -76,7 +76,7 @@ def _prompts(datamodule: PretrainDataModule, decode: DecodeConfig) -> list[list[
 
 def findings(config: MTPConfig, final: dict[str, float], module: MTPModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from benchmarks.speculative import PROMPTS_FILE, measure
+    from benchmarks.speculative import PROMPTS_FILE, measure_arms
     from reports.plots import loss_curves
     from repro.evaluate import arm_scores
 
@@ -98,14 +98,7 @@ def findings(config: MTPConfig, final: dict[str, float], module: MTPModule, data
     scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
     prompts = _prompts(datamodule, config.decode)
     (run_dir / PROMPTS_FILE).write_text(json.dumps({"new_tokens": config.decode.new_tokens, "prompts": prompts}))
-    decoding: list[dict[str, Any]] = []
-    for arm in module.arms:
-        heads = module.mtp_heads(arm.name)
-        for depth in range(1, (heads.depth if heads is not None else 0) + 1):
-            for temperature in config.decode.temperatures:
-                record = measure(module.arm_model(arm.name), heads, prompts, config.decode.new_tokens, depth, temperature,
-                                 repeats=config.decode.repeats)
-                decoding.append({"arm": arm.name, "kind": arm.kind, **record})
+    decoding = measure_arms(module, prompts, config.decode.new_tokens, tuple(config.decode.temperatures), config.decode.repeats)
     (run_dir / "decoding.json").write_text(json.dumps(decoding, indent=2))
     for r in decoding:
         tag = f"decode/{r['arm']}/d{r['depth']}/t{r['temperature']:g}"
