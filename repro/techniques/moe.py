@@ -48,36 +48,38 @@ def build(config: MoEConfig, seed: int, stages: dict[str, Path]) -> tuple[MoEMod
     return module, PretrainDataModule(config.data, block_size=config.model.block_size, seed=seed)
 
 
-def _maxvio_batch(module: MoEModule, name: str, tail: float = 1.0) -> float | None:
-    """Mean over training steps (the last `tail` share of them) of MaxVio of each step's loads, layer mean."""
-    from modules.nn.moe import max_violation
+def maxvio_per_step(module: MoEModule, name: str) -> list[float]:
+    """MaxVio of each training step's expert loads, averaged over MoE layers (empty for a dense arm)."""
     import torch
 
+    from modules.nn.moe import max_violation
+
     steps = module.loads[name]
-    steps = steps[int(len(steps) * (1 - tail)) :]
-    if not steps:
-        return None
-    return float(max_violation(torch.tensor(steps, dtype=torch.float64)).mean())
+    return max_violation(torch.tensor(steps, dtype=torch.float64)).mean(-1).tolist() if steps else []
+
+
+def _mean_of_tail(values: list[float], tail: float = 1.0) -> float | None:
+    """Mean of the last `tail` share of `values`, None when there are none."""
+    values = values[int(len(values) * (1 - tail)) :]
+    return statistics.fmean(values) if values else None
 
 
 def findings(config: MoEConfig, final: dict[str, float], module: MoEModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    import torch
-
-    from modules.nn.moe import max_violation
     from reports.plots import expert_load_heatmap, loss_curves, metric_curves
     from repro.evaluate import arm_scores
 
     run_dir = Path(module.trainer.default_root_dir)
     seq = config.model.block_size
     metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items() if k != "note"}
+    maxvio = {a.name: maxvio_per_step(module, a.name) for a in module.arms}
     for arm in module.arms:
         decoder = module.decoder(arm.name)
         metrics |= {
             f"{arm.name}/val_loss": final.get(f"val/{arm.name}/loss"),
             f"{arm.name}/maxvio_global": final.get(f"val/{arm.name}/maxvio_global"),
-            f"{arm.name}/maxvio_batch": _maxvio_batch(module, arm.name),
-            f"{arm.name}/maxvio_batch_last_quarter": _maxvio_batch(module, arm.name, 0.25),
+            f"{arm.name}/maxvio_batch": _mean_of_tail(maxvio[arm.name]),
+            f"{arm.name}/maxvio_batch_last_quarter": _mean_of_tail(maxvio[arm.name], 0.25),
             f"{arm.name}/params": decoder.num_params(),
             f"{arm.name}/active_params": decoder.num_params(active=True),
             f"{arm.name}/flops_per_token": decoder.flops_per_token(seq),
@@ -90,9 +92,8 @@ def findings(config: MoEConfig, final: dict[str, float], module: MoEModule, data
 
     (run_dir / "arm_losses.png").write_bytes(loss_curves(module.loss_curves(), "Validation and train loss per arm (equal tokens)"))
     (run_dir / "expert_load.png").write_bytes(expert_load_heatmap(module.loads, "Expert load over training"))
-    maxvio = {a.name: [(i + 1, float(max_violation(torch.tensor(step, dtype=torch.float64)).mean()))
-                       for i, step in enumerate(module.loads[a.name])] for a in module.arms if module.loads[a.name]}
-    (run_dir / "maxvio.png").write_bytes(metric_curves(maxvio, "MaxVio of the batch (layer mean)", "Load imbalance per training batch"))
+    curves = {name: list(enumerate(values, 1)) for name, values in maxvio.items() if values}
+    (run_dir / "maxvio.png").write_bytes(metric_curves(curves, "MaxVio of the batch (layer mean)", "Load imbalance per training batch"))
 
     claims = _claims(module, metrics)
     tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
