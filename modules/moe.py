@@ -50,6 +50,11 @@ class MoESettings:
         check_arm_names("moe", [a["name"] if isinstance(a, dict) else a.name for a in self.arms])
 
 
+def check_has_experts(config: DecoderConfig) -> None:
+    if not config.moe_experts:
+        raise ValueError("model.moe_experts is 0: the MoE technique needs routed experts (e.g. model.moe_experts=8)")
+
+
 def arm_config(config: DecoderConfig, arm: MoEArm) -> DecoderConfig:
     """The decoder of an arm: the MoE config with the arm's balancing, or its dense twin."""
     if arm.balance == "dense":
@@ -66,8 +71,7 @@ class MoEModule(ArmsModule):
         optim = asdict(optim) if isinstance(optim, OptimConfig) else dict(optim)
         moe = asdict(moe) if isinstance(moe, MoESettings) else dict(moe)
         self.settings, self.config = MoESettings(**moe), DecoderConfig(**model)
-        if not self.config.moe_experts:
-            raise ValueError("model.moe_experts is 0: the MoE technique needs routed experts (e.g. model.moe_experts=8)")
+        check_has_experts(self.config)
         self._rng = torch.get_rng_state()
         super().__init__([MoEArm(**a) for a in self.settings.arms], OptimConfig(**optim), max_steps, self.settings.grad_clip)
         self.save_hyperparameters({"model": model, "optim": optim, "moe": moe, "max_steps": max_steps})

@@ -220,3 +220,10 @@ def test_moe_module_under_ddp_keeps_one_bias_across_processes() -> None:
         assert a.abs().sum() > 0
     assert ranks[0]["loads"] == ranks[1]["loads"]  # every step's loads are the global ones
     assert sum(ranks[0]["loads"]["loss-free"][0][0]) == 2 * 4 * 16 * config.moe_top_k  # both processes' slots, first step
+
+
+def test_a_preset_without_experts_is_refused_before_the_run() -> None:
+    from repro.techniques.moe import MoEConfig
+
+    with pytest.raises(ValueError, match="model.moe_experts is 0"):
+        MoEConfig(model=DecoderConfig(mlp="swiglu"))

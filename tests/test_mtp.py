@@ -220,3 +220,10 @@ def test_arms_start_equal_and_mtp_training_lowers_every_loss() -> None:
         assert all(h < h0 - 0.3 for h, h0 in zip(heads, before[arm.name][1]))
         assert len(heads) == arm.depth
     assert module.arm_seconds["d2"] > 0 and len(module.loss_curves()["d2"]["train/loss"]) == 30
+
+
+def test_decode_settings_that_overflow_the_context_are_refused() -> None:
+    from repro.techniques.mtp import DecodeConfig, MTPConfig
+
+    with pytest.raises(ValueError, match="leave no room for drafts"):
+        MTPConfig(model=DecoderConfig(block_size=64), decode=DecodeConfig(prompt_tokens=32, new_tokens=64))

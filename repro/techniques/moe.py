@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
-from modules.moe import MoEModule, MoESettings
+from modules.moe import MoEModule, MoESettings, check_has_experts
 from modules.nn import DecoderConfig
 from modules.pretrain import OptimConfig
 from reports.claims import check_below, not_measured
@@ -39,6 +39,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         self.model.vocab_size = self.data.vocab_size
+        check_has_experts(self.model)  # here, so a bad preset stops before any run folder exists
         check_manual_optimization(self.train, "each arm clips its own gradients; set moe.grad_clip and train.grad_clip=0",
                                   "the arms step once per batch; raise data.batch_size instead")
 
