@@ -56,7 +56,7 @@ def decode_step(model: Decoder, token: torch.Tensor, cache: SlotCache) -> torch.
     """
     visible = cache.visible()  # (B, max_len)
     positions = visible.sum(-1, keepdim=True) - 1  # (B, 1): real tokens before this one, as Decoder.forward counts
-    dtype = cache.cache.k[0].dtype
+    dtype = cache.cache.dtype
     mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
     mask = mask[:, None, None, :]  # (B, 1, 1, max_len)
     x = model.wte(token)  # (B, 1, C)
@@ -92,6 +92,9 @@ class CompiledDecoder:
     ) -> None:
         device = cache.valid.device
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        if (compile or self.cuda_graph) and model.moe_layers():
+            raise ValueError("a mixture of experts routes tokens with data-dependent shapes, which one compiled or "
+                             "captured step cannot hold: decode it eagerly (generate(..., compile=False))")
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"a CUDA graph needs a CUDA cache; this one is on {device}")
         self.model, self.cache = model, cache

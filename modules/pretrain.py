@@ -36,11 +36,13 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
 
 
 def decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups that decay matrices only; biases, norm gains and other 1-d parameters are left alone (GPT-2)."""
+    """AdamW groups that decay matrices only; biases, norm gains, other 1-d parameters and any marked
+    `no_weight_decay` (Mamba's A) are left alone (GPT-2)."""
     params = [p for p in params if p.requires_grad]
+    decayed = [p.dim() >= 2 and not getattr(p, "no_weight_decay", False) for p in params]
     return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p, d in zip(params, decayed) if d], "weight_decay": weight_decay},
+        {"params": [p for p, d in zip(params, decayed) if not d], "weight_decay": 0.0},
     ]
 
 

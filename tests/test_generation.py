@@ -35,6 +35,12 @@ VARIANTS = [
     pytest.param(dict(position="rope"), id="rope-mha"),
     pytest.param(dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2), id="llama-gqa"),
     pytest.param(dict(n_kv_head=1), id="mqa"),  # learned positions, one key/value head
+    # Mamba blocks carry their conv and SSM state in the cache; left padding must leave it untouched
+    pytest.param(dict(layer_pattern="mam", n_layer=3, position="none", mamba_d_state=4), id="hybrid"),
+    pytest.param(dict(layer_pattern="m", position="none", mamba_d_state=4, mamba_scan="parallel", mamba_chunk=3),
+                 id="mamba-parallel-scan"),
+    pytest.param(dict(layer_pattern="ma", n_layer=4, position="none", mlp="swiglu", moe_experts=4, moe_every=2,
+                      mamba_d_state=4), id="jamba"),
 ]
 
 
@@ -144,7 +150,7 @@ def test_slot_decode_step_equals_cached_forward_and_recomputing(variant: dict) -
         torch.testing.assert_close(slot_logits[row], reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS[:-1])  # not the MoE: see the test below
 def test_compiled_step_equals_eager(variant: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.compile through AOTAutograd (`aot_eager`): the graph inductor gets, with its in-place
     writes to the cache's buffers functionalized and written back, run without inductor's codegen,
@@ -186,7 +192,10 @@ def test_reset_cache_gives_the_same_output_as_a_new_one(slot: bool) -> None:
     assert torch.equal(again_tokens, a_tokens) and torch.equal(again_logits, a_logits)
 
 
-def test_compiled_decoder_rejects_a_full_cache_a_cpu_graph_and_a_wrong_batch() -> None:
+def test_compiled_decoder_rejects_a_full_cache_a_cpu_graph_a_wrong_batch_and_experts() -> None:
+    with pytest.raises(ValueError, match="mixture of experts routes tokens with data-dependent shapes"):
+        jamba = model(**VARIANTS[-1].values[0])
+        CompiledDecoder(jamba, cpu_cache(jamba, 1, 4), compile=True, cuda_graph=False)
     m = model()
     cache = cpu_cache(m, 2, 5)
     with pytest.raises(ValueError, match="CUDA graph needs a CUDA cache; this one is on cpu"):
@@ -210,7 +219,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
     "compile", [pytest.param(False, id="eager-graph"), pytest.param(True, id="compiled-graph", marks=pytest.mark.slow)]
 )
-@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2]])
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2], VARIANTS[4]])
 def test_cuda_graph_replay_equals_eager_cached_decoding(variant: dict, compile: bool) -> None:
     """The captured step, replayed at later slots and again after `reset()` with other prompts."""
     m, n = model(**variant).cuda(), 12

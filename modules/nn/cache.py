@@ -1,31 +1,64 @@
-"""A static, preallocated key/value cache for incremental decoding."""
+"""A static, preallocated decoding cache: keys and values of attention blocks, states of Mamba blocks."""
 
 from __future__ import annotations
 
 import torch
 
 from modules.nn.config import DecoderConfig
+from modules.nn.mamba import MambaState
+
+
+def cache_bytes(config: DecoderConfig, batch: int, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes a decoding cache of `context` tokens holds for `batch` sequences, from the config alone.
+
+    Attention keeps keys and values of every token: 2 x n_kv_head x head_dim per token and layer.
+    Mamba keeps a fixed state whatever the context: d_conv - 1 conv inputs (in `dtype`) and N SSM
+    states (float32) per inner channel.
+    """
+    size = torch.finfo(dtype).bits // 8
+    attention = len(config.attention_layers)
+    kv = 2 * batch * config.kv_heads * config.head_dim * context * size * attention
+    inner = config.mamba_expand * config.n_embd
+    state = batch * inner * ((config.mamba_d_conv - 1) * size + config.mamba_d_state * 4) * (config.n_layer - attention)
+    return kv + state
 
 
 class KVCache:
-    """Keys and values of every layer in fixed buffers of `max_len` slots, one (B, n_kv, max_len, hs) per layer.
+    """Keys and values of every attention block in fixed buffers of `max_len` slots, one (B, n_kv, max_len, hs)
+    per block, and the `MambaState` of every Mamba block.
 
     Slot t holds the t-th token fed to the model for every row; rows of different lengths are
     left-padded, and `valid` (B, max_len) marks the slots that hold real tokens. Attention reads
     all `max_len` slots under a mask, so every decode step has the same shapes (graph-capturable).
     Each layer's buffer is its own tensor, not a view of one, so a compiled step mutates whole
-    inputs in place.
+    inputs in place; Mamba states are updated in place too. `k[layer]` and `v[layer]` are None for
+    a Mamba block, `mamba[layer]` None for an attention block.
     """
 
     def __init__(self, config: DecoderConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         if max_len > config.block_size:
             raise ValueError(f"cache of {max_len} slots exceeds the model's block_size {config.block_size}")
         shape = (batch, config.kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        attention = [config.mixer(layer) == "attention" for layer in range(config.n_layer)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) if a else None for a in attention]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) if a else None for a in attention]
+        inner = config.mamba_expand * config.n_embd
+        self.mamba = [None if a else MambaState(
+            torch.zeros(batch, inner, config.mamba_d_conv - 1, device=device, dtype=dtype),
+            torch.zeros(batch, inner, config.mamba_d_state, device=device, dtype=torch.float32)) for a in attention]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots filled so far
-        self.max_len = max_len
+        self.max_len, self.dtype = max_len, dtype
+
+    def nbytes(self) -> int:
+        """Bytes of the keys, values and Mamba states held (what `cache_bytes` computes), measured on the buffers."""
+        tensors = [t for t in self.k + self.v if t is not None]
+        tensors += [t for state in self.mamba if state is not None for t in (state.conv, state.ssm)]
+        return sum(t.nbytes for t in tensors)
+
+    def new_valid(self, T: int) -> torch.Tensor:
+        """(B, T): which of the T tokens being fed are real (set by `attention_mask` first)."""
+        return self.valid[:, self.length : self.length + T]
 
     def attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
         """Mark `valid` (B, T) for the next T slots; mask (B, 1, T, max_len): causal over slots, no padding."""
@@ -53,12 +86,19 @@ class KVCache:
         """Forget every slot from `length` on (a rejected speculative draft); the next token goes to slot `length`."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} filled slots to {length}")
+        if length < self.length and any(state is not None for state in self.mamba):
+            raise ValueError("a Mamba state cannot be rolled back to an earlier token: speculative decoding needs "
+                             "a decoder of attention blocks only (model.layer_pattern=a)")
         self.valid[:, length:] = False
         self.length = length
 
     def reset(self) -> None:
         """Empty the cache in place, keeping its buffers (a graph captured over them stays valid)."""
         self.valid.zero_()
+        for state in self.mamba:
+            if state is not None:
+                state.conv.zero_()
+                state.ssm.zero_()
         self.length = 0
 
 
@@ -73,6 +113,11 @@ class SlotCache:
 
     def __init__(self, cache: KVCache, slot: torch.Tensor) -> None:
         self.cache, self.slot = cache, slot
+        self.mamba = cache.mamba
+
+    def new_valid(self, T: int) -> None:
+        """Every row's new token is real: no mask for the Mamba blocks."""
+        return None
 
     def visible(self) -> torch.Tensor:
         """Mark the slot valid for every row; (B, max_len) True where the new token may attend."""

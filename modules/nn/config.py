@@ -24,12 +24,21 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     mlp: Literal["gelu", "swiglu"] = "gelu"
     mlp_hidden: int | None = None  # None: 4 * n_embd for GELU, 8/3 * n_embd rounded up to 64 for SwiGLU
-    position: Literal["learned", "rope"] = "learned"
+    position: Literal["learned", "rope", "none"] = "learned"  # "none": no positional encoding (Jamba's hybrid)
     rope_base: float = 10000.0
     bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
     pad_vocab_to: int = 1  # round the embedding table up to a multiple of this (64 keeps matmuls aligned)
+    # token mixers, one letter per block, cycled over n_layer: "a" attention, "m" Mamba (modules/nn/mamba.py);
+    # "a" is a transformer, "m" pure Mamba, "mmmmammm" Jamba's 1 attention : 7 Mamba (attention 5th of 8)
+    layer_pattern: str = "a"
+    mamba_d_state: int = 16  # N, states per channel
+    mamba_d_conv: int = 4  # width of the causal depthwise convolution
+    mamba_expand: int = 2  # inner width = expand * n_embd
+    mamba_dt_rank: int | None = None  # rank of Delta's projection; None: ceil(n_embd / 16)
+    mamba_chunk: int = 64  # chunk of the parallel scan
+    mamba_scan: Literal["auto", "parallel", "sequential"] = "auto"  # auto: sequential on a CPU, parallel elsewhere
     # mixture of experts (modules/nn/moe.py): 0 routed experts keeps every block's MLP dense
     moe_experts: int = 0  # routed experts per MoE layer
     moe_top_k: int = 2  # routed experts per token
@@ -47,6 +56,13 @@ class DecoderConfig:
             raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+        if self.position not in ("learned", "rope", "none"):
+            raise ValueError(f"model.position={self.position!r}: use learned, rope or none")
+        if not self.layer_pattern or set(self.layer_pattern) - {"a", "m"}:
+            raise ValueError(f"model.layer_pattern={self.layer_pattern!r}: one letter per block, a (attention) or m (Mamba), "
+                             "e.g. mmmmammm for Jamba")
+        if self.mamba_scan not in ("auto", "parallel", "sequential"):
+            raise ValueError(f"model.mamba_scan={self.mamba_scan!r}: use auto, parallel or sequential")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head size; got n_embd/n_head={self.head_dim}")
         if self.moe_experts:
@@ -70,6 +86,14 @@ class DecoderConfig:
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    def mixer(self, layer: int) -> Literal["attention", "mamba"]:
+        """The token mixer of block `layer` (0-based)."""
+        return "attention" if self.layer_pattern[layer % len(self.layer_pattern)] == "a" else "mamba"
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [layer for layer in range(self.n_layer) if self.mixer(layer) == "attention"]
 
     def is_moe(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has a mixture of experts instead of a dense MLP."""

@@ -11,6 +11,7 @@ from torch import nn
 from modules.nn.attention import CausalSelfAttention
 from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
+from modules.nn.mamba import MambaMixer
 from modules.nn.mlp import build_mlp
 from modules.nn.moe import MoE
 from modules.nn.norm import build_norm
@@ -32,12 +33,19 @@ def init_weights(module: nn.Module, n_layer: int) -> None:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is attention
+    (`attn`) or Mamba (`mamba`), the MLP dense or a mixture of experts, as the config says for `layer`
+    (None: attention and a dense MLP, whatever the pattern, as an MTP module's block)."""
 
     def __init__(self, config: DecoderConfig, layer: int | None = None) -> None:
         super().__init__()
-        self.norm_attn = build_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.norm_attn = build_norm(config)  # the mixer's norm, attention or Mamba
+        if layer is None or config.mixer(layer) == "attention":
+            self.attn, self.mamba = CausalSelfAttention(config), None
+        else:
+            self.attn, self.mamba = None, MambaMixer(
+                config.n_embd, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand, config.mamba_dt_rank,
+                chunk=config.mamba_chunk, scan=config.mamba_scan)
         self.norm_mlp = build_norm(config)
         self.mlp = MoE(config) if layer is not None and config.is_moe(layer) else build_mlp(config)
 
@@ -49,12 +57,21 @@ class Block(nn.Module):
         layer: int = 0,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm_attn(x), rope, cache, layer, mask)
+        if self.mamba is None:
+            x = x + self.attn(self.norm_attn(x), rope, cache, layer, mask)
+        elif cache is None:
+            x = x + self.mamba(self.norm_attn(x))
+        else:
+            valid, state = cache.new_valid(x.shape[1]), cache.mamba[layer]
+            if valid is None and x.shape[1] == 1:  # a decode step: the recurrence, no scan
+                x = x + self.mamba.step(self.norm_attn(x)[:, 0], state)[:, None]
+            else:
+                x = x + self.mamba(self.norm_attn(x), state, valid)
         return x + self.mlp(self.norm_mlp(x))
 
 
 class Decoder(nn.Module):
-    """Token embedding -> blocks -> final norm -> language-model head."""
+    """Token embedding (+ positions) -> blocks -> final norm -> language-model head."""
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -147,9 +164,13 @@ class Decoder(nn.Module):
         6 N for the matmuls with the N non-embedding parameters a token uses (a mixture of experts:
         the shared experts, the router and top_k routed experts) plus the LM head (2 FLOPs per
         multiply-add, x3 for backward), and 12 L H Q T for attention scores and values with
-        L layers, H heads, Q head size and context T.
+        L attention layers, H heads, Q head size and context T. A Mamba layer's scan adds about
+        9 D N per token (decay, input, state update and readout over D inner channels x N states),
+        x3 for backward: no term in T.
         """
         cfg = self.config
         seq_len = seq_len or cfg.block_size
         n_matmul = self.num_params(exclude_embeddings=True, active=True) + cfg.padded_vocab_size * cfg.n_embd
-        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+        attention = len(cfg.attention_layers)
+        scan = 27 * cfg.mamba_expand * cfg.n_embd * cfg.mamba_d_state * (cfg.n_layer - attention)
+        return 6 * n_matmul + 12 * attention * cfg.n_head * cfg.head_dim * seq_len + scan
