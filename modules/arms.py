@@ -6,18 +6,23 @@ holds one decoder (and any extra trained modules) per arm, steps each arm's opti
 batch, times each arm, and keeps each arm's main loss per step and per validation for the report.
 A subclass says what an arm is (`build_arm`), what it minimises (`arm_loss`), what validation
 measures (`arm_metrics`), and may act after each arm's step (`after_step`).
+
+`DecoderArms` is the common case: each arm a decoder pretrained on packed blocks, the config of
+the arm (`arm_config`) a variant of one base config, mixture-of-experts layers balanced as
+their config says.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from modules.nn import Decoder
+from modules.nn import Decoder, DecoderConfig
+from modules.nn.moe import max_violation, update_biases
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
 
 
@@ -163,3 +168,77 @@ class ArmsModule(L.LightningModule):
                 opt, lambda step: warmup_cosine(step, o.warmup_steps, self.max_steps, o.min_lr_ratio))
             schedulers.append({"scheduler": schedule, "interval": "step"})
         return optimizers, schedulers
+
+
+class DecoderArms(ArmsModule):
+    """Arms that are decoders trained by next-token prediction on packed blocks (batch, block_size + 1).
+
+    Each arm's decoder is `arm_config(arm)`, built from the same random state, so arms of one shape
+    start from identical weights. Mixture-of-experts layers (modules/nn/moe.py): their balance
+    losses join the arm's loss; after every step of a loss-free arm each layer's bias moves by
+    u * sign(mean load - load_i), the loads summed over every process first (`strategy.reduce`), so
+    all replicas keep one bias; and every arm records its expert loads per step (`loads`).
+    """
+
+    def __init__(self, config: DecoderConfig, arms: list[Any], optim: OptimConfig, max_steps: int, grad_clip: float) -> None:
+        self.config = config
+        self._rng = torch.get_rng_state()
+        super().__init__(arms, optim, max_steps, grad_clip)
+        # per arm, per training step: each MoE layer's expert loads (layers, E), summed over processes
+        self.loads: dict[str, list[list[list[int]]]] = {a.name: [] for a in self.arms}
+        self._val_loads: dict[str, torch.Tensor] = {}
+
+    def arm_config(self, arm: Any) -> DecoderConfig:
+        raise NotImplementedError
+
+    def build_arm(self, arm: Any) -> tuple[Decoder, None]:
+        torch.set_rng_state(self._rng)
+        return Decoder(self.arm_config(arm)), None
+
+    def _reduce(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is None or self.trainer.world_size == 1:
+            return lambda t: t
+        return lambda t: strategy.reduce(t, reduce_op="sum")
+
+    def arm_loss(self, arm: Any, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        decoder = self.decoder(arm.name)
+        main = decoder.loss(batch[:, :-1], batch[:, 1:])
+        extra = [m.aux_loss for m in decoder.moe_layers() if m.aux_loss is not None]
+        balance = torch.stack(extra).sum() if extra else None
+        return (main + balance if balance is not None else main), main, ({"balance_loss": balance} if balance is not None else {})
+
+    def after_step(self, arm: Any) -> None:
+        decoder = self.decoder(arm.name)
+        layers = decoder.moe_layers()
+        if not layers:
+            return
+        rate = decoder.config.moe_bias_rate if decoder.config.moe_balance.startswith("loss_free") else 0.0
+        loads = update_biases(layers, rate, self._reduce())  # (layers, E), this step's loads; zeroes the counts
+        self.loads[arm.name].append(loads.tolist())
+        self.log(f"{arm.name}/maxvio_batch", max_violation(loads.float()).mean())
+
+    def arm_metrics(self, arm: Any, batch: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
+        decoder = self.decoder(arm.name)
+        loss = decoder.loss(batch[:, :-1], batch[:, 1:])
+        layers = decoder.moe_layers()
+        if layers:
+            load = torch.stack([m.last_load for m in layers])
+            self._val_loads[arm.name] = self._val_loads.get(arm.name, torch.zeros_like(load)) + load
+        return {"loss": (loss, batch[:, 1:].numel())}
+
+    def on_validation_epoch_end(self) -> None:
+        reduce = self._reduce()
+        for arm in self.arms:
+            if arm.name in self._val_loads:
+                load = reduce(self._val_loads.pop(arm.name).float())
+                self.log(f"val/{arm.name}/maxvio_global", max_violation(load).mean())
+        super().on_validation_epoch_end()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["moe_loads"] = self.loads
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.loads = {**self.loads, **checkpoint.get("moe_loads", {})}

@@ -10,13 +10,11 @@ its expert loads per step: MaxVio per batch, and the heat map of the report.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
-import torch
-
-from modules.arms import ArmsModule, check_arm_names
-from modules.nn import Decoder, DecoderConfig
-from modules.nn.moe import BALANCING, max_violation, update_biases
+from modules.arms import DecoderArms, check_arm_names
+from modules.nn import DecoderConfig
+from modules.nn.moe import BALANCING
 from modules.pretrain import OptimConfig
 
 
@@ -62,7 +60,7 @@ def arm_config(config: DecoderConfig, arm: MoEArm) -> DecoderConfig:
     return replace(config, moe_balance=arm.balance)
 
 
-class MoEModule(ArmsModule):
+class MoEModule(DecoderArms):
     """Arms side by side on packed blocks (batch, block_size + 1); `model` is the first arm's decoder."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | OptimConfig,
@@ -70,62 +68,11 @@ class MoEModule(ArmsModule):
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         optim = asdict(optim) if isinstance(optim, OptimConfig) else dict(optim)
         moe = asdict(moe) if isinstance(moe, MoESettings) else dict(moe)
-        self.settings, self.config = MoESettings(**moe), DecoderConfig(**model)
-        check_has_experts(self.config)
-        self._rng = torch.get_rng_state()
-        super().__init__([MoEArm(**a) for a in self.settings.arms], OptimConfig(**optim), max_steps, self.settings.grad_clip)
+        self.settings, config = MoESettings(**moe), DecoderConfig(**model)
+        check_has_experts(config)
+        super().__init__(config, [MoEArm(**a) for a in self.settings.arms], OptimConfig(**optim), max_steps,
+                         self.settings.grad_clip)
         self.save_hyperparameters({"model": model, "optim": optim, "moe": moe, "max_steps": max_steps})
-        # per arm, per training step: each MoE layer's expert loads (layers, E), summed over processes
-        self.loads: dict[str, list[list[list[int]]]] = {a.name: [] for a in self.arms}
-        self._val_loads: dict[str, torch.Tensor] = {}
 
-    def build_arm(self, arm: MoEArm) -> tuple[Decoder, None]:
-        torch.set_rng_state(self._rng)  # every MoE arm starts from the same weights
-        return Decoder(arm_config(self.config, arm)), None
-
-    def _reduce(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if strategy is None or self.trainer.world_size == 1:
-            return lambda t: t
-        return lambda t: strategy.reduce(t, reduce_op="sum")
-
-    def arm_loss(self, arm: MoEArm, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        decoder = self.decoder(arm.name)
-        main = decoder.loss(batch[:, :-1], batch[:, 1:])
-        extra = [m.aux_loss for m in decoder.moe_layers() if m.aux_loss is not None]
-        balance = torch.stack(extra).sum() if extra else None
-        return (main + balance if balance is not None else main), main, ({"balance_loss": balance} if balance is not None else {})
-
-    def after_step(self, arm: MoEArm) -> None:
-        layers = self.decoder(arm.name).moe_layers()
-        if not layers:
-            return
-        rate = self.config.moe_bias_rate if arm.balance.startswith("loss_free") else 0.0
-        loads = update_biases(layers, rate, self._reduce())  # (layers, E), this step's loads; zeroes the counts
-        self.loads[arm.name].append(loads.tolist())
-        self.log(f"{arm.name}/maxvio_batch", max_violation(loads.float()).mean())
-
-    def arm_metrics(self, arm: MoEArm, batch: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
-        decoder = self.decoder(arm.name)
-        loss = decoder.loss(batch[:, :-1], batch[:, 1:])
-        layers = decoder.moe_layers()
-        if layers:
-            load = torch.stack([m.last_load for m in layers])
-            self._val_loads[arm.name] = self._val_loads.get(arm.name, torch.zeros_like(load)) + load
-        return {"loss": (loss, batch[:, 1:].numel())}
-
-    def on_validation_epoch_end(self) -> None:
-        reduce = self._reduce()
-        for arm in self.arms:
-            if arm.name in self._val_loads:
-                load = reduce(self._val_loads.pop(arm.name).float())
-                self.log(f"val/{arm.name}/maxvio_global", max_violation(load).mean())
-        super().on_validation_epoch_end()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["moe_loads"] = self.loads
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.loads = {**self.loads, **checkpoint.get("moe_loads", {})}
+    def arm_config(self, arm: MoEArm) -> DecoderConfig:  # every MoE arm starts from the same weights
+        return arm_config(self.config, arm)
