@@ -314,3 +314,27 @@ def metric_curves(series: Mapping[str, Series], ylabel: str, title: str, smooth:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def context_curves(series: Mapping[str, Series], ylabel: str, title: str,
+                   computed: Mapping[str, Series] | None = None) -> bytes:
+    """PNG bytes of one measured value per arm against context length (log-log, markers); `computed` adds,
+    per arm, a dashed line of the same value from a formula, to see measurement and theory agree."""
+    fig = Figure(figsize=(8, 4.2), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for index, (name, points) in enumerate(series.items()):
+        color = f"C{index % 10}"
+        if computed and computed.get(name):
+            ax.plot(*_xy(computed[name]), color=color, lw=1, ls="--", alpha=0.7)
+        if points:
+            ax.plot(*_xy(points), color=color, lw=1.5, marker="o", ms=4, label=name)
+    ax.set(xlabel="context length (tokens)", ylabel=ylabel, title=title, xscale="log", yscale="log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(frameon=False, fontsize=8, title="measured (computed dashed)" if computed else None, title_fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

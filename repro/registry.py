@@ -48,6 +48,7 @@ class Technique:
     build: Callable[[Any, int, dict[str, Path]], tuple["L.LightningModule", "L.LightningDataModule"]]
     findings: Callable[..., "Findings"]
     default_preset: str = "tiny"
+    aliases: tuple[str, ...] = ()  # other names `get` answers to (the paper's or the model's name)
     requires: tuple[str, ...] = field(default=())
     # lm-eval tasks or groups its final checkpoint is scored on (evaluation/tasks/ or lm-eval's own)
     eval_tasks: tuple[str, ...] = ("repro_corpus_ppl", "repro_cloze", "repro_verifiable", "repro_verifiable_arithmetic_mc")
@@ -72,8 +73,10 @@ _REGISTRY: dict[str, Technique] = {}
 
 
 def register(technique: Technique) -> Technique:
-    if technique.name in _REGISTRY:
-        raise ValueError(f"technique {technique.name!r} registered twice")
+    taken = set(_REGISTRY) | {alias for t in _REGISTRY.values() for alias in t.aliases}
+    for name in (technique.name, *technique.aliases):
+        if name in taken:
+            raise ValueError(f"technique name {name!r} registered twice")
     _REGISTRY[technique.name] = technique
     return technique
 
@@ -100,6 +103,7 @@ def techniques() -> dict[str, Technique]:
 
 def get(name: str) -> Technique:
     table = techniques()
+    table |= {alias: t for t in table.values() for alias in t.aliases}
     if name not in table:
         raise ConfigError(f"unknown technique {name!r}.{_suggest(name, list(table))}")
     return table[name]

@@ -47,7 +47,8 @@ def list_techniques() -> str:
 
     lines = []
     for name, technique in registry.techniques().items():
-        lines.append(f"{name}: {technique.summary}")
+        also = f" (also --technique {', '.join(technique.aliases)})" if technique.aliases else ""
+        lines.append(f"{name}: {technique.summary}{also}")
         for preset in technique.presets:
             lines.append(f"  --preset {preset}")
             text = yaml.safe_dump(load_preset(name, preset), sort_keys=False, default_flow_style=True, width=200)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.technique:
             raise ConfigError(f"--technique is required. Valid: {', '.join(registry.techniques())}.")
         technique = registry.get(args.technique)
-        spec = RunSpec(args.technique, args.preset or technique.default_preset, args.set, args.seed, trainer_args, args.init)
+        spec = RunSpec(technique.name, args.preset or technique.default_preset, args.set, args.seed, trainer_args, args.init)
         resolve(spec)  # fail fast on a bad key or value, before any work
         if spec.init:
             init_checkpoint(technique, spec.init)
