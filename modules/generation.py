@@ -134,13 +134,18 @@ class CompiledDecoder:
 
     def _capture(self) -> None:
         # Warm up on a side stream (compilation, autotuning, cuBLAS handles), then record. Each
-        # run writes this token's keys and values at this slot, which the replay writes again.
+        # run writes this token's keys and values at this slot, which the replay writes again; a
+        # Mamba state would move on with each run, so it is put back as it was before the replay.
+        states = [t for state in self.cache.mamba if state is not None for t in (state.conv, state.ssm)]
+        saved = [t.clone() for t in states]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
                 self.step(self.model, self.token, self.slots)
         torch.cuda.current_stream().wait_stream(stream)
+        for tensor, value in zip(states, saved):
+            tensor.copy_(value)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.step(self.model, self.token, self.slots)

@@ -157,3 +157,23 @@ def test_a_is_not_weight_decayed_and_a_hybrid_learns() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_parallel_scan_matches_the_cpu_recurrence_in_float64() -> None:
+    """The GPU's path (auto: the chunked parallel scan), float32 on CUDA, against the sequential
+    recurrence in float64 on the CPU: a hybrid's logits and a Mamba mixer's gradients."""
+    m = hybrid(mamba_chunk=16)
+    reference = hybrid(mamba_chunk=16).double()
+    idx = torch.randint(0, 50, (3, 64), generator=torch.Generator().manual_seed(2))
+    cuda = m.cuda()
+    torch.testing.assert_close(cuda(idx.cuda()).double().cpu(), reference(idx), atol=1e-4, rtol=1e-4)
+    mixer_cpu = MambaMixer(16, d_state=4, chunk=8).double()
+    mixer_gpu = MambaMixer(16, d_state=4, chunk=8).cuda()
+    mixer_gpu.load_state_dict(mixer_cpu.state_dict())
+    u = torch.randn(2, 50, 16, dtype=torch.float64, requires_grad=True)
+    u_gpu = u.detach().float().cuda().requires_grad_()
+    mixer_cpu(u).pow(2).sum().backward()
+    mixer_gpu(u_gpu).pow(2).sum().backward()
+    torch.testing.assert_close(u_gpu.grad.double().cpu(), u.grad, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(mixer_gpu.A_log.grad.double().cpu(), mixer_cpu.A_log.grad, atol=1e-4, rtol=1e-3)
