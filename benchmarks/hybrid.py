@@ -82,6 +82,12 @@ def measure(model: Decoder, context: int, batch: int, new_tokens: int = 64, pref
     }
 
 
+def show(r: dict[str, Any]) -> None:
+    """One line per record, as the sweep goes."""
+    print(f"{r['arm']:12} batch {r['batch']:2} context {r['context']:6}: cache {r['measured_bytes'] / 2**20:9.1f} MiB "
+          f"(computed {r['computed_bytes'] / 2**20:9.1f}), decode {r['decode_tokens_per_s']:9.1f} tokens/s", flush=True)
+
+
 def measure_arms(configs: dict[str, DecoderConfig], contexts: list[int], batches: list[int], device: torch.device,
                  dtype: torch.dtype, new_tokens: int = 64, prefill_chunk: int = 2048,
                  progress: Any = None) -> list[dict[str, Any]]:
@@ -119,10 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-
-    def show(r: dict[str, Any]) -> None:
-        print(f"{r['arm']:12} batch {r['batch']:2} context {r['context']:6}: cache {r['measured_bytes'] / 2**20:9.1f} MiB "
-              f"(computed {r['computed_bytes'] / 2**20:9.1f}), decode {r['decode_tokens_per_s']:9.1f} tokens/s", flush=True)
 
     records = measure_arms({a: SHAPES[a] for a in args.arms}, args.contexts, args.batch, device, dtype, args.new_tokens,
                            args.prefill_chunk, show)

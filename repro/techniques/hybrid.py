@@ -86,7 +86,7 @@ def findings(config: HybridConfig, final: dict[str, float], module: HybridModule
              speed: list[dict[str, float]]) -> Findings:
     import torch
 
-    from benchmarks.hybrid import measure_arms
+    from benchmarks.hybrid import measure_arms, show
     from modules.nn.cache import cache_bytes
     from reports.plots import context_curves, loss_curves
     from repro.evaluate import arm_scores
@@ -112,7 +112,8 @@ def findings(config: HybridConfig, final: dict[str, float], module: HybridModule
     device = module.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     configs = {a.name: module.decoder(a.name).config for a in module.arms}
-    records = measure_arms(configs, c.lengths, c.batches, device, dtype, c.new_tokens, c.prefill_chunk)
+    print(f"long context: {len(configs)} arms x {len(c.batches)} batch sizes x {len(c.lengths)} contexts", flush=True)
+    records = measure_arms(configs, c.lengths, c.batches, device, dtype, c.new_tokens, c.prefill_chunk, show)
     (run_dir / "context.json").write_text(json.dumps(records, indent=2))
     memory = memory_at(module, c.memory_at, torch.bfloat16)
     for name, m in memory.items():
