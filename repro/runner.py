@@ -197,6 +197,9 @@ def _report(run_dir, technique, spec, config, trainer, module, datamodule, final
     speed = next(c for c in trainer.callbacks if isinstance(c, SpeedMonitor)).records
     # claims may rest on lm-eval scores too: `eval/<task>/<metric>` beside the validation metrics
     scores = {f"eval/{r['task']}/{r['metric']}": r["value"] for r in (evaluation or {}).get("rows", [])}
+    # Lightning's teardown after fit and validate leaves the module on the CPU: a technique's own measurements
+    # (decoding, sampling, arms' lm-eval) belong on the device the run trained on
+    module.to(trainer.strategy.root_device)
     findings = technique.findings(config, {**final, **scores}, module, datamodule, speed)
     env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer)})
     if speed:
