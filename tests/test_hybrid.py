@@ -46,3 +46,23 @@ def test_context_sweep_measures_what_the_config_computes() -> None:
     grow_h = by["hybrid", 1, 40] - by["hybrid", 1, 8]
     assert grow_t == 4 * grow_h == 4 * 2 * 16 * 32 * 4  # layers x (k, v) x width x 32 tokens x float32
     assert by["hybrid", 2, 40] == 2 * by["hybrid", 1, 40]
+
+
+def test_the_jamba_preset_runs_end_to_end_with_its_moe_arm(tmp_path) -> None:
+    """The `jamba` preset, shrunk as the golden run shrinks the default one: four arms, the MoE hybrid
+    balanced by its aux loss, a report whose claims come from the run."""
+    import json
+
+    from repro import golden
+    from repro.runner import RunSpec, run
+
+    technique = registry.get("jamba")
+    corpus = golden.write_corpus(tmp_path / "corpus")
+    overrides = [o.format(corpus=corpus, cache=tmp_path / "cache") for o in technique.golden_overrides]
+    run_dir = run(RunSpec("hybrid", "jamba", [*overrides, "train.max_steps=4", "train.val_every=4"], seed=0), out=tmp_path / "runs")
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert {f"{a}/val_loss" for a in ("transformer", "mamba", "hybrid", "jamba")} <= set(metrics)
+    assert metrics["jamba/params"] > metrics["hybrid/params"] and "val/jamba/maxvio_global" in metrics
+    report = (run_dir / "report.md").read_text()
+    assert "| jamba | mmmmammm | 8 experts, top-2, every 2 |" in report and report.count("**reproduced**") + report.count(
+        "**not reproduced**") == 3
