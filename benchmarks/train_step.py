@@ -130,6 +130,11 @@ class StepClock(L.Callback):
         self.calibration: list[float] = []
         self._tokens = 0
         self._start = 0.0
+        self.static: list[int] = []  # CUDA memory allocated as each timed step starts: weights, optimizer state
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.device.type == "cuda" and trainer.global_step > self.warmup and batch_idx % trainer.accumulate_grad_batches == 0:
+            self.static.append(torch.cuda.memory_allocated(self.device))
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -162,6 +167,8 @@ def time_train_step(
     warmup: int = 3,
     steps: int = 16,
     peak_tflops: float | None = None,
+    strategy: str = "auto",
+    overrides: list[str] = (),
 ) -> dict[str, Any]:
     """Train `warmup + steps` optimizer steps of technique `name` at `preset`; figures of the last `steps`.
 
@@ -172,15 +179,17 @@ def time_train_step(
     """
     shared = shared or workdir
     cache = shared / "cache"
-    overrides = bench_overrides(name, preset, warmup + steps, corpus, cache)
+    overrides = [*bench_overrides(name, preset, warmup + steps, corpus, cache), *overrides]
     if peak_tflops:
         overrides.append(f"train.peak_tflops={peak_tflops}")
-    spec = RunSpec(name, preset, overrides, seed=0, trainer=TrainerArgs(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1))
+    trainer_args = TrainerArgs(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, strategy=strategy)
+    spec = RunSpec(name, preset, overrides, seed=0, trainer=trainer_args)
     technique, config = resolve(spec)
     stages = {req: bench_stage(req, spec, corpus, cache, shared / "stages") for req in technique.requires}
     resident_before = resident_bytes()
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = technique.build(config, spec.seed, stages)
+    module.parallel = config.train.plan
     clock = StepClock(device, warmup)
     trainer = build_trainer(config.train, spec.trainer, workdir / "run", [clock])
     trainer.fit(module, datamodule)
@@ -195,6 +204,12 @@ def time_train_step(
         "ms_per_step_mean": 1e3 * statistics.mean(clock.seconds), "ms_per_step_min": 1e3 * min(clock.seconds),
         "peak_mem_gib": peak / 2**30, "peak_mem_scope": clock.memory.scope,
     }
+    loss = trainer.callback_metrics.get("train/loss")
+    if loss is not None:  # the last step's loss: the same seed and batches give the same value under any strategy
+        result["train_loss"] = float(loss)
+    if clock.static:  # what forward and backward add on top of weights and optimizer state: activations, gradients
+        result["static_mem_gib"] = max(clock.static) / 2**30
+        result["activation_mem_gib"] = (peak - max(clock.static)) / 2**30
     if device.type == "cpu":
         result["calibration_s"] = statistics.median(clock.calibration)
         result["calibration"] = "between steps"

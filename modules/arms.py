@@ -17,13 +17,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.moe import max_violation, update_biases
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
+from modules.parallel import TechniqueModule
 
 
 def key(name: str) -> str:
@@ -39,7 +39,7 @@ def check_arm_names(section: str, names: list[str]) -> None:
         raise ValueError(f"{section}.arms: arm names must differ, got {names}")
 
 
-class ArmsModule(L.LightningModule):
+class ArmsModule(TechniqueModule):
     """Base of multi-arm techniques; `self.arms` has `.name`; `model` is the first arm's decoder."""
 
     def __init__(self, arms: list[Any], optim: OptimConfig, max_steps: int, grad_clip: float) -> None:

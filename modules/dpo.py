@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -31,6 +30,7 @@ from modules.arms import check_arm_names, key
 from modules.nn import Decoder, DecoderConfig
 from modules.ppo import response_logprobs
 from modules.sft import LoraSettings, with_lora
+from modules.parallel import TechniqueModule
 
 LOSSES = ("dpo", "ipo", "simpo")
 
@@ -133,7 +133,7 @@ class DPOSettings:
         self.arms = [asdict(a) for a in arms]
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(TechniqueModule):
     """Batches from `collate_pairs` with `ref_logps`; `model` is the first arm's decoder (for lm-eval and generation)."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, dpo: dict[str, Any] | DPOSettings, max_steps: int) -> None:

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
 from modules.reward import RewardModel
+from modules.parallel import TechniqueModule
 
 
 @dataclass
@@ -174,7 +174,7 @@ class PolicyWithValue(torch.nn.Module):
         return self.decoder.lm_head(hidden), self.value_head(hidden).squeeze(-1).float()
 
 
-class PPOModule(L.LightningModule):
+class PPOModule(TechniqueModule):
     """Batches {"prompt" (B, P)} of equal-length prompts; `model` is the policy decoder (for lm-eval and generation)."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, ppo: dict[str, Any] | PPOConfig, max_steps: int,

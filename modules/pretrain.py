@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass
 from collections.abc import Iterable
 from typing import Any
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
+from modules.parallel import TechniqueModule
 
 
 @dataclass
@@ -46,7 +46,7 @@ def decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> l
     ]
 
 
-class PretrainModule(L.LightningModule):
+class PretrainModule(TechniqueModule):
     """Next-token prediction on packed blocks of shape (batch, block_size + 1)."""
 
     def __init__(
@@ -68,6 +68,7 @@ class PretrainModule(L.LightningModule):
         self._loss_fn = self.model.loss
 
     def configure_model(self) -> None:
+        super().configure_model()  # activation checkpointing and FSDP2 sharding, as the run says
         # Compile the loss (forward + cross-entropy) rather than the module, so that
         # checkpoint keys stay those of the plain model.
         if self.compile and self._loss_fn == self.model.loss:

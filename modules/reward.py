@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
@@ -19,6 +18,7 @@ from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
+from modules.parallel import TechniqueModule
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class RewardModel(torch.nn.Module):
         return torch.cat(out)
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(TechniqueModule):
     """Batches from `collate_pairs`: chosen rows then rejected rows; logs loss, accuracy and margin."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | OptimConfig, max_steps: int) -> None:

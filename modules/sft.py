@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, LoraModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -26,6 +25,7 @@ from torchmetrics import MeanMetric
 from datamodules.chat import IGNORE
 from modules.nn import Decoder, DecoderConfig
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
+from modules.parallel import TechniqueModule
 
 ARMS = ("full", "lora")
 
@@ -110,7 +110,7 @@ def trained_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(TechniqueModule):
     """Batches {"ids", "labels"} (B, T); next-token loss on labels != IGNORE, for each arm."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | SFTOptimConfig, max_steps: int,

@@ -17,7 +17,7 @@ from datamodules.sources import DataFormatError
 from repro import registry
 from repro.config import ConfigError
 from repro.runner import RunSpec, init_checkpoint, resolve, run
-from repro.trainer import TrainerArgs
+from repro.trainer import STRATEGIES, TrainerArgs
 
 
 def parser() -> ArgumentParser:
@@ -34,7 +34,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--init", type=str, help="start from this run folder or .ckpt of the prerequisite (e.g. a pretrain run for sft) instead of training it")
     p.add_argument("--accelerator", type=str, default="auto", help="cpu, gpu, auto, ...")
     p.add_argument("--devices", type=str, default="auto", help="number or list of devices, or auto")
-    p.add_argument("--strategy", type=str, default="auto", help="auto, ddp, fsdp, deepspeed_stage_2, ...")
+    p.add_argument("--strategy", type=str, default="auto", help=STRATEGIES)
     p.add_argument("--precision", type=str, default="auto", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, ...")
     p.add_argument("--num-nodes", type=int, default=1)
     return p

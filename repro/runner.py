@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import time
@@ -17,7 +18,7 @@ import yaml
 from repro import registry
 from repro.callbacks import History, SpeedMonitor
 from repro.config import ConfigError, apply_overrides, build_config, load_preset
-from repro.trainer import TrainerArgs, build_trainer
+from repro.trainer import TrainerArgs, build_trainer, check_strategy
 
 
 @dataclass
@@ -48,7 +49,15 @@ def resolve(spec: RunSpec) -> tuple[registry.Technique, Any]:
     technique = registry.get(spec.technique)
     own = [o for o in spec.overrides if not o.startswith(tuple(f"{name}." for name in technique.requires))]
     values = apply_overrides(load_preset(technique.name, spec.preset), own)
+    check_strategy(spec.trainer)
     return technique, build_config(technique.config, values)
+
+
+def _shared_key(spec: RunSpec) -> str:
+    """The environment variable through which the processes Lightning launches for the other ranks of a
+    run (each re-runs the command) find the folder rank 0 made for it, instead of making their own."""
+    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True, default=str).encode()).hexdigest()
+    return f"LLM_REPRO_RUN_DIR_{digest[:16]}"
 
 
 def _run_dir(out: Path, spec: RunSpec) -> Path:
@@ -117,7 +126,9 @@ def stage_checkpoint(spec: RunSpec, out: Path) -> Path:
     run_dir = Path(out) / spec.technique / f"stage-{spec.preset}-s{spec.seed}-{digest[:12]}"
     final = run_dir / "checkpoints" / "final.ckpt"
     if not final.is_file():
-        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        if _shared_key(spec) in os.environ:  # another rank of that stage's run, launched by its rank 0
+            run(spec, out=out, run_dir=run_dir)
+        elif (run_dir / "checkpoints" / "last.ckpt").is_file():
             run(resume=run_dir, out=out)
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -141,7 +152,10 @@ def run(
     stages = {name: stage_checkpoint(stage_spec(name, spec), out) for name in technique.requires[1 if spec.init else 0 :]}
     if spec.init:
         stages = {technique.requires[0]: init_checkpoint(technique, spec.init), **stages}
-    if resume is None:
+    shared = os.environ.get(_shared_key(spec))
+    if shared is not None:  # a process Lightning launched for another rank of this run: rank 0 made the folder
+        run_dir = Path(shared)
+    elif resume is None:
         run_dir = run_dir or _run_dir(Path(out), spec)
         run_dir.mkdir(parents=True)
         (run_dir / "run.json").write_text(json.dumps(asdict(spec), indent=2))
@@ -151,7 +165,17 @@ def run(
 
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = technique.build(config, spec.seed, stages)
+    module.parallel = config.train.plan  # applied in the module's configure_model, once the strategy is set up
     trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics)
+    os.environ[_shared_key(spec)] = str(run_dir)  # for the processes fit launches; gone once this run is done
+    try:
+        return _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, resume)
+    finally:
+        if shared is None:
+            os.environ.pop(_shared_key(spec), None)
+
+
+def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, resume) -> Path:
     try:
         trainer.fit(module, datamodule, ckpt_path=checkpoint)
     except BaseException:

@@ -9,7 +9,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
+from modules.nn import Block
+
+from modules.parallel import ParallelPlan
+from repro.config import ConfigError
 from repro.callbacks import History, LossProgressBar, SpeedMonitor
 
 
@@ -26,6 +31,17 @@ class TrainConfig:
     speed_window: int = 10  # optimizer steps per tokens/s measurement
     compile: bool = False  # torch.compile the training step
     peak_tflops: float | None = None  # None: measure the bf16 matmul rate on GPU
+    # recompute activations in backward (modules/parallel.py): none, full (every block), every_k (blocks
+    # 0, k, 2k, ...), attention (each block's token mixer) or mlp (each block's MLP)
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2  # k of every_k
+
+    def __post_init__(self) -> None:
+        self.plan  # validates the checkpointing settings
+
+    @property
+    def plan(self) -> ParallelPlan:
+        return ParallelPlan(self.activation_checkpointing, self.activation_checkpointing_every)
 
 
 @dataclass
@@ -47,6 +63,42 @@ class TrainerArgs:
     strategy: str = "auto"
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     num_nodes: int = 1
+
+
+STRATEGIES = "auto, ddp, ddp_spawn, fsdp (GPU), fsdp2, deepspeed_stage_1/2/3 and deepspeed_stage_2/3_offload (GPU)"
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (`fully_shard`, applied per block by `modules.parallel.shard`) over every process as one
+    data-parallel group: Lightning's ModelParallelStrategy with tensor parallelism off, saving the
+    full state to one file (what resuming, lm-eval and the report read). Runs on CPUs too (gloo)."""
+
+    def __init__(self) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def check_strategy(args: TrainerArgs) -> None:
+    """Refuse, before any work, a strategy this machine cannot run."""
+    if args.strategy.startswith("deepspeed") and not on_gpu(args):
+        raise ConfigError(f"--strategy {args.strategy}: DeepSpeed runs on CUDA GPUs only (Lightning refuses it on a CPU); "
+                          "on a CPU use --strategy ddp or fsdp2")
+    if args.strategy == "fsdp" and not on_gpu(args):
+        raise ConfigError("--strategy fsdp: Lightning's FSDP (FSDPStrategy) needs CUDA GPUs here; on a CPU use --strategy fsdp2 "
+                          "(FSDP2 through ModelParallelStrategy, gloo)")
+
+
+def build_strategy(args: TrainerArgs) -> str | Strategy:
+    """`--strategy` as Lightning takes it, with the suite's sharding policy for the FSDP ones: one unit per
+    decoder block (FSDP1 by auto-wrap, FSDP2 by `fully_shard` in `configure_model`)."""
+    if args.strategy == "fsdp2":
+        return FSDP2Strategy()
+    if args.strategy == "fsdp":
+        return FSDPStrategy(auto_wrap_policy={Block})
+    return args.strategy
 
 
 def on_gpu(args: TrainerArgs) -> bool:
@@ -87,7 +139,7 @@ def build_trainer(
     return L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy=args.strategy,
+        strategy=build_strategy(args),
         precision=resolve_precision(args),
         num_nodes=args.num_nodes,
         max_steps=train.max_steps,

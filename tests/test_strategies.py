@@ -1,0 +1,113 @@
+"""Strategies and activation checkpointing: the same numbers, whatever runs them.
+
+One device, DDP on two processes and FSDP2 on two processes (gloo) give the same validation losses
+and final weights for the same seed and global batch; every activation-checkpointing policy gives
+the same gradients as none; what a machine cannot run is refused before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.nn import Decoder, DecoderConfig
+from modules.parallel import POLICIES, ParallelPlan, checkpoint_activations, shard
+from repro import golden
+from repro.run import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pretrain(tmp: Path, corpus: Path, name: str, *args: str, batch: int, val_batches: int) -> Path:
+    overrides = [f"data.source={corpus}", f"data.cache_dir={tmp / 'cache'}", "data.vocab_size=300", "model.block_size=32",
+                 "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "optim.warmup_steps=2", "optim.lr=1e-2",
+                 "train.max_steps=8", "train.val_every=4", "train.checkpoint_every=8", "train.speed_window=4",
+                 "eval.enabled=false", f"data.batch_size={batch}", f"train.val_batches={val_batches}"]
+    out = tmp / name
+    command = [sys.executable, "repro/run.py", "--technique", "pretrain", "--accelerator", "cpu", "--out", str(out), *args]
+    command += [item for o in overrides for item in ("--set", o)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folders = list((out / "pretrain").iterdir())
+    assert len(folders) == 1, folders  # every rank wrote into the one folder rank 0 made
+    return folders[0]
+
+
+def test_one_device_ddp_and_fsdp2_train_the_same_model(tmp_path: Path) -> None:
+    """Global batch 8: one process of 8, or two of 4 (rank r takes rows r, r + 2, ... of the same shuffle)."""
+    corpus = golden.write_corpus(tmp_path / "corpus")
+    runs = {
+        "single": pretrain(tmp_path, corpus, "single", "--devices", "1", batch=8, val_batches=2),
+        "ddp": pretrain(tmp_path, corpus, "ddp", "--strategy", "ddp", "--devices", "2", batch=4, val_batches=4),
+        "fsdp2": pretrain(tmp_path, corpus, "fsdp2", "--strategy", "fsdp2", "--devices", "2", batch=4, val_batches=4),
+    }
+    losses = {n: [v for _, v in json.loads((d / "metrics.json").read_text())["history"]["val/loss"]] for n, d in runs.items()}
+    weights = {n: torch.load(d / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"] for n, d in runs.items()}
+    assert len(losses["single"]) == 2
+    for name in ("ddp", "fsdp2"):
+        torch.testing.assert_close(losses[name], losses["single"], rtol=1e-5, atol=0)
+        assert weights[name].keys() == weights["single"].keys()
+        for key, value in weights["single"].items():
+            got = weights[name][key]
+            if key.endswith("attn.qkv.bias"):
+                # the key bias adds the same score to every key of a query: softmax ignores it, its true gradient
+                # is 0, and Adam turns float noise there into steps of +-lr. Compare the query and value biases.
+                got, value = torch.cat([got[:32], got[64:]]), torch.cat([value[:32], value[64:]])
+            torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+
+
+def gradients(model: Decoder, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model.loss(idx[:, :-1], idx[:, 1:]).backward()
+    return {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("pattern", ["a", "mam"], ids=["transformer", "hybrid"])
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "none"])
+def test_checkpointing_leaves_gradients_and_state_dict_keys_unchanged(policy: str, pattern: str) -> None:
+    config = DecoderConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=16, layer_pattern=pattern, mamba_d_state=4)
+    torch.manual_seed(0)
+    plain = Decoder(config)
+    torch.manual_seed(0)
+    recomputed = Decoder(config)
+    wrapped = checkpoint_activations(recomputed, ParallelPlan(policy, every=2))
+    assert wrapped == {"full": 3, "every_k": 2, "attention": 3, "mlp": 3}[policy]
+    assert recomputed.state_dict().keys() == plain.state_dict().keys()
+    idx = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    expected, got = gradients(plain, idx), gradients(recomputed, idx)
+    for name, grad in expected.items():
+        assert torch.equal(got[name], grad), name
+
+
+def test_checkpointing_refuses_to_recompute_a_router() -> None:
+    config = DecoderConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, mlp="swiglu", moe_experts=4)
+    with pytest.raises(ValueError, match="count its expert loads twice"):
+        checkpoint_activations(Decoder(config), ParallelPlan("full"))
+    assert checkpoint_activations(Decoder(config), ParallelPlan("attention")) == 2
+    with pytest.raises(ValueError, match="train.activation_checkpointing='some'"):
+        ParallelPlan("some")
+
+
+def test_fsdp2_refuses_modules_that_train_more_than_decoders() -> None:
+    from modules.mtp import MTPModule
+
+    module = MTPModule(dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16), {}, {}, 4)
+    with pytest.raises(ValueError, match="fsdp2 shards decoders only; this technique also trains extras"):
+        shard(module, mesh=None)
+
+
+@pytest.mark.parametrize("strategy, fragment", [
+    ("deepspeed_stage_2", "DeepSpeed runs on CUDA GPUs only"),
+    ("deepspeed_stage_3_offload", "DeepSpeed runs on CUDA GPUs only"),
+    ("fsdp", "use --strategy fsdp2"),
+])
+def test_strategies_a_cpu_cannot_run_stop_before_any_work(capsys, tmp_path: Path, strategy: str, fragment: str) -> None:
+    assert main(["--technique", "pretrain", "--accelerator", "cpu", "--strategy", strategy, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+    assert not any(tmp_path.iterdir())
