@@ -72,7 +72,8 @@ def sweep(preset: str, device: str, strategies: list[str], policies: list[str], 
                    "--device", device, "--steps", str(steps), "--warmup", str(warmup), *(a for o in extra for a in ("--set", o))]
         done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
         if done.returncode != 0:
-            error = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            lines = done.stderr.strip().splitlines() or ["(no output)"]
+            error = next((line for line in reversed(lines) if "Error" in line or "Exception" in line), lines[-1])
             record = {"strategy": strategy, "checkpointing": policy, "error": error}
         else:
             record = json.loads(done.stdout.strip().splitlines()[-1])
