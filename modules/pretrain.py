@@ -98,8 +98,9 @@ class PretrainModule(TechniqueModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
         # Lightning refuses to clip for fused optimizers because they unscale fp16 gradients
-        # internally; with bf16 or fp32 there is no scaler, so plain norm clipping is exact.
-        if optimizer.defaults.get("fused") and self._grad_scaler() is None and gradient_clip_val:
+        # internally; with bf16 or fp32 there is no scaler, so plain norm clipping is exact. (A DeepSpeed
+        # optimizer has no `defaults`: DeepSpeed clips itself.)
+        if getattr(optimizer, "defaults", {}).get("fused") and self._grad_scaler() is None and gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
