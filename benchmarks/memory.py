@@ -50,24 +50,24 @@ def zero_bytes_per_param(strategy: str, devices: int) -> float:
 
 
 def run_case(strategy: str, policy: str, preset: str, device: str, steps: int, warmup: int,
-             extra: list[str] = ()) -> dict[str, Any]:
+             extra: list[str] = (), technique: str = "pretrain") -> dict[str, Any]:
     """One case in this process: the step's time and memory."""
     from benchmarks.train_step import time_train_step
 
     overrides = [f"train.activation_checkpointing={policy}", "train.compile=false", *extra]
     with tempfile.TemporaryDirectory(prefix="memory-case-") as tmp:
-        record = time_train_step("pretrain", preset, torch.device(device), Path(tmp), warmup=warmup, steps=steps,
+        record = time_train_step(technique, preset, torch.device(device), Path(tmp), warmup=warmup, steps=steps,
                                  strategy=strategy, overrides=overrides)
     return {"strategy": strategy, "checkpointing": policy, **record}
 
 
 def sweep(preset: str, device: str, strategies: list[str], policies: list[str], steps: int, warmup: int,
-          extra: list[str] = (), progress: Any = print) -> list[dict[str, Any]]:
+          extra: list[str] = (), progress: Any = print, technique: str = "pretrain") -> list[dict[str, Any]]:
     """Every policy under the default strategy, then every other strategy without checkpointing; a process per case."""
     cases = [("auto", p) for p in policies] + [(s, "none") for s in strategies if s != "auto"]
     records = []
     for strategy, policy in cases:
-        command = [sys.executable, "-m", "benchmarks.memory", "--case", f"{strategy}:{policy}", "--preset", preset,
+        command = [sys.executable, "-m", "benchmarks.memory", "--case", f"{strategy}:{policy}", "--technique", technique, "--preset", preset,
                    "--device", device, "--steps", str(steps), "--warmup", str(warmup), *(a for o in extra for a in ("--set", o))]
         done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
         if done.returncode != 0:
@@ -79,6 +79,18 @@ def sweep(preset: str, device: str, strategies: list[str], policies: list[str], 
         records.append(record)
         progress(describe(record))
     return records
+
+
+def activation_saving(records: list[dict[str, Any]], policy: str) -> tuple[float, float] | None:
+    """(share of the baseline's activation memory saved, step time / baseline's) of `policy` under the
+    default strategy; None where either case is missing, failed or has no CUDA activation figure."""
+    def case(p: str) -> dict[str, Any] | None:
+        return next((r for r in records if r["strategy"] == "auto" and r["checkpointing"] == p and "error" not in r), None)
+
+    base, other = case("none"), case(policy)
+    if not base or not other or not base.get("activation_mem_gib") or other.get("activation_mem_gib") is None:
+        return None
+    return 1 - other["activation_mem_gib"] / base["activation_mem_gib"], other["ms_per_step"] / base["ms_per_step"]
 
 
 def describe(r: dict[str, Any]) -> str:
@@ -131,7 +143,8 @@ def plot(records: list[dict[str, Any]], title: str) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=None, help="pretrain preset (default: gpt2-124m on CUDA, tiny on a CPU)")
+    parser.add_argument("--technique", default="pretrain", help="a technique whose module is PretrainModule (pretrain, memory)")
+    parser.add_argument("--preset", default=None, help="its preset (default: gpt2-124m on CUDA, tiny on a CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--strategies", nargs="+", default=None)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
@@ -145,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     preset = args.preset or ("gpt2-124m" if cuda else "tiny")
     if args.case:
         strategy, policy = args.case.split(":")
-        print(json.dumps(run_case(strategy, policy, preset, args.device, args.steps, args.warmup, args.set)))
+        print(json.dumps(run_case(strategy, policy, preset, args.device, args.steps, args.warmup, args.set, args.technique)))
         return 0
     strategies = args.strategies or list(GPU_STRATEGIES if cuda else CPU_STRATEGIES)
-    records = sweep(preset, args.device, strategies, args.policies, args.steps, args.warmup, args.set)
+    records = sweep(preset, args.device, strategies, args.policies, args.steps, args.warmup, args.set, technique=args.technique)
     from modules.nn import Decoder
     from repro.runner import RunSpec, resolve
 
-    _, config = resolve(RunSpec("pretrain", preset, args.set))
+    _, config = resolve(RunSpec(args.technique, preset, args.set))
     with torch.device("meta"):
         params = Decoder(config.model).num_params()
     name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"

@@ -306,7 +306,21 @@ def hybrid_arms_start_at_equal_size_and_log_vocab() -> None:
         assert abs(loss - math.log(300)) < 0.1, (arm.name, loss)
 
 
+def memory_zero_bytes_follow_the_paper() -> None:
+    """ZeRO (Rajbhandari et al. 2020, Sec. 5.1) with K = 12: 16 bytes per parameter unsharded; stage 1
+    4 + 12/N, stage 2 2 + 14/N, stage 3 16/N; on one device every stage keeps all 16."""
+    from benchmarks.memory import zero_bytes_per_param
+
+    for n in (1, 8, 64):
+        assert zero_bytes_per_param("ddp", n) == 16
+        assert zero_bytes_per_param("deepspeed_stage_1", n) == pytest.approx(4 + 12 / n)
+        assert zero_bytes_per_param("deepspeed_stage_2", n) == pytest.approx(2 + 14 / n)
+        assert zero_bytes_per_param("deepspeed_stage_3", n) == pytest.approx(16 / n)
+        assert zero_bytes_per_param("fsdp2", n) == zero_bytes_per_param("deepspeed_stage_3", n)
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "memory": [memory_zero_bytes_follow_the_paper],
     "hybrid": [hybrid_forgetful_ssm_reduces_to_its_per_token_formula, hybrid_arms_start_at_equal_size_and_log_vocab],
     "moe": [moe_even_split_has_no_violation_and_aux_loss_alpha],
     "mtp": [mtp_uniform_heads_cost_log_vocab, mtp_zero_weight_leaves_the_decoder_as_next_token_training],

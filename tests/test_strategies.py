@@ -111,3 +111,21 @@ def test_strategies_a_cpu_cannot_run_stop_before_any_work(capsys, tmp_path: Path
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and fragment in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_memory_technique_sweeps_policies_in_processes_of_their_own(tmp_path: Path) -> None:
+    """`--technique memory`, shrunk: the run, then two cases (none, full) each in its own process, in the
+    report with their theory; on a CPU the activation claims say why they are not measured."""
+    from repro.registry import get
+    from repro.runner import RunSpec, run
+
+    corpus = golden.write_corpus(tmp_path / "corpus")
+    overrides = [o.format(corpus=corpus, cache=tmp_path / "cache") for o in get("memory").golden_overrides]
+    overrides = [o for o in overrides if not o.startswith("sweep.")]
+    overrides += ["sweep.policies=[none,full]", "sweep.strategies=[auto]", "sweep.steps=2", "sweep.warmup=1"]
+    run_dir = run(RunSpec("memory", "tiny", overrides, seed=0), out=tmp_path / "runs")
+    records = json.loads((run_dir / "memory.json").read_text())
+    assert [(r["strategy"], r["checkpointing"]) for r in records] == [("auto", "none"), ("auto", "full")]
+    assert all("error" not in r and r["ms_per_step"] > 0 and r["train_loss"] == records[0]["train_loss"] for r in records)
+    report = (run_dir / "report.md").read_text()
+    assert "| auto | full |" in report and "activation memory is measured on CUDA" in report
