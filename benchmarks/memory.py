@@ -6,7 +6,7 @@ case in its own process (strategies set up process groups and engines once per p
 
 - every activation-checkpointing policy (modules/parallel.py: none, full, every_k with k = 2,
   attention, mlp) under the default strategy;
-- every strategy (auto, ddp, fsdp, fsdp2, deepspeed_stage_1/2/3 on GPUs;
+- every strategy (auto, ddp, fsdp, fsdp2, deepspeed_stage_1/2/3, deepspeed_stage_2_offload on GPUs;
   auto, ddp and fsdp2 on a CPU) without checkpointing.
 
 It writes memory.json, memory.md (a table with the theory per case) and memory.png (peak memory
@@ -33,7 +33,8 @@ if __package__ in (None, ""):
 import torch
 
 POLICIES = ("none", "full", "every_k", "attention", "mlp")
-GPU_STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+GPU_STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
+                  "deepspeed_stage_2_offload")
 CPU_STRATEGIES = ("auto", "ddp", "fsdp2")
 ZERO_STAGE = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3, "fsdp": 3, "fsdp2": 3,
               "deepspeed_stage_2_offload": 2}

@@ -105,13 +105,18 @@ class PretrainModule(TechniqueModule):
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def _offloaded(self) -> bool:
+        zero = getattr(self.trainer.strategy, "config", None) or {} if self._trainer is not None else {}
+        return bool(zero.get("zero_optimization", {}).get("offload_optimizer"))
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
             decay_groups(self.parameters(), self.optim.weight_decay),
             lr=self.optim.lr,
             betas=(self.optim.beta1, self.optim.beta2),
             eps=self.optim.eps,
-            fused=self.device.type == "cuda" and self._grad_scaler() is None,
+            # fused needs CUDA tensors: not where ZeRO-Offload keeps the optimizer state on the host
+            fused=self.device.type == "cuda" and self._grad_scaler() is None and not self._offloaded(),
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,

@@ -65,7 +65,7 @@ class TrainerArgs:
     num_nodes: int = 1
 
 
-STRATEGIES = "auto, ddp, ddp_spawn, fsdp (GPU), fsdp2, deepspeed_stage_1/2/3 (GPU)"
+STRATEGIES = "auto, ddp, ddp_spawn, fsdp (GPU), fsdp2, deepspeed_stage_1/2/3 and deepspeed_stage_2/3_offload (GPU)"
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -83,10 +83,6 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 def check_strategy(args: TrainerArgs) -> None:
     """Refuse, before any work, a strategy this machine cannot run."""
-    if args.strategy.startswith("deepspeed") and args.strategy.endswith("offload"):
-        raise ConfigError(f"--strategy {args.strategy}: DeepSpeed's ZeRO-Offload runs only its own CPU Adam "
-                          "(deepspeed.ops.adam.DeepSpeedCPUAdam), not the suite's torch AdamW; use deepspeed_stage_2 or "
-                          "deepspeed_stage_3")
     if args.strategy.startswith("deepspeed") and not on_gpu(args):
         raise ConfigError(f"--strategy {args.strategy}: DeepSpeed runs on CUDA GPUs only (Lightning refuses it on a CPU); "
                           "on a CPU use --strategy ddp or fsdp2")
@@ -102,6 +98,14 @@ def build_strategy(args: TrainerArgs) -> str | Strategy:
         return FSDP2Strategy()
     if args.strategy == "fsdp":
         return FSDPStrategy(auto_wrap_policy={Block})
+    if args.strategy.startswith("deepspeed") and args.strategy.endswith("offload"):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        # ZeRO-Offload: optimizer state and step on the host. DeepSpeed would insist on its own CPU Adam (a C++
+        # extension built on first use); the suite's torch AdamW runs there instead, unfused, as DeepSpeed allows.
+        strategy = StrategyRegistry.get(args.strategy)
+        strategy.config["zero_force_ds_cpu_optimizer"] = False
+        return strategy
     return args.strategy
 
 

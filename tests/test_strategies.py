@@ -103,7 +103,7 @@ def test_fsdp2_refuses_modules_that_train_more_than_decoders() -> None:
 
 @pytest.mark.parametrize("strategy, fragment", [
     ("deepspeed_stage_2", "DeepSpeed runs on CUDA GPUs only"),
-    ("deepspeed_stage_3_offload", "ZeRO-Offload runs only its own CPU Adam"),
+    ("deepspeed_stage_3_offload", "DeepSpeed runs on CUDA GPUs only"),
     ("fsdp", "use --strategy fsdp2"),
 ])
 def test_strategies_a_cpu_cannot_run_stop_before_any_work(capsys, tmp_path: Path, strategy: str, fragment: str) -> None:
