@@ -105,17 +105,18 @@ def describe(r: dict[str, Any]) -> str:
 def table(records: list[dict[str, Any]], params: int) -> list[str]:
     base = next((r for r in records if r["strategy"] == "auto" and r["checkpointing"] == "none" and "error" not in r), None)
     lines = ["| strategy | checkpointing | ms/step | x time | peak GiB | activations GiB | activations saved | "
-             "model state, theory (1 device) | last train loss |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "at step start GiB | model state, theory (1 device) | last train loss |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         theory = f"{zero_bytes_per_param(r['strategy'], 1) * params / 2**30:.2f} GiB"
         if "error" in r:
-            lines.append(f"| {r['strategy']} | {r['checkpointing']} | failed: {r['error'][:120]} | | | | | {theory} | |")
+            lines.append(f"| {r['strategy']} | {r['checkpointing']} | failed: {r['error'][:120]} | | | | | | {theory} | |")
             continue
         slower = f"{r['ms_per_step'] / base['ms_per_step']:.2f}" if base else ""
         act = r.get("activation_mem_gib")
         saved = f"{1 - act / base['activation_mem_gib']:.0%}" if base and act is not None and base.get("activation_mem_gib") else ""
+        start = f"{r['static_mem_gib']:.2f}" if "static_mem_gib" in r else ""
         lines.append(f"| {r['strategy']} | {r['checkpointing']} | {r['ms_per_step']:.1f} | {slower} | {r['peak_mem_gib']:.2f} | "
-                     f"{'' if act is None else f'{act:.2f}'} | {saved} | {theory} | {r.get('train_loss', float('nan')):.4f} |")
+                     f"{'' if act is None else f'{act:.2f}'} | {saved} | {start} | {theory} | {r.get('train_loss', float('nan')):.4f} |")
     return lines
 
 
