@@ -23,17 +23,17 @@ from repro.run import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pretrain(tmp: Path, corpus: Path, name: str, *args: str, batch: int, val_batches: int) -> Path:
+def pretrain(tmp: Path, corpus: Path, name: str, *args: str, batch: int, val_batches: int, technique: str = "pretrain") -> Path:
     overrides = [f"data.source={corpus}", f"data.cache_dir={tmp / 'cache'}", "data.vocab_size=300", "model.block_size=32",
                  "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "optim.warmup_steps=2", "optim.lr=1e-2",
                  "train.max_steps=8", "train.val_every=4", "train.checkpoint_every=8", "train.speed_window=4",
                  "eval.enabled=false", f"data.batch_size={batch}", f"train.val_batches={val_batches}"]
     out = tmp / name
-    command = [sys.executable, "repro/run.py", "--technique", "pretrain", "--accelerator", "cpu", "--out", str(out), *args]
+    command = [sys.executable, "repro/run.py", "--technique", technique, "--accelerator", "cpu", "--out", str(out), *args]
     command += [item for o in overrides for item in ("--set", o)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    folders = list((out / "pretrain").iterdir())
+    folders = list((out / technique).iterdir())
     assert len(folders) == 1, folders  # every rank wrote into the one folder rank 0 made
     return folders[0]
 
@@ -59,6 +59,25 @@ def test_one_device_ddp_and_fsdp2_train_the_same_model(tmp_path: Path) -> None:
                 # is 0, and Adam turns float noise there into steps of +-lr. Compare the query and value biases.
                 got, value = torch.cat([got[:32], got[64:]]), torch.cat([value[:32], value[64:]])
             torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+
+
+def test_moe_arms_sharded_over_two_processes_see_the_global_expert_load(tmp_path: Path) -> None:
+    """The MoE technique (dense, no balancing, aux loss, loss-free, loss-free + sequence loss) under FSDP2
+    on two processes, each holding half of every expert stack: each step's expert loads (and so MaxVio
+    and the loss-free biases) and the aux loss's f are the global batch's, so every arm matches one process."""
+    corpus = golden.write_corpus(tmp_path / "corpus")
+    args = ("model.moe_experts=4",)
+    one = pretrain(tmp_path, corpus, "single", "--devices", "1", *[x for a in args for x in ("--set", a)], batch=8,
+                   val_batches=2, technique="moe")
+    two = pretrain(tmp_path, corpus, "fsdp2", "--strategy", "fsdp2", "--devices", "2", *[x for a in args for x in ("--set", a)],
+                   batch=4, val_batches=4, technique="moe")
+    metrics = [json.loads((d / "metrics.json").read_text())["metrics"] for d in (one, two)]
+    loads = [torch.load(d / "checkpoints" / "final.ckpt", weights_only=False)["moe_loads"] for d in (one, two)]
+    assert loads[0] == loads[1]  # every arm, every step, every layer: the same slots per expert
+    assert sum(loads[1]["loss-free"][0][0]) == 8 * 32 * 2  # the first step counted both processes' tokens, top-2
+    for arm in ("dense", "no-balancing", "aux-loss", "loss-free", "loss-free+seq"):
+        assert metrics[1][f"{arm}/val_loss"] == pytest.approx(metrics[0][f"{arm}/val_loss"], rel=1e-5), arm
+        assert metrics[1][f"{arm}/maxvio_global"] == metrics[0][f"{arm}/maxvio_global"], arm
 
 
 def gradients(model: Decoder, idx: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -154,14 +154,23 @@ class MoE(nn.Module):
     def _balancing_loss(self, affinity: torch.Tensor, chosen: torch.Tensor, B: int, T: int) -> torch.Tensor | None:
         """alpha * sum_i f_i P_i (Wang et al. Eq. 2; DeepSeek-V3 Eq. 17-20): f_i = E / (k n) times the
         slots expert i took among n tokens, P_i its mean affinity normalised over all experts; over the
-        whole batch ("aux") or per sequence, averaged ("loss_free_seq"). Both are alpha at a uniform split."""
+        whole batch ("aux") or per sequence, averaged ("loss_free_seq"). Both are alpha at a uniform split.
+        Under data parallelism "aux" counts f over the global batch (an all-reduce of the slot counts in
+        training), so N processes train what one process of the whole batch trains."""
         if self.balance not in ("aux", "loss_free_seq"):
             return None
         E, k = self.n_experts, self.top_k
         normalised = affinity / affinity.sum(-1, keepdim=True)
         groups = (1, B * T) if self.balance == "aux" else (B, T)
         hits = torch.zeros(B * T, E, device=chosen.device, dtype=affinity.dtype).scatter_(-1, chosen, 1.0).view(*groups, E)
-        f = hits.sum(1) * E / (k * groups[1])  # (groups, E)
+        counts, n = hits.sum(1), groups[1]
+        if self.balance == "aux" and self.training and _world() > 1:
+            # the batch is the global one: f counts every process's slots over every process's tokens, and the
+            # gradient of alpha * sum_i f_i P_i, averaged over processes, is the whole batch's
+            counts = counts.detach().clone()
+            torch.distributed.all_reduce(counts)
+            n *= _world()
+        f = counts * E / (k * n)  # (groups, E)
         P = normalised.view(*groups, E).mean(1)
         alpha = self.aux_alpha if self.balance == "aux" else self.seq_alpha
         return alpha * (f * P).sum(-1).mean()
@@ -173,6 +182,10 @@ class MoE(nn.Module):
         load = self.load if load is None else load
         self.expert_bias += rate * torch.sign(load.mean() - load)
         self.load.zero_()
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 
 
 @torch.no_grad()
