@@ -35,6 +35,8 @@ def run(technique: str, preset: str, strategy: str, devices: int, global_batch: 
     command = [sys.executable, "repro/run.py", "--technique", technique, "--preset", preset, "--accelerator", "gpu",
                "--devices", str(devices), "--strategy", strategy, "--out", str(folder), *(a for s in sets for a in ("--set", s))]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stderr.txt").write_text(done.stderr)
     record: dict[str, Any] = {"strategy": strategy, "devices": devices, "global_batch": global_batch, "command": " ".join(command[1:])}
     reports = sorted(folder.glob(f"{technique}/*/metrics.json"))
     if done.returncode != 0 or not reports:
