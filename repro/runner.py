@@ -186,6 +186,8 @@ def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_di
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
     if trainer.is_global_zero and hasattr(datamodule, "tokenizer"):
         datamodule.tokenizer.save(str(run_dir / "tokenizer.json"))  # the run folder stands alone for inference
+    # Lightning's teardown moved the module to the host (DeepSpeed stage 3's partitioned weights too): back first
+    module.to(trainer.strategy.root_device)
     final = {k: float(v) for k, v in trainer.validate(module, datamodule, verbose=False)[0].items()}
 
     if trainer.is_global_zero:

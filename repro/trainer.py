@@ -81,6 +81,25 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
+class BlockFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP (FSDP1) with one unit per decoder block, that keeps its root wrapper between stages.
+
+    Lightning wraps the module again for each `validate` or `test` after `fit`, but skips the wrap when it
+    finds FSDP units inside (the blocks of the first wrap): the root's own parameters (embeddings, final
+    norm) then stay sharded views and the first forward fails. The wrapper of the first stage still owns
+    them, so a later stage reuses it."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_wrap_policy={Block})
+        self._root: torch.nn.Module | None = None
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self._root is not None and getattr(self._root, "module", None) is model:
+            return self._root
+        self._root = super()._setup_model(model)
+        return self._root
+
+
 def check_strategy(args: TrainerArgs) -> None:
     """Refuse, before any work, a strategy this machine cannot run."""
     if args.strategy.startswith("deepspeed") and not on_gpu(args):
@@ -97,7 +116,7 @@ def build_strategy(args: TrainerArgs) -> str | Strategy:
     if args.strategy == "fsdp2":
         return FSDP2Strategy()
     if args.strategy == "fsdp":
-        return FSDPStrategy(auto_wrap_policy={Block})
+        return BlockFSDPStrategy()
     if args.strategy.startswith("deepspeed") and args.strategy.endswith("offload"):
         from lightning.pytorch.strategies import StrategyRegistry
 
