@@ -166,7 +166,8 @@ def run(
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = technique.build(config, spec.seed, stages)
     module.parallel = config.train.plan  # applied in the module's configure_model, once the strategy is set up
-    trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics)
+    trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics,
+                            manual=not module.automatic_optimization)
     os.environ[_shared_key(spec)] = str(run_dir)  # for the processes fit launches; gone once this run is done
     try:
         return _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, resume)

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 
 from modules.nn import Block
 
@@ -110,9 +110,13 @@ def check_strategy(args: TrainerArgs) -> None:
                           "(FSDP2 through ModelParallelStrategy, gloo)")
 
 
-def build_strategy(args: TrainerArgs) -> str | Strategy:
+def build_strategy(args: TrainerArgs, manual: bool = False) -> str | Strategy:
     """`--strategy` as Lightning takes it, with the suite's sharding policy for the FSDP ones: one unit per
-    decoder block (FSDP1 by auto-wrap, FSDP2 by `fully_shard` in `configure_model`)."""
+    decoder block (FSDP1 by auto-wrap, FSDP2 by `fully_shard` in `configure_model`). A module that steps its
+    own optimizers (`manual`) may run several backward passes per step, each reaching only some parameters
+    (one arm's): DDP then looks for the parameters each pass reached."""
+    if args.strategy == "ddp" and manual:
+        return DDPStrategy(find_unused_parameters=True)
     if args.strategy == "fsdp2":
         return FSDP2Strategy()
     if args.strategy == "fsdp":
@@ -154,7 +158,7 @@ def check_manual_optimization(train: TrainConfig, clipping: str, accumulation: s
 
 def build_trainer(
     train: TrainConfig, args: TrainerArgs, run_dir: Path, callbacks: list[L.Callback] = (), step_metrics: tuple[str, ...] = ("train/loss",),
-    val_metrics: tuple[str, ...] = ("val/loss", "val/ppl"),
+    val_metrics: tuple[str, ...] = ("val/loss", "val/ppl"), manual: bool = False,
 ) -> L.Trainer:
     """A Trainer whose one epoch is the whole run: `max_steps` optimizer steps; `step_metrics` (each step) and
     `val_metrics` (each validation) go in the history."""
@@ -166,7 +170,7 @@ def build_trainer(
     return L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy=build_strategy(args),
+        strategy=build_strategy(args, manual),
         precision=resolve_precision(args),
         num_nodes=args.num_nodes,
         max_steps=train.max_steps,

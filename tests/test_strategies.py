@@ -61,15 +61,17 @@ def test_one_device_ddp_and_fsdp2_train_the_same_model(tmp_path: Path) -> None:
             torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
 
 
-def test_moe_arms_sharded_over_two_processes_see_the_global_expert_load(tmp_path: Path) -> None:
-    """The MoE technique (dense, no balancing, aux loss, loss-free, loss-free + sequence loss) under FSDP2
-    on two processes, each holding half of every expert stack: each step's expert loads (and so MaxVio
-    and the loss-free biases) and the aux loss's f are the global batch's, so every arm matches one process."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_moe_arms_over_two_processes_see_the_global_expert_load(tmp_path: Path, strategy: str) -> None:
+    """The MoE technique (dense, no balancing, aux loss, loss-free, loss-free + sequence loss) on two
+    processes: DDP (five backward passes a step, one per arm) or FSDP2 (each process holds half of every
+    expert stack). Each step's expert loads (and so MaxVio and the loss-free biases) and the aux loss's f
+    are the global batch's, so every arm matches one process."""
     corpus = golden.write_corpus(tmp_path / "corpus")
     args = ("model.moe_experts=4",)
     one = pretrain(tmp_path, corpus, "single", "--devices", "1", *[x for a in args for x in ("--set", a)], batch=8,
                    val_batches=2, technique="moe")
-    two = pretrain(tmp_path, corpus, "fsdp2", "--strategy", "fsdp2", "--devices", "2", *[x for a in args for x in ("--set", a)],
+    two = pretrain(tmp_path, corpus, strategy, "--strategy", strategy, "--devices", "2", *[x for a in args for x in ("--set", a)],
                    batch=4, val_batches=4, technique="moe")
     metrics = [json.loads((d / "metrics.json").read_text())["metrics"] for d in (one, two)]
     loads = [torch.load(d / "checkpoints" / "final.ckpt", weights_only=False)["moe_loads"] for d in (one, two)]
