@@ -37,7 +37,7 @@ class TrainConfig:
     activation_checkpointing_every: int = 2  # k of every_k
 
     def __post_init__(self) -> None:
-        self.plan  # validates the checkpointing settings
+        ParallelPlan(self.activation_checkpointing, self.activation_checkpointing_every)  # raises on a bad policy
 
     @property
     def plan(self) -> ParallelPlan:

@@ -10,7 +10,6 @@ length (`benchmarks/hybrid.py`): computed from the config and measured.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -89,23 +88,16 @@ def findings(config: HybridConfig, final: dict[str, float], module: HybridModule
     from benchmarks.hybrid import measure_arms, show
     from modules.nn.cache import cache_bytes
     from reports.plots import context_curves, loss_curves
+    from repro.arm_findings import arm_metrics
     from repro.evaluate import arm_scores
 
     run_dir = Path(module.trainer.default_root_dir)
     seq = config.model.block_size
-    metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items() if k != "note"}
-    for arm in module.arms:
-        decoder = module.decoder(arm.name)
-        metrics |= {
-            f"{arm.name}/val_loss": final.get(f"val/{arm.name}/loss"),
-            f"{arm.name}/params": decoder.num_params(),
-            f"{arm.name}/active_params": decoder.num_params(exclude_embeddings=True, active=True),
-            f"{arm.name}/flops_per_token": decoder.flops_per_token(seq),
-            f"{arm.name}/train_seconds": module.arm_seconds[arm.name],
-        }
-    tokens = [r["tokens_per_s"] for r in speed if "tokens_per_s" in r]
-    if tokens:
-        metrics["perf/tokens_per_s"] = statistics.median(tokens)
+    metrics = arm_metrics(module, final, datamodule, speed, lambda arm: {
+        "params": module.decoder(arm.name).num_params(),
+        "active_params": module.decoder(arm.name).num_params(exclude_embeddings=True, active=True),  # no embeddings
+        "flops_per_token": module.decoder(arm.name).flops_per_token(seq),
+    })
     scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
 
     c = config.context

@@ -68,27 +68,25 @@ def _mean_of_tail(values: list[float], tail: float = 1.0) -> float | None:
 def findings(config: MoEConfig, final: dict[str, float], module: MoEModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
     from reports.plots import expert_load_heatmap, loss_curves, metric_curves
+    from repro.arm_findings import arm_metrics
     from repro.evaluate import arm_scores
 
     run_dir = Path(module.trainer.default_root_dir)
     seq = config.model.block_size
-    metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items() if k != "note"}
     maxvio = {a.name: maxvio_per_step(module, a.name) for a in module.arms}
-    for arm in module.arms:
+
+    def sizes(arm: Any) -> dict[str, Any]:
         decoder = module.decoder(arm.name)
-        metrics |= {
-            f"{arm.name}/val_loss": final.get(f"val/{arm.name}/loss"),
-            f"{arm.name}/maxvio_global": final.get(f"val/{arm.name}/maxvio_global"),
-            f"{arm.name}/maxvio_batch": _mean_of_tail(maxvio[arm.name]),
-            f"{arm.name}/maxvio_batch_last_quarter": _mean_of_tail(maxvio[arm.name], 0.25),
-            f"{arm.name}/params": decoder.num_params(),
-            f"{arm.name}/active_params": decoder.num_params(active=True),
-            f"{arm.name}/flops_per_token": decoder.flops_per_token(seq),
-            f"{arm.name}/train_seconds": module.arm_seconds[arm.name],
+        return {
+            "maxvio_global": final.get(f"val/{arm.name}/maxvio_global"),
+            "maxvio_batch": _mean_of_tail(maxvio[arm.name]),
+            "maxvio_batch_last_quarter": _mean_of_tail(maxvio[arm.name], 0.25),
+            "params": decoder.num_params(),
+            "active_params": decoder.num_params(active=True),  # embeddings included
+            "flops_per_token": decoder.flops_per_token(seq),
         }
-    tokens = [r["tokens_per_s"] for r in speed if "tokens_per_s" in r]
-    if tokens:
-        metrics["perf/tokens_per_s"] = statistics.median(tokens)
+
+    metrics = arm_metrics(module, final, datamodule, speed, sizes)
     scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
 
     (run_dir / "arm_losses.png").write_bytes(loss_curves(module.loss_curves(), "Validation and train loss per arm (equal tokens)"))

@@ -10,7 +10,6 @@ per depth and tokens/s against plain decoding of the same decoder.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,22 +77,21 @@ def findings(config: MTPConfig, final: dict[str, float], module: MTPModule, data
              speed: list[dict[str, float]]) -> Findings:
     from benchmarks.speculative import PROMPTS_FILE, measure_arms
     from reports.plots import loss_curves
+    from repro.arm_findings import arm_metrics
     from repro.evaluate import arm_scores
 
     run_dir = Path(module.trainer.default_root_dir)
-    metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items() if k != "note"}
     seq = config.model.block_size
-    for arm in module.arms:
+
+    def sizes(arm: Any) -> dict[str, Any]:
         decoder, heads = module.decoder(arm.name), module.mtp_heads(arm.name)
-        metrics[f"{arm.name}/val_loss"] = final.get(f"val/{arm.name}/loss")
-        for k in range(1, arm.depth + 1):
-            metrics[f"{arm.name}/val_mtp{k}"] = final.get(f"val/{arm.name}/mtp{k}")
-        metrics[f"{arm.name}/params"] = decoder.num_params() + (heads.num_params() if heads else 0)
-        metrics[f"{arm.name}/flops_per_token"] = decoder.flops_per_token(seq) + (heads.flops_per_token(seq) if heads else 0)
-        metrics[f"{arm.name}/train_seconds"] = module.arm_seconds[arm.name]
-    tokens = [r["tokens_per_s"] for r in speed if "tokens_per_s" in r]
-    if tokens:
-        metrics["perf/tokens_per_s"] = statistics.median(tokens)
+        return {
+            **{f"val_mtp{k}": final.get(f"val/{arm.name}/mtp{k}") for k in range(1, arm.depth + 1)},
+            "params": decoder.num_params() + (heads.num_params() if heads else 0),
+            "flops_per_token": decoder.flops_per_token(seq) + (heads.flops_per_token(seq) if heads else 0),
+        }
+
+    metrics = arm_metrics(module, final, datamodule, speed, sizes)
 
     scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
     prompts = _prompts(datamodule, config.decode)
