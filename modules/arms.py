@@ -15,6 +15,7 @@ their config says.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -37,6 +38,24 @@ def check_arm_names(section: str, names: list[str]) -> None:
         raise ValueError(f"{section}.arms: name at least one arm")
     if len(set(names)) != len(names):
         raise ValueError(f"{section}.arms: arm names must differ, got {names}")
+
+
+@dataclass
+class ConfigArm:
+    """An arm that is the preset's decoder with some fields changed: `model` holds the DecoderConfig fields
+    that differ from the preset's `model:` section."""
+
+    name: str
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.model) - {f.name for f in fields(DecoderConfig)})
+        if unknown:
+            raise ValueError(f"arm {self.name!r} sets unknown model fields {unknown}; use fields of DecoderConfig "
+                             "(modules/nn/config.py), e.g. layer_pattern, position, norm, mlp, n_kv_head, mlp_hidden")
+
+    def config(self, base: DecoderConfig) -> DecoderConfig:
+        return replace(base, **self.model)
 
 
 class ArmsModule(TechniqueModule):

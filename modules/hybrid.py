@@ -8,31 +8,14 @@ active ones, where an arm has experts), which `check_equal_params` enforces at c
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from modules.arms import DecoderArms, check_arm_names
+from modules.arms import ConfigArm, DecoderArms, check_arm_names
 from modules.nn import Decoder, DecoderConfig
 from modules.pretrain import OptimConfig
-
-FIELDS = {f.name for f in fields(DecoderConfig)}
-
-
-@dataclass
-class HybridArm:
-    """One arm: `model` holds the DecoderConfig fields that differ from the preset's `model:` section."""
-
-    name: str
-    model: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.model) - FIELDS)
-        if unknown:
-            raise ValueError(f"hybrid.arms: arm {self.name!r} sets unknown model fields {unknown}; "
-                             "use fields of DecoderConfig (modules/nn/config.py), e.g. layer_pattern, position, mlp_hidden")
-
 
 @dataclass
 class HybridSettings:
@@ -50,8 +33,8 @@ class HybridSettings:
         check_arm_names("hybrid", [a["name"] if isinstance(a, dict) else a.name for a in self.arms])
 
 
-def arm_config(config: DecoderConfig, arm: HybridArm) -> DecoderConfig:
-    return replace(config, **arm.model)
+def arm_config(config: DecoderConfig, arm: ConfigArm) -> DecoderConfig:
+    return arm.config(config)
 
 
 def arm_params(config: DecoderConfig) -> int:
@@ -62,7 +45,7 @@ def arm_params(config: DecoderConfig) -> int:
 
 def check_equal_params(config: DecoderConfig, settings: HybridSettings) -> dict[str, int]:
     """Each arm's active non-embedding parameters; raises if one is off the first arm's by more than the tolerance."""
-    arms = [HybridArm(**a) for a in settings.arms]
+    arms = [ConfigArm(**a) for a in settings.arms]
     counts = {arm.name: arm_params(arm_config(config, arm)) for arm in arms}
     first = arms[0].name
     for name, count in counts.items():
@@ -84,9 +67,9 @@ class HybridModule(DecoderArms):
         optim = asdict(optim) if isinstance(optim, OptimConfig) else dict(optim)
         hybrid = asdict(hybrid) if isinstance(hybrid, HybridSettings) else dict(hybrid)
         self.settings = HybridSettings(**hybrid)
-        super().__init__(DecoderConfig(**model), [HybridArm(**a) for a in self.settings.arms], OptimConfig(**optim),
+        super().__init__(DecoderConfig(**model), [ConfigArm(**a) for a in self.settings.arms], OptimConfig(**optim),
                          max_steps, self.settings.grad_clip)
         self.save_hyperparameters({"model": model, "optim": optim, "hybrid": hybrid, "max_steps": max_steps})
 
-    def arm_config(self, arm: HybridArm) -> DecoderConfig:
+    def arm_config(self, arm: ConfigArm) -> DecoderConfig:
         return arm_config(self.config, arm)

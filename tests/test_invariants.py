@@ -319,7 +319,39 @@ def memory_zero_bytes_follow_the_paper() -> None:
         assert zero_bytes_per_param("fsdp2", n) == zero_bytes_per_param("deepspeed_stage_3", n)
 
 
+def architectures_kv_cache_shrinks_with_the_kv_heads() -> None:
+    """Keys and values of every layer in bf16: 2 x 2 bytes x n_layer x n_kv_head x head_dim per token, so
+    the tiny preset's GQA (2 of 4 heads) halves the multi-head cache and MQA quarters it."""
+    from modules.architectures import ArchitectureSettings
+    from modules.arms import ConfigArm
+    from modules.nn.cache import cache_bytes
+    from repro.config import load_preset
+
+    preset = load_preset("architectures", "tiny")
+    base = DecoderConfig(**{**preset["model"], "vocab_size": 300})
+
+    configs = {a["name"]: ConfigArm(**a).config(base) for a in ArchitectureSettings().arms}
+    for name, c in configs.items():
+        assert cache_bytes(c, 1, 1, torch.bfloat16) == 2 * 2 * c.n_layer * c.kv_heads * c.head_dim, name
+    assert cache_bytes(configs["+rope"], 1, 1) == 2 * cache_bytes(configs["+gqa"], 1, 1) == 4 * cache_bytes(configs["+mqa"], 1, 1)
+
+
+def architectures_arms_start_at_log_vocab() -> None:
+    """Every arm of the default ablation, untrained, costs about ln(V): the knobs do not change the initial logits' scale."""
+    from modules.architectures import ArchitecturesModule
+    from repro.config import load_preset
+
+    preset = load_preset("architectures", "tiny")
+    module = ArchitecturesModule({**preset["model"], "vocab_size": 300}, {}, {}, 10)
+    batch = torch.randint(0, 300, (2, 33))
+    for arm in module.arms:
+        with torch.no_grad():
+            loss = module.decoder(arm.name).loss(batch[:, :-1], batch[:, 1:]).item()
+        assert abs(loss - math.log(300)) < 0.1, (arm.name, loss)
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "architectures": [architectures_kv_cache_shrinks_with_the_kv_heads, architectures_arms_start_at_log_vocab],
     "memory": [memory_zero_bytes_follow_the_paper],
     "hybrid": [hybrid_forgetful_ssm_reduces_to_its_per_token_formula, hybrid_arms_start_at_equal_size_and_log_vocab],
     "moe": [moe_even_split_has_no_violation_and_aux_loss_alpha],

@@ -1,0 +1,139 @@
+"""`--technique architectures`: the open-model knobs as a measured ablation (LLaMA; GQA; MQA).
+
+Arms side by side on the same batches (`modules/architectures.py`): GPT-2's LayerNorm, GELU, learned
+positions and multi-head attention, then RMSNorm, SwiGLU, RoPE, grouped-query and multi-query
+attention added one at a time. The report tables validation loss, training tokens/s and KV-cache
+bytes per token per arm, and checks the claims from the run: the LLaMA recipe trains to a lower
+loss than GPT-2's, and GQA / MQA keep that loss at a fraction of the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datamodules.pretrain import CorpusConfig, PretrainDataModule
+from modules.architectures import ArchitectureSettings, ArchitecturesModule
+from modules.arms import ConfigArm
+from modules.nn import DecoderConfig
+from modules.pretrain import OptimConfig
+from reports.claims import check_below, not_measured
+from repro.golden import CORPUS, SHRINK
+from repro.registry import Findings, Technique, register
+from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
+
+SOURCE = "LLaMA (Touvron et al. 2023); GQA (Ainslie et al. 2023); MQA (Shazeer 2019)"
+LOSS_SLACK = 1.02  # "same quality": within 2% of the multi-head arm's validation loss
+
+
+@dataclass
+class ArchitecturesConfig:
+    """Sections of an architectures preset. `model.vocab_size` follows `data.vocab_size`; arms override `model:` fields."""
+
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    architectures: ArchitectureSettings = field(default_factory=ArchitectureSettings)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(grad_clip=0.0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        self.model.vocab_size = self.data.vocab_size
+        for arm in self.architectures.arms:  # an arm's config error (heads, RoPE width) stops the run here
+            ConfigArm(**arm).config(self.model)
+        check_manual_optimization(self.train, "each arm clips its own gradients; set architectures.grad_clip and "
+                                  "train.grad_clip=0", "the arms step once per batch; raise data.batch_size instead")
+
+
+def build(config: ArchitecturesConfig, seed: int, stages: dict[str, Path]) -> tuple[ArchitecturesModule, PretrainDataModule]:
+    module = ArchitecturesModule(config.model, config.optim, config.architectures, config.train.max_steps)
+    return module, PretrainDataModule(config.data, block_size=config.model.block_size, seed=seed)
+
+
+def describe(cfg: DecoderConfig) -> str:
+    heads = "MHA" if cfg.kv_heads == cfg.n_head else "MQA" if cfg.kv_heads == 1 else f"GQA ({cfg.kv_heads} KV heads)"
+    return f"{cfg.norm}, {cfg.mlp}, {cfg.position}, {heads}"
+
+
+def findings(config: ArchitecturesConfig, final: dict[str, float], module: ArchitecturesModule,
+             datamodule: PretrainDataModule, speed: list[dict[str, float]]) -> Findings:
+    import torch
+
+    from modules.nn.cache import cache_bytes
+    from reports.plots import loss_curves
+    from repro.arm_findings import arm_metrics
+    from repro.evaluate import arm_scores
+
+    run_dir = Path(module.trainer.default_root_dir)
+    seq = config.model.block_size
+    tokens = config.train.max_steps * config.data.batch_size * seq * module.trainer.world_size
+
+    def sizes(arm: ConfigArm) -> dict[str, Any]:
+        decoder = module.decoder(arm.name)
+        return {
+            "params": decoder.num_params(),
+            "params_non_embedding": decoder.num_params(exclude_embeddings=True),
+            "flops_per_token": decoder.flops_per_token(seq),
+            "kv_bytes_per_token": cache_bytes(decoder.config, 1, 1, torch.bfloat16),
+            "train_tokens_per_s": tokens / module.arm_seconds[arm.name] if module.arm_seconds[arm.name] else None,
+        }
+
+    metrics = arm_metrics(module, final, datamodule, speed, sizes)
+    scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
+    (run_dir / "arm_losses.png").write_bytes(loss_curves(module.loss_curves(), "Validation and train loss per arm (equal tokens)"))
+
+    tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
+    table = ["| arm | norm, MLP, positions, attention | val loss | params (non-embedding) | KV cache bytes/token (bf16) | "
+             "train tokens/s | train s |" + "".join(f" {t} |" for t in tasks), "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
+    for arm in module.arms:
+        m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{arm.name}/")}
+        loss = "" if m["val_loss"] is None else f"{m['val_loss']:.4f}"
+        rate = "" if m["train_tokens_per_s"] is None else f"{m['train_tokens_per_s']:,.0f}"
+        table.append(f"| {arm.name} | {describe(module.decoder(arm.name).config)} | {loss} | {m['params']:,} "
+                     f"({m['params_non_embedding']:,}) | {m['kv_bytes_per_token']:,} | {rate} | {m['train_seconds']:.1f} |"
+                     + "".join(f" {scores.get(arm.name, {}).get(t, float('nan')):.4f} |" for t in tasks))
+    notes = [f"All arms train on the same {config.train.max_steps} batches of {config.data.batch_size} x {seq} tokens from "
+             "the same random state. Train tokens/s: each arm's tokens over its own forward, backward and optimizer time "
+             "(the arms take turns on one device). KV cache bytes per token: keys and values of every layer in bf16, "
+             "`modules/nn/cache.py::cache_bytes`."]
+    return Findings(metrics=metrics, claims=_claims(module, metrics), notes=notes,
+                    sections={"Arms": ["![loss per arm](arm_losses.png)", "", *table]})
+
+
+def _claims(module: ArchitecturesModule, metrics: dict[str, Any]) -> list:
+    configs = {a.name: module.decoder(a.name).config for a in module.arms}
+    gpt2 = next((n for n, c in configs.items() if (c.norm, c.mlp, c.position, c.kv_heads) == ("layernorm", "gelu", "learned", c.n_head)), None)
+    llama = next((n for n, c in configs.items() if (c.norm, c.mlp, c.position, c.kv_heads) == ("rmsnorm", "swiglu", "rope", c.n_head)), None)
+    if not (gpt2 and llama):
+        why = "needs a GPT-2 arm (layernorm, gelu, learned, MHA) and a LLaMA arm (rmsnorm, swiglu, rope, MHA)"
+        return [not_measured("The LLaMA recipe trains to a lower loss than GPT-2's", SOURCE, "validation loss", "-", why)]
+    claims = [check_below(
+        claim="RMSNorm, SwiGLU and RoPE together (LLaMA) train to a lower loss than LayerNorm, GELU and learned positions (GPT-2)",
+        source=SOURCE, metric=f"validation loss of {llama} (nats/token)", measured=metrics[f"{llama}/val_loss"],
+        bound=metrics[f"{gpt2}/val_loss"], factor=1.0, paper="LLaMA's choices, each reported to help (PaLM, Shazeer 2020, RoFormer)",
+        bound_name=f"{gpt2}'s loss")]
+    for name, c in configs.items():
+        if c.kv_heads == c.n_head or (c.norm, c.mlp, c.position) != ("rmsnorm", "swiglu", "rope"):
+            continue
+        kind = "MQA" if c.kv_heads == 1 else "GQA"
+        ratio = metrics[f"{llama}/kv_bytes_per_token"] / metrics[f"{name}/kv_bytes_per_token"]
+        claims.append(check_below(
+            claim=f"{kind} keeps multi-head quality at 1/{ratio:g} of the KV cache", source=SOURCE,
+            metric=f"validation loss of {name} ({c.kv_heads} KV heads of {c.n_head}; cache {ratio:g}x smaller)",
+            measured=metrics[f"{name}/val_loss"], bound=metrics[f"{llama}/val_loss"], factor=LOSS_SLACK,
+            paper="GQA-8: quality close to MHA, speed close to MQA (Ainslie et al. 2023, Table 1)", bound_name=f"{llama}'s loss"))
+    return claims
+
+
+register(
+    Technique(
+        name="architectures",
+        summary="open-model knobs: LayerNorm/RMSNorm, GELU/SwiGLU, learned/RoPE, MHA/GQA/MQA side by side",
+        config=ArchitecturesConfig,
+        module=ArchitecturesModule,
+        build=build,
+        findings=findings,
+        golden_overrides=(*CORPUS, *SHRINK),
+    )
+)
