@@ -2,7 +2,8 @@
 
 Each arm is the preset's decoder with some `model:` fields changed (`ConfigArm`): by default a
 cumulative walk from GPT-2 (LayerNorm, GELU, learned positions, multi-head attention) to the
-LLaMA-2/3 recipe (RMSNorm, SwiGLU, RoPE, grouped-query attention) and on to multi-query attention.
+LLaMA-2/3 recipe (RMSNorm, SwiGLU, RoPE, grouped-query attention), multi-query attention, and
+DeepSeek-V2's multi-head latent attention (d_c = 4 d_h, d_R = d_h / 2: the paper's proportions).
 All arms train on the same batches from the same random state.
 """
 
@@ -27,6 +28,7 @@ class ArchitectureSettings:
         {"name": "+rope", "model": {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope"}},
         {"name": "+gqa", "model": {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "n_kv_head": 2}},
         {"name": "+mqa", "model": {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "n_kv_head": 1}},
+        {"name": "+mla", "model": {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "attention": "mla"}},
     ])
     grad_clip: float = 1.0
 

@@ -35,6 +35,8 @@ VARIANTS = [
     pytest.param(dict(position="rope"), id="rope-mha"),
     pytest.param(dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2), id="llama-gqa"),
     pytest.param(dict(n_kv_head=1), id="mqa"),  # learned positions, one key/value head
+    # the cache holds MLA's latent and shared RoPE key; decoding reads it in the absorbed form
+    pytest.param(dict(position="rope", norm="rmsnorm", attention="mla", mla_q_rank=16, mla_rope_dim=4), id="mla"),
     # Mamba blocks carry their conv and SSM state in the cache; left padding must leave it untouched
     pytest.param(dict(layer_pattern="mam", n_layer=3, position="none", mamba_d_state=4), id="hybrid"),
     pytest.param(dict(layer_pattern="m", position="none", mamba_d_state=4, mamba_scan="parallel", mamba_chunk=3),

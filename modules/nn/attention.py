@@ -1,6 +1,8 @@
-"""Causal self-attention with multi-head, grouped-query and multi-query variants."""
+"""Causal self-attention: multi-head, grouped-query and multi-query, and DeepSeek-V2's multi-head latent attention."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,12 @@ from torch import nn
 
 from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
+from modules.nn.norm import RMSNorm
 from modules.nn.position import apply_rope
+
+
+def build_attention(config: DecoderConfig) -> nn.Module:
+    return LatentAttention(config) if config.attention == "mla" else CausalSelfAttention(config)
 
 
 class CausalSelfAttention(nn.Module):
@@ -24,7 +31,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         qkv_dim = (config.n_head + 2 * config.kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.proj.residual = True
         self.dropout = config.dropout
 
@@ -38,7 +45,7 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). With a cache, k/v go to its next T slots and `mask`
         (B, 1, T, max_len) says which slots each query sees; without, attention is causal."""
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
@@ -56,4 +63,73 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, Liu et al. 2024, Sec. 2.1).
+
+    Keys and values come from one latent c = RMSNorm(W_DKV x) of width d_c per token: k_C = W_UK c,
+    v = W_UV c, per head. Positions enter through a decoupled part: a RoPE query per head and one
+    RoPE key k_R = RoPE(W_KR x) shared by all heads, concatenated to the content parts. Queries may be
+    low-rank too (q = W_UQ RMSNorm(W_DQ x), d_c' = `mla_q_rank`). A cache holds only c and k_R:
+    (d_c + d_R) values per token and layer (`KVCache`: c in `k`, k_R in `v`).
+
+    Decoding reads the cache in the absorbed form (`absorb`, Sec. 2.1.2): W_UK folds into the query
+    (q_C W_UK per head, width d_c) and W_UV into the output, so attention runs over the latents
+    themselves and no per-head key or value is ever expanded; it equals the plain form (tested).
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        H, d, r, dr = config.n_head, config.head_dim, config.kv_rank, config.rope_dim
+        self.n_head, self.head_dim, self.kv_rank, self.rope_dim = H, d, r, dr
+        if config.mla_q_rank:
+            self.q_down = nn.Linear(config.n_embd, config.mla_q_rank, bias=False)
+            self.q_norm = RMSNorm(config.mla_q_rank, config.norm_eps)
+            self.q_up = nn.Linear(config.mla_q_rank, H * (d + dr), bias=False)
+        else:
+            self.q_down = self.q_norm = None
+            self.q_up = nn.Linear(config.n_embd, H * (d + dr), bias=False)
+        self.kv_down = nn.Linear(config.n_embd, r + dr, bias=False)  # the latent and the shared RoPE key
+        self.kv_norm = RMSNorm(r, config.norm_eps)
+        self.kv_up = nn.Linear(r, H * 2 * d, bias=False)  # per head: content key, then value
+        self.proj = nn.Linear(H * d, config.n_embd, bias=config.bias)
+        self.proj.residual = True
+        self.dropout = config.dropout
+        self.scale = 1 / math.sqrt(d + dr)
+        self.absorb = True  # read a cache in the absorbed form
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); the cache and mask as `CausalSelfAttention`'s."""
+        B, T, _ = x.shape
+        H, d, r, dr = self.n_head, self.head_dim, self.kv_rank, self.rope_dim
+        q = self.q_up(self.q_norm(self.q_down(x)) if self.q_down is not None else x)
+        q_c, q_r = q.view(B, T, H, d + dr).transpose(1, 2).split([d, dr], dim=-1)  # (B, H, T, d), (B, H, T, dr)
+        c, k_r = self.kv_down(x).split([r, dr], dim=-1)
+        c, k_r = self.kv_norm(c)[:, None], k_r[:, None]  # (B, 1, T, r), (B, 1, T, dr)
+        q_r, k_r = apply_rope(q_r, rope), apply_rope(k_r, rope)
+        if cache is not None:
+            c, k_r = cache.update(layer, c, k_r)  # (B, 1, S, r), (B, 1, S, dr)
+        dropout = self.dropout if self.training else 0.0
+        w_k, w_v = self.kv_up.weight.view(H, 2 * d, r).split([d, d], dim=1)  # (H, d, r) each
+        if cache is not None and self.absorb:
+            q_lat = torch.einsum("bhtd,hdr->bhtr", q_c, w_k)  # the query read in latent space
+            keys = torch.cat([c, k_r], dim=-1).expand(B, H, -1, r + dr)
+            out = F.scaled_dot_product_attention(torch.cat([q_lat, q_r], dim=-1), keys, c.expand(B, H, -1, r),
+                                                 attn_mask=mask, dropout_p=dropout, scale=self.scale)  # (B, H, T, r)
+            y = torch.einsum("bhtr,hdr->bhtd", out, w_v)
+        else:
+            k_c = torch.einsum("bxsr,hdr->bhsd", c, w_k)  # (B, H, S, d)
+            v = torch.einsum("bxsr,hdr->bhsd", c, w_v)
+            k = torch.cat([k_c, k_r.expand(B, H, -1, dr)], dim=-1)
+            y = F.scaled_dot_product_attention(torch.cat([q_c, q_r], dim=-1), k, v, attn_mask=mask,
+                                               is_causal=mask is None, dropout_p=dropout, scale=self.scale)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * d))

@@ -8,16 +8,24 @@ from modules.nn.config import DecoderConfig
 from modules.nn.mamba import MambaState
 
 
+def per_token(config: DecoderConfig) -> int:
+    """Values an attention layer caches per token: keys and values of every KV head, or MLA's latent and
+    its shared RoPE key (DeepSeek-V2, Table 1: (d_c + d_h^R) l, against 2 n_h d_h l for multi-head)."""
+    if config.attention == "mla":
+        return config.kv_rank + config.rope_dim
+    return 2 * config.kv_heads * config.head_dim
+
+
 def cache_bytes(config: DecoderConfig, batch: int, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes a decoding cache of `context` tokens holds for `batch` sequences, from the config alone.
 
-    Attention keeps keys and values of every token: 2 x n_kv_head x head_dim per token and layer.
+    Attention keeps `per_token(config)` values of every token per layer (keys and values, or MLA's latent).
     Mamba keeps a fixed state whatever the context: d_conv - 1 conv inputs (in `dtype`) and N SSM
     states (float32) per inner channel.
     """
     size = torch.finfo(dtype).bits // 8
     attention = len(config.attention_layers)
-    kv = 2 * batch * config.kv_heads * config.head_dim * context * size * attention
+    kv = batch * per_token(config) * context * size * attention
     inner = config.mamba_expand * config.n_embd
     state = batch * inner * ((config.mamba_d_conv - 1) * size + config.mamba_d_state * 4) * (config.n_layer - attention)
     return kv + state
@@ -38,10 +46,13 @@ class KVCache:
     def __init__(self, config: DecoderConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         if max_len > config.block_size:
             raise ValueError(f"cache of {max_len} slots exceeds the model's block_size {config.block_size}")
-        shape = (batch, config.kv_heads, max_len, config.head_dim)
+        # MLA caches its latent c (in `k`) and the shared RoPE key (in `v`), one "head" each
+        mla = config.attention == "mla"
+        k_shape = (batch, 1, max_len, config.kv_rank) if mla else (batch, config.kv_heads, max_len, config.head_dim)
+        v_shape = (batch, 1, max_len, config.rope_dim) if mla else k_shape
         attention = [config.mixer(layer) == "attention" for layer in range(config.n_layer)]
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) if a else None for a in attention]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) if a else None for a in attention]
+        self.k = [torch.zeros(k_shape, device=device, dtype=dtype) if a else None for a in attention]
+        self.v = [torch.zeros(v_shape, device=device, dtype=dtype) if a else None for a in attention]
         inner = config.mamba_expand * config.n_embd
         self.mamba = [None if a else MambaState(
             torch.zeros(batch, inner, config.mamba_d_conv - 1, device=device, dtype=dtype),

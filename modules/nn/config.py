@@ -20,6 +20,7 @@ class DecoderConfig:
     n_head: int = 12
     n_kv_head: int | None = None  # None: multi-head; 1: multi-query; 1 < g < n_head: grouped-query
     n_embd: int = 768
+    head_size: int | None = None  # width of a head; None: n_embd // n_head (DeepSeek-V3: 128 at width 7168, 128 heads)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     mlp: Literal["gelu", "swiglu"] = "gelu"
@@ -30,6 +31,12 @@ class DecoderConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     pad_vocab_to: int = 1  # round the embedding table up to a multiple of this (64 keeps matmuls aligned)
+    # "mla": DeepSeek-V2's multi-head latent attention (modules/nn/attention.py): keys and values from a
+    # joint low-rank latent (the only thing cached, with one shared RoPE key), queries optionally low-rank too
+    attention: Literal["standard", "mla"] = "standard"
+    mla_kv_rank: int | None = None  # latent width d_c; None: 4 x head_dim (DeepSeek-V2/V3: 512 at head_dim 128)
+    mla_q_rank: int = 0  # query latent width d_c'; 0: queries projected directly (DeepSeek-V2-Lite); V2/V3: 1536
+    mla_rope_dim: int | None = None  # width of the decoupled RoPE query/key per head; None: head_dim // 2 (64 of 128)
     # token mixers, one letter per block, cycled over n_layer: "a" attention, "m" Mamba (modules/nn/mamba.py);
     # "a" is a transformer, "m" pure Mamba, "mmmmammm" Jamba's 1 attention : 7 Mamba (attention 5th of 8)
     layer_pattern: str = "a"
@@ -45,6 +52,7 @@ class DecoderConfig:
     moe_shared: int = 1  # shared experts, seen by every token
     moe_hidden: int | None = None  # width of one expert; None: hidden_dim / (top_k + shared), the dense MLP's active size
     moe_every: int = 1  # MoE in every k-th block (the k-th, 2k-th, ...); 2 is Jamba's "every other layer"
+    moe_first_dense: int = 0  # the first k blocks keep a dense MLP (DeepSeek-V3: 3)
     moe_score: Literal["softmax", "sigmoid"] = "sigmoid"  # affinity (DeepSeekMoE: softmax; DeepSeek-V3: sigmoid)
     moe_balance: Literal["none", "aux", "loss_free", "loss_free_seq"] = "loss_free"
     moe_aux_alpha: float = 0.001  # weight of the auxiliary balance loss ("aux")
@@ -52,7 +60,7 @@ class DecoderConfig:
     moe_bias_rate: float = 0.001  # u of the loss-free bias update
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
+        if self.head_size is None and self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
@@ -63,7 +71,18 @@ class DecoderConfig:
                              "e.g. mmmmammm for Jamba")
         if self.mamba_scan not in ("auto", "parallel", "sequential"):
             raise ValueError(f"model.mamba_scan={self.mamba_scan!r}: use auto, parallel or sequential")
-        if self.position == "rope" and self.head_dim % 2:
+        if self.attention not in ("standard", "mla"):
+            raise ValueError(f"model.attention={self.attention!r}: use standard or mla")
+        if self.attention == "mla":
+            if self.position != "rope":
+                raise ValueError(f"model.attention=mla carries its positions in a decoupled RoPE key: set model.position=rope "
+                                 f"(got {self.position!r})")
+            if self.n_kv_head not in (None, self.n_head):
+                raise ValueError("model.attention=mla: every head has its own key and value from the latent; leave model.n_kv_head unset")
+            if self.kv_rank < 1 or self.rope_dim < 2 or self.rope_dim % 2:
+                raise ValueError(f"model.mla_kv_rank={self.mla_kv_rank} must be positive and model.mla_rope_dim={self.mla_rope_dim} "
+                                 "even and at least 2")
+        if self.position == "rope" and self.rope_dim % 2:
             raise ValueError(f"RoPE needs an even head size; got n_embd/n_head={self.head_dim}")
         if self.moe_experts:
             if not 1 <= self.moe_top_k <= self.moe_experts:
@@ -81,7 +100,19 @@ class DecoderConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def kv_rank(self) -> int:
+        """MLA's latent width d_c."""
+        return self.mla_kv_rank or 4 * self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates per head: the whole head, or MLA's decoupled part."""
+        if self.attention == "mla":
+            return self.mla_rope_dim or self.head_dim // 2
+        return self.head_dim
 
     @property
     def padded_vocab_size(self) -> int:
@@ -97,7 +128,7 @@ class DecoderConfig:
 
     def is_moe(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has a mixture of experts instead of a dense MLP."""
-        return self.moe_experts > 0 and (layer + 1) % self.moe_every == 0
+        return self.moe_experts > 0 and layer >= self.moe_first_dense and (layer + 1) % self.moe_every == 0
 
     @property
     def moe_hidden_dim(self) -> int:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.nn.attention import CausalSelfAttention
+from modules.nn.attention import build_attention
 from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
 from modules.nn.mamba import MambaMixer
@@ -41,7 +41,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm_attn = build_norm(config)  # the mixer's norm, attention or Mamba
         if layer is None or config.mixer(layer) == "attention":
-            self.attn, self.mamba = CausalSelfAttention(config), None
+            self.attn, self.mamba = build_attention(config), None
         else:
             self.attn, self.mamba = None, MambaMixer(
                 config.n_embd, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand, config.mamba_dt_rank,
@@ -87,7 +87,7 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.wte.weight
         if config.position == "rope":
             self.register_buffer(
-                "rope", rope_cache(config.block_size, config.head_dim, config.rope_base), persistent=False
+                "rope", rope_cache(config.block_size, config.rope_dim, config.rope_base), persistent=False
             )
         else:
             self.rope = None
@@ -173,4 +173,6 @@ class Decoder(nn.Module):
         n_matmul = self.num_params(exclude_embeddings=True, active=True) + cfg.padded_vocab_size * cfg.n_embd
         attention = len(cfg.attention_layers)
         scan = 27 * cfg.mamba_expand * cfg.n_embd * cfg.mamba_d_state * (cfg.n_layer - attention)
-        return 6 * n_matmul + 12 * attention * cfg.n_head * cfg.head_dim * seq_len + scan
+        # scores over query/key width (MLA: head + decoupled RoPE part), values over the head
+        width = (2 * cfg.head_dim + cfg.rope_dim) / 2 if cfg.attention == "mla" else cfg.head_dim
+        return 6 * n_matmul + 12 * attention * cfg.n_head * width * seq_len + scan

@@ -23,7 +23,7 @@ from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
-SOURCE = "LLaMA (Touvron et al. 2023); GQA (Ainslie et al. 2023); MQA (Shazeer 2019)"
+SOURCE = "LLaMA (Touvron et al. 2023); GQA (Ainslie et al. 2023); MQA (Shazeer 2019); MLA (DeepSeek-V2, Liu et al. 2024)"
 LOSS_SLACK = 1.02  # "same quality": within 2% of the multi-head arm's validation loss
 
 
@@ -53,6 +53,8 @@ def build(config: ArchitecturesConfig, seed: int, stages: dict[str, Path]) -> tu
 
 def describe(cfg: DecoderConfig) -> str:
     heads = "MHA" if cfg.kv_heads == cfg.n_head else "MQA" if cfg.kv_heads == 1 else f"GQA ({cfg.kv_heads} KV heads)"
+    if cfg.attention == "mla":
+        heads = f"MLA (d_c {cfg.kv_rank}, d_R {cfg.rope_dim}{f', queries {cfg.mla_q_rank}' if cfg.mla_q_rank else ''})"
     return f"{cfg.norm}, {cfg.mlp}, {cfg.position}, {heads}"
 
 
@@ -96,7 +98,7 @@ def findings(config: ArchitecturesConfig, final: dict[str, float], module: Archi
     notes = [f"All arms train on the same {config.train.max_steps} batches of {config.data.batch_size} x {seq} tokens from "
              "the same random state. Train tokens/s: each arm's tokens over its own forward, backward and optimizer time "
              "(the arms take turns on one device). KV cache bytes per token: keys and values of every layer in bf16, "
-             "`modules/nn/cache.py::cache_bytes`."]
+             "`modules/nn/cache.py::cache_bytes` (MLA: its latent and shared RoPE key)."]
     return Findings(metrics=metrics, claims=_claims(module, metrics), notes=notes,
                     sections={"Arms": ["![loss per arm](arm_losses.png)", "", *table]})
 
@@ -104,7 +106,8 @@ def findings(config: ArchitecturesConfig, final: dict[str, float], module: Archi
 def _claims(module: ArchitecturesModule, metrics: dict[str, Any]) -> list:
     configs = {a.name: module.decoder(a.name).config for a in module.arms}
     gpt2 = next((n for n, c in configs.items() if (c.norm, c.mlp, c.position, c.kv_heads) == ("layernorm", "gelu", "learned", c.n_head)), None)
-    llama = next((n for n, c in configs.items() if (c.norm, c.mlp, c.position, c.kv_heads) == ("rmsnorm", "swiglu", "rope", c.n_head)), None)
+    llama = next((n for n, c in configs.items() if (c.norm, c.mlp, c.position, c.kv_heads, c.attention)
+                  == ("rmsnorm", "swiglu", "rope", c.n_head, "standard")), None)
     if not (gpt2 and llama):
         why = "needs a GPT-2 arm (layernorm, gelu, learned, MHA) and a LLaMA arm (rmsnorm, swiglu, rope, MHA)"
         return [not_measured("The LLaMA recipe trains to a lower loss than GPT-2's", SOURCE, "validation loss", "-", why)]
@@ -114,22 +117,25 @@ def _claims(module: ArchitecturesModule, metrics: dict[str, Any]) -> list:
         bound=metrics[f"{gpt2}/val_loss"], factor=1.0, paper="LLaMA's choices, each reported to help (PaLM, Shazeer 2020, RoFormer)",
         bound_name=f"{gpt2}'s loss")]
     for name, c in configs.items():
-        if c.kv_heads == c.n_head or (c.norm, c.mlp, c.position) != ("rmsnorm", "swiglu", "rope"):
+        if name == llama or (c.kv_heads == c.n_head and c.attention == "standard") or (c.norm, c.mlp, c.position) != ("rmsnorm", "swiglu", "rope"):
             continue
-        kind = "MQA" if c.kv_heads == 1 else "GQA"
+        kind = "MLA" if c.attention == "mla" else "MQA" if c.kv_heads == 1 else "GQA"
         ratio = metrics[f"{llama}/kv_bytes_per_token"] / metrics[f"{name}/kv_bytes_per_token"]
+        heads = f"latent {c.kv_rank} + RoPE key {c.rope_dim}" if kind == "MLA" else f"{c.kv_heads} KV heads of {c.n_head}"
+        paper = ("MLA: better than MHA at a cache of GQA with 2.25 groups (DeepSeek-V2, Table 1 and App. D.2)" if kind == "MLA"
+                 else "GQA-8: quality close to MHA, speed close to MQA (Ainslie et al. 2023, Table 1)")
         claims.append(check_below(
-            claim=f"{kind} keeps multi-head quality at 1/{ratio:g} of the KV cache", source=SOURCE,
-            metric=f"validation loss of {name} ({c.kv_heads} KV heads of {c.n_head}; cache {ratio:g}x smaller)",
+            claim=f"{kind} keeps multi-head quality at 1/{ratio:.3g} of the KV cache", source=SOURCE,
+            metric=f"validation loss of {name} ({heads}; cache {ratio:.3g}x smaller)",
             measured=metrics[f"{name}/val_loss"], bound=metrics[f"{llama}/val_loss"], factor=LOSS_SLACK,
-            paper="GQA-8: quality close to MHA, speed close to MQA (Ainslie et al. 2023, Table 1)", bound_name=f"{llama}'s loss"))
+            paper=paper, bound_name=f"{llama}'s loss"))
     return claims
 
 
 register(
     Technique(
         name="architectures",
-        summary="open-model knobs: LayerNorm/RMSNorm, GELU/SwiGLU, learned/RoPE, MHA/GQA/MQA side by side",
+        summary="open-model knobs: LayerNorm/RMSNorm, GELU/SwiGLU, learned/RoPE, MHA/GQA/MQA/MLA side by side",
         config=ArchitecturesConfig,
         module=ArchitecturesModule,
         build=build,
