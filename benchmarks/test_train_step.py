@@ -28,6 +28,8 @@ STEPS = {"cpu": dict(warmup=3, steps=16), "cuda": dict(warmup=10, steps=30)}  # 
 def cases() -> list:
     params = []
     for name, technique in sorted(techniques().items()):
+        if not technique.trains:
+            continue
         params.append(pytest.param(name, technique.default_preset, "cpu", id=f"{name}-{technique.default_preset}-cpu"))
         params += [pytest.param(name, preset, "cuda", id=f"{name}-{preset}-cuda", marks=CUDA) for preset in technique.presets]
     return params

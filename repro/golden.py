@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--technique", action="append", help="only this technique (repeatable; default: all registered)")
     parser.add_argument("--update", action="store_true", help="write the new trajectories to tests/golden/")
     args = parser.parse_args(argv)
-    names = args.technique or sorted(techniques())
+    names = args.technique or sorted(name for name, t in techniques().items() if t.trains)
     unknown = [n for n in names if n not in techniques()]
     if unknown:
         print(f"error: unknown technique {', '.join(unknown)}; registered: {', '.join(sorted(techniques()))}", file=sys.stderr)

@@ -44,9 +44,13 @@ class Technique:
     name: str
     summary: str
     config: type
-    module: type["L.LightningModule"]  # its checkpoints load with module.load_from_checkpoint; `.model` is the Decoder
-    build: Callable[[Any, int, dict[str, Path]], tuple["L.LightningModule", "L.LightningDataModule"]]
-    findings: Callable[..., "Findings"]
+    module: type["L.LightningModule"] | None = None  # its checkpoints load with module.load_from_checkpoint; `.model` is the Decoder
+    build: Callable[[Any, int, dict[str, Path]], tuple["L.LightningModule", "L.LightningDataModule"]] | None = None
+    findings: Callable[..., "Findings"] | None = None
+    # a technique that trains nothing (a simulator, a calculator) measures instead: measure(config, seed, run_dir)
+    # -> Findings, and the runner writes its report as a training run's; golden trajectories and train-step
+    # benchmarks are for the techniques that train
+    measure: Callable[[Any, int, Path], "Findings"] | None = None
     default_preset: str = "tiny"
     aliases: tuple[str, ...] = ()  # other names `get` answers to (the paper's or the model's name)
     requires: tuple[str, ...] = field(default=())
@@ -63,6 +67,14 @@ class Technique:
     # settings that shorten a run's setup without changing what one training step computes (fewer
     # sampled prompts, say; never a shape): benchmark cases and their prerequisite stages use them
     quick: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.measure is None) == (self.build is None or self.findings is None or self.module is None):
+            raise ValueError(f"technique {self.name!r}: give module, build and findings (it trains), or measure (it does not)")
+
+    @property
+    def trains(self) -> bool:
+        return self.measure is None
 
     @property
     def presets(self) -> list[str]:

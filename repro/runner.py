@@ -164,6 +164,8 @@ def run(
             (run_dir / "stages.json").write_text(json.dumps({k: str(v) for k, v in stages.items()}, indent=2))
 
     L.seed_everything(spec.seed, workers=True, verbose=False)
+    if not technique.trains:
+        return _measure_and_report(technique, spec, config, run_dir)
     module, datamodule = technique.build(config, spec.seed, stages)
     module.parallel = config.train.plan  # applied in the module's configure_model, once the strategy is set up
     trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics,
@@ -194,6 +196,22 @@ def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_di
     if trainer.is_global_zero:
         evaluation = _evaluate(run_dir, config, trainer)
         _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation)
+    return run_dir
+
+
+def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: Any, run_dir: Path) -> Path:
+    """A technique that trains nothing: its measurements, then the same report as a training run's."""
+    from reports.env import collect_env
+    from reports.writer import write_report
+
+    try:
+        findings = technique.measure(config, spec.seed, run_dir)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no half-written folder
+        raise
+    write_report(run_dir, technique=technique.name, title=f"{technique.name}: {technique.summary} (preset {spec.preset}, "
+                 f"seed {spec.seed})", command=spec.command(), config=asdict(config), env=collect_env(spec.seed, asdict(spec.trainer)),
+                 history={}, metrics=findings.metrics, claims=findings.claims, notes=findings.notes, sections=findings.sections)
     return run_dir
 
 
