@@ -361,7 +361,36 @@ def dualpipe_schedules_meet_table2_at_the_reports_setting() -> None:
     assert bubbles == {"1F1B": 21, "ZB1P": 7, "DualPipe": 6}
 
 
+def data_arms_start_equal_and_read_their_own_corpus() -> None:
+    """Both arms start from the same weights; each arm's loss reads its own corpus's rows of a paired batch."""
+    from modules.corpus_arms import CorpusArmsModule
+
+    module = CorpusArmsModule({"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}, {}, {}, 10)
+    raw, filtered = (module.decoder(a.name) for a in module.arms)
+    for (name, a), b in zip(raw.state_dict().items(), filtered.state_dict().values()):
+        assert torch.equal(a, b), name
+    gen = torch.Generator().manual_seed(0)
+    batch = {"raw": torch.randint(0, 64, (2, 17), generator=gen), "filtered": torch.randint(0, 64, (2, 17), generator=gen)}
+    for arm in module.arms:
+        _, main, _ = module.arm_loss(arm, batch)
+        rows = batch[arm.corpus]
+        torch.testing.assert_close(main, raw.loss(rows[:, :-1], rows[:, 1:]))
+    assert module.tokens_in(batch) == 2 * 2 * 16
+
+
+def tokenizers_byte_alphabet_spells_every_byte_once_and_visibly() -> None:
+    """GPT-2's byte-to-unicode map: 256 distinct characters, none of them whitespace or a control character, so
+    every pre-token is a visible string and every byte sequence (any UTF-8 text) has a spelling."""
+    from datamodules.subword.bpe import ALPHABET
+
+    assert len(set(ALPHABET)) == 256
+    assert all(ch.isprintable() and not ch.isspace() for ch in ALPHABET)
+    assert [ALPHABET[b] for b in range(ord("!"), ord("~") + 1)] == [chr(b) for b in range(ord("!"), ord("~") + 1)]
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "tokenizers": [tokenizers_byte_alphabet_spells_every_byte_once_and_visibly],
+    "data": [data_arms_start_equal_and_read_their_own_corpus],
     "dualpipe": [dualpipe_schedules_meet_table2_at_the_reports_setting],
     "architectures": [architectures_kv_cache_shrinks_with_the_kv_heads, architectures_arms_start_at_log_vocab],
     "memory": [memory_zero_bytes_follow_the_paper],

@@ -1,0 +1,168 @@
+"""Raw vs filtered pretraining corpora for the data-pipeline ablation, with one held-out set.
+
+The source's documents are cleaned and split by document as for pretraining; the validation split is
+held out first. The train split becomes a raw, web-like corpus (`pipeline.make_raw_corpus`: the
+defects the pipeline targets planted at stated rates), which `pipeline.run_pipeline` filters. One
+tokenizer, trained on the clean train split (neither arm's corpus), packs the raw corpus, the
+filtered corpus and the validation split. A train batch is `{"raw": blocks, "filtered": blocks}`:
+both arms read the same number of tokens per step, each from its own shuffle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Sampler
+
+from datamodules import pipeline
+from datamodules import tokenizer as bpe
+from datamodules.clean import clean, corpus_hash
+from datamodules.packing import Blocks, build_split
+from datamodules.pretrain import PIPELINE_VERSION, CorpusConfig, PretrainDataModule, cache_root, settings_hash
+from datamodules.sampler import ResumableSampler
+from datamodules.sources import DataFormatError, read_source
+
+CORPORA = ("raw", "filtered")
+
+
+@dataclass
+class AblationDataConfig:
+    """The `pipeline.` section: which source documents, what is planted in the raw corpus, the filters' settings."""
+
+    only: str | None = "docs/"  # keep source documents whose id starts with this (Gopher's rules are for prose); None: all
+    plant_seed: int = 0
+    plants: dict[str, float] = field(default_factory=dict)  # `pipeline.PlantRates` fields; {}: its defaults
+    filters: dict[str, Any] = field(default_factory=dict)  # `pipeline.PipelineConfig` fields, `quality:` nested; {}: the papers'
+
+    def __post_init__(self) -> None:
+        self.rates()  # a bad rate or filter setting stops the run at config time
+        self.filter_config()
+
+    def rates(self) -> pipeline.PlantRates:
+        try:
+            return pipeline.PlantRates(**self.plants)
+        except TypeError as err:
+            raise ValueError(f"pipeline.plants: {err}; fields: {', '.join(pipeline.PlantRates.__dataclass_fields__)}") from None
+
+    def filter_config(self) -> pipeline.PipelineConfig:
+        settings = dict(self.filters)
+        try:
+            quality = pipeline.QualityConfig(**settings.pop("quality", {}))
+            return pipeline.PipelineConfig(**settings, quality=quality)
+        except TypeError as err:
+            raise ValueError(f"pipeline.filters: {err}; see datamodules/pipeline.py (PipelineConfig, QualityConfig)") from None
+
+
+class PairedSampler(Sampler[tuple[int, int]]):
+    """Index pairs: one row of each corpus per sample, from two independent resumable shuffles."""
+
+    def __init__(self, first: ResumableSampler, second: ResumableSampler) -> None:
+        self.first, self.second = first, second
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self.first, self.second)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+class PairedBlocks(torch.utils.data.Dataset):
+    def __init__(self, raw: Blocks, filtered: Blocks) -> None:
+        self.raw, self.filtered = raw, filtered
+
+    def __getitem__(self, index: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return {"raw": self.raw[index[0]], "filtered": self.filtered[index[1]]}
+
+
+def prepare(config: CorpusConfig, settings: AblationDataConfig, block_size: int) -> Path:
+    """Build (once; cached by corpus and settings) the folder with tokenizer.json, raw/, filtered/, val/ and meta.json."""
+    root = cache_root(config)
+    documents, note = read_source(config.source, config.text_field, config.hub_split, root)
+    if settings.only:
+        documents = [d for d in documents if d.id.startswith(settings.only)]
+        if not documents:
+            raise DataFormatError(f"pipeline.only={settings.only!r}: no document id of {config.source} starts with it; "
+                                  "set pipeline.only=null to keep every document")
+    corpus = clean(documents, config.min_doc_chars, config.max_bytes, config.val_fraction)
+    digest = corpus_hash(corpus)
+    key = hashlib.sha256(json.dumps({"settings": settings_hash(config, block_size), "ablation": asdict(settings),
+                                     "pipeline": PIPELINE_VERSION}, sort_keys=True).encode()).hexdigest()[:8]
+    folder = root / "ablation" / f"{digest[:16]}-{key}"
+    if (folder / "meta.json").is_file():
+        rank_zero_info(f"ablation corpora {digest[:16]}: cached at {folder}")
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        raw = pipeline.make_raw_corpus(corpus.train, settings.plant_seed, settings.rates())
+        kept, stages = pipeline.run_pipeline(raw, settings.filter_config())
+        plants = pipeline.score_against_plants(raw, kept, stages["removed"])
+        tokenizer = bpe.load_or_train([d.text for d in corpus.train], config.vocab_size, root)
+        bpe.save(tokenizer, partial / "tokenizer.json")
+        tokens = {}
+        for name, docs in (("raw", raw), ("filtered", kept)):
+            count, blocks, _ = build_split([d.text for d in docs], tokenizer, block_size, partial / name, name)
+            tokens[name] = {"docs": len(docs), "tokens": count, "blocks": blocks}
+        val_tokens, val_blocks, val_counts = build_split([d.text for d in corpus.val], tokenizer, block_size, partial / "val", "val")
+        stats = {
+            "source_docs": len(documents), "clean_train_docs": len(corpus.train), "val_docs": len(corpus.val),
+            **{f"{name}_{k}": v for name, t in tokens.items() for k, v in t.items()},
+            "val_tokens": val_tokens, "val_blocks": val_blocks, "note": note,
+        }
+        meta = {
+            "corpus_hash": digest, "source": config.source, "block_size": block_size, "vocab_size": tokenizer.get_vocab_size(),
+            "stats": stats, "stages": {k: v for k, v in stages.items() if k != "duplicate_of"}, "plants": plants,
+            "val_unigram_counts": val_counts.tolist(),
+        }
+        (partial / "meta.json").write_text(json.dumps(meta, default=str))
+        try:
+            os.replace(partial, folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    rank_zero_info(f"ablation corpora {digest[:16]}: built at {folder}")
+    return folder
+
+
+class AblationDataModule(PretrainDataModule):
+    """Train batches `{"raw": (B, T + 1), "filtered": (B, T + 1)}`; validation blocks (B, T + 1) of the held-out split."""
+
+    def __init__(self, config: CorpusConfig, settings: AblationDataConfig, block_size: int, seed: int = 0) -> None:
+        super().__init__(config, block_size, seed)
+        self.settings = settings
+
+    def prepare_data(self) -> None:
+        if self.folder is None:
+            self.folder = prepare(self.config, self.settings, self.block_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.corpora = {name: Blocks(self.folder / name) for name in CORPORA}
+        self.val_set = Blocks(self.folder / "val")
+
+    def train_dataloader(self) -> DataLoader:
+        samplers = [self.train_sampler(len(self.corpora[name])) for name in CORPORA]
+        return DataLoader(PairedBlocks(*self.corpora.values()), self.config.batch_size, sampler=PairedSampler(*samplers),
+                          drop_last=True, **self._loader_args())
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        """What each stage of the pipeline removed, by rule and by document id (`pipeline.run_pipeline`'s stats)."""
+        return self._meta()["stages"]
+
+    @property
+    def plants(self) -> dict[str, Any]:
+        """Recall and false positives against the planted defects (`pipeline.score_against_plants`)."""
+        return self._meta()["plants"]

@@ -1,0 +1,55 @@
+"""What every tokenizer of `datamodules.subword` offers, and the JSON file each one is saved as."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, Self, runtime_checkable
+
+
+@runtime_checkable
+class SubwordTokenizer(Protocol):
+    """A trained subword vocabulary: text to ids and back, saved as one JSON file.
+
+    `kind` names the algorithm in the saved file, so `datamodules.subword.load` rebuilds the right class.
+    """
+
+    kind: str
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Self: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def tokens(self) -> list[str]:
+        """The vocabulary in id order, as the token strings the model's own file spells them."""
+        ...
+
+    def save(self, path: Path) -> None: ...
+
+    @classmethod
+    def load(cls, path: Path) -> Self: ...
+
+
+def write_json(path: Path, kind: str, payload: dict[str, Any]) -> None:
+    """Write `{"kind": kind, **payload}` to `path` whole or not at all (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps({"kind": kind, **payload}, ensure_ascii=False), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def read_json(path: Path, kind: str | None = None) -> dict[str, Any]:
+    """The saved payload; a ValueError if the file holds another kind of tokenizer than `kind`."""
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    if kind is not None and payload.get("kind") != kind:
+        raise ValueError(f"{path}: a {payload.get('kind')!r} tokenizer, not {kind!r}")
+    return payload
