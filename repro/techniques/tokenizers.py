@@ -99,9 +99,11 @@ def measure(config: TokenizersConfig, seed: int, run_dir: Path) -> Findings:
             bound=by[library, algorithm]["bytes_per_token"], factor=COMPRESSION_SHARE, paper="the same algorithm",
             bound_name=f"the {library} library's bytes per token"))
 
-    (run_dir / "compression.png").write_bytes(grouped_bars(
-        {lib: {alg: r["bytes_per_token"] for (l2, alg), r in by.items() if l2 == lib} for lib in dict.fromkeys(l for l, _ in by)},
-        "UTF-8 bytes per token (held out)", f"Compression at vocabulary {config.vocab_size}"))
+    bars: dict[str, dict[str, float]] = {}
+    for (library, algorithm), r in by.items():
+        bars.setdefault(library, {})[algorithm] = r["bytes_per_token"]
+    (run_dir / "compression.png").write_bytes(grouped_bars(bars, "UTF-8 bytes per token (held out)",
+                                                           f"Compression at vocabulary {config.vocab_size}"))
     sections = {"Tokenizers side by side": ["![bytes per token](compression.png)", "", *table(records)]}
     notes = [f"Corpus: {c.source} ({note}); a deterministic sample of {c.max_bytes:,} bytes (`datamodules.tokenizer.sample`), "
              "every 10th text held out. Times are one run's wall seconds (`time.perf_counter`); encode speed is one text at "
