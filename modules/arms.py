@@ -240,11 +240,15 @@ class DecoderArms(ArmsModule):
     def arm_metrics(self, arm: Any, batch: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
         decoder = self.decoder(arm.name)
         loss = decoder.loss(batch[:, :-1], batch[:, 1:])
-        layers = decoder.moe_layers()
+        self.record_val_loads(arm)
+        return {"loss": (loss, batch[:, 1:].numel())}
+
+    def record_val_loads(self, arm: Any) -> None:
+        """Add the expert loads of the arm's last forward (a validation batch) to its validation total."""
+        layers = self.decoder(arm.name).moe_layers()
         if layers:
             load = torch.stack([m.last_load for m in layers])
             self._val_loads[arm.name] = self._val_loads.get(arm.name, torch.zeros_like(load)) + load
-        return {"loss": (loss, batch[:, 1:].numel())}
 
     def on_validation_epoch_end(self) -> None:
         reduce = self._reduce()

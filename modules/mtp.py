@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modules.arms import ArmsModule, check_arm_names
+from modules.arms import DecoderArms, check_arm_names
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.mtp import MTPHeads
 from modules.pretrain import OptimConfig
@@ -61,16 +61,18 @@ class MTPSettings:
         return self.lambdas[-1] if step >= self.switch_at * max_steps else self.lambdas[0]
 
 
-class MTPModule(ArmsModule):
-    """Arms side by side on packed blocks (batch, block_size + 1); `model` is the first arm's decoder."""
+class MTPModule(DecoderArms):
+    """Arms side by side on packed blocks (batch, block_size + 1); `model` is the first arm's decoder. A decoder
+    with experts (DeepSeek-V3's shape) balances them as `DecoderArms` does."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | OptimConfig,
                  mtp: dict[str, Any] | MTPSettings, max_steps: int) -> None:
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         optim = asdict(optim) if isinstance(optim, OptimConfig) else dict(optim)
         mtp = asdict(mtp) if isinstance(mtp, MTPSettings) else dict(mtp)
-        self.settings, self.config = MTPSettings(**mtp), DecoderConfig(**model)
-        super().__init__([MTPArm(**a) for a in self.settings.arms], OptimConfig(**optim), max_steps, self.settings.grad_clip)
+        self.settings = MTPSettings(**mtp)
+        super().__init__(DecoderConfig(**model), [MTPArm(**a) for a in self.settings.arms], OptimConfig(**optim), max_steps,
+                         self.settings.grad_clip)
         self.save_hyperparameters({"model": model, "optim": optim, "mtp": mtp, "max_steps": max_steps})
 
     def build_arm(self, arm: MTPArm) -> tuple[Decoder, MTPHeads | None]:
@@ -96,9 +98,15 @@ class MTPModule(ArmsModule):
         main, heads = self.arm_losses(arm, batch)
         loss = main + weight / len(heads) * torch.stack(heads).sum() if heads else main
         self.log("mtp/lambda", weight)
-        return loss, main, {f"mtp{k}": h for k, h in enumerate(heads, 1)}
+        logs = {f"mtp{k}": h for k, h in enumerate(heads, 1)}
+        balance = [m.aux_loss for m in self.decoder(arm.name).moe_layers() if m.aux_loss is not None]
+        if balance:
+            logs["balance_loss"] = torch.stack(balance).sum()
+            loss = loss + logs["balance_loss"]
+        return loss, main, logs
 
     def arm_metrics(self, arm: MTPArm, batch: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
         n = batch[:, 1:].numel()
         main, heads = self.arm_losses(arm, batch)
+        self.record_val_loads(arm)
         return {"loss": (main, n), **{f"mtp{k}": (h, n) for k, h in enumerate(heads, 1)}}
