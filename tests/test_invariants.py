@@ -388,7 +388,19 @@ def tokenizers_byte_alphabet_spells_every_byte_once_and_visibly() -> None:
     assert [ALPHABET[b] for b in range(ord("!"), ord("~") + 1)] == [chr(b) for b in range(ord("!"), ord("~") + 1)]
 
 
+def deepseek_v3_published_config_counts_671b() -> None:
+    """The calculator on DeepSeek-V3's config.json: 671B parameters; the tiny preset's model as the module counts it."""
+    from modules.nn.calculator import DEEPSEEK_V3, count
+    from repro.config import load_preset
+
+    assert round(count(DEEPSEEK_V3).total / 1e9) == 671
+    config = DecoderConfig(**{**load_preset("deepseek-v3", "tiny")["model"], "vocab_size": 300})
+    with torch.device("meta"):
+        assert Decoder(config).num_params() == count(config).total
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "deepseek-v3": [deepseek_v3_published_config_counts_671b],
     "tokenizers": [tokenizers_byte_alphabet_spells_every_byte_once_and_visibly],
     "data": [data_arms_start_equal_and_read_their_own_corpus],
     "dualpipe": [dualpipe_schedules_meet_table2_at_the_reports_setting],
