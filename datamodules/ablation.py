@@ -4,8 +4,9 @@ The source's documents are cleaned and split by document as for pretraining; the
 held out first. The train split becomes a raw, web-like corpus (`pipeline.make_raw_corpus`: the
 defects the pipeline targets planted at stated rates), which `pipeline.run_pipeline` filters. One
 tokenizer, trained on the clean train split (neither arm's corpus), packs the raw corpus, the
-filtered corpus and the validation split. A train batch is `{"raw": blocks, "filtered": blocks}`:
-both arms read the same number of tokens per step, each from its own shuffle.
+deduplicated corpus (normalised, exact and near duplicates removed, no quality rules), the filtered
+corpus and the validation split. A train batch is `{"raw": blocks, "deduped": blocks, "filtered":
+blocks}`: every arm reads the same number of tokens per step, each from its own shuffle.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from datamodules.clean import clean, corpus_hash
 from datamodules.packing import Blocks, build_split
 from datamodules.pretrain import PIPELINE_VERSION, CorpusConfig, PretrainDataModule, cache_root, settings_hash
 from datamodules.sampler import ResumableSampler
-from datamodules.sources import DataFormatError, read_source
+from datamodules.sources import DataFormatError, Document, read_source
 
-CORPORA = ("raw", "filtered")
+CORPORA = ("raw", "deduped", "filtered")  # deduped: the raw corpus after normalisation and both dedup stages only
 
 
 @dataclass
@@ -62,25 +63,37 @@ class AblationDataConfig:
             raise ValueError(f"pipeline.filters: {err}; see datamodules/pipeline.py (PipelineConfig, QualityConfig)") from None
 
 
-class PairedSampler(Sampler[tuple[int, int]]):
-    """Index pairs: one row of each corpus per sample, from two independent resumable shuffles."""
+class ZippedSampler(Sampler[tuple[int, ...]]):
+    """Index tuples: one row of each corpus per sample, from independent resumable shuffles."""
 
-    def __init__(self, first: ResumableSampler, second: ResumableSampler) -> None:
-        self.first, self.second = first, second
+    def __init__(self, samplers: list[ResumableSampler]) -> None:
+        self.samplers = samplers
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return zip(self.first, self.second)
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        return zip(*self.samplers)
 
     def __len__(self) -> int:
-        return len(self.first)
+        return len(self.samplers[0])
 
 
-class PairedBlocks(torch.utils.data.Dataset):
-    def __init__(self, raw: Blocks, filtered: Blocks) -> None:
-        self.raw, self.filtered = raw, filtered
+class ZippedBlocks(torch.utils.data.Dataset):
+    def __init__(self, corpora: dict[str, Blocks]) -> None:
+        self.corpora = corpora
 
-    def __getitem__(self, index: tuple[int, int]) -> dict[str, torch.Tensor]:
-        return {"raw": self.raw[index[0]], "filtered": self.filtered[index[1]]}
+    def __getitem__(self, index: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        return {name: blocks[i] for (name, blocks), i in zip(self.corpora.items(), index)}
+
+
+def near_copy_similarity(raw: list, config: pipeline.PipelineConfig) -> list[dict[str, Any]]:
+    """Each planted near-copy's exact Jaccard similarity to its source (the shingle sets MinHash estimates)."""
+    texts = {d.id: d.text for d in raw}
+    out = []
+    for doc in raw:
+        if pipeline.plant_kind(doc.id) == "near-of":
+            source = doc.id.split(":", 1)[1].rsplit("#", 1)[0]
+            a, b = pipeline.shingles(doc.text, config.shingle_words), pipeline.shingles(texts[source], config.shingle_words)
+            out.append({"id": doc.id, "jaccard": len(a & b) / max(1, len(a | b))})
+    return out
 
 
 def prepare(config: CorpusConfig, settings: AblationDataConfig, block_size: int) -> Path:
@@ -104,12 +117,18 @@ def prepare(config: CorpusConfig, settings: AblationDataConfig, block_size: int)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
     try:
         raw = pipeline.make_raw_corpus(corpus.train, settings.plant_seed, settings.rates())
-        kept, stages = pipeline.run_pipeline(raw, settings.filter_config())
+        filters = settings.filter_config()
+        kept, stages = pipeline.run_pipeline(raw, filters)
         plants = pipeline.score_against_plants(raw, kept, stages["removed"])
+        similarity = near_copy_similarity(raw, filters)
+        for entry in similarity:
+            entry["removed"] = entry["id"] in stages["removed"]
+        dedup = ("exact_dedup", "near_dedup")
+        deduped = [Document(d.id, pipeline.normalize_text(d.text)) for d in raw if stages["removed"].get(d.id) not in dedup]
         tokenizer = bpe.load_or_train([d.text for d in corpus.train], config.vocab_size, root)
         bpe.save(tokenizer, partial / "tokenizer.json")
         tokens = {}
-        for name, docs in (("raw", raw), ("filtered", kept)):
+        for name, docs in (("raw", raw), ("deduped", deduped), ("filtered", kept)):
             count, blocks, _ = build_split([d.text for d in docs], tokenizer, block_size, partial / name, name)
             tokens[name] = {"docs": len(docs), "tokens": count, "blocks": blocks}
         val_tokens, val_blocks, val_counts = build_split([d.text for d in corpus.val], tokenizer, block_size, partial / "val", "val")
@@ -121,6 +140,7 @@ def prepare(config: CorpusConfig, settings: AblationDataConfig, block_size: int)
         meta = {
             "corpus_hash": digest, "source": config.source, "block_size": block_size, "vocab_size": tokenizer.get_vocab_size(),
             "stats": stats, "stages": {k: v for k, v in stages.items() if k != "duplicate_of"}, "plants": plants,
+            "near_copies": similarity,
             "val_unigram_counts": val_counts.tolist(),
         }
         (partial / "meta.json").write_text(json.dumps(meta, default=str))
@@ -154,8 +174,13 @@ class AblationDataModule(PretrainDataModule):
 
     def train_dataloader(self) -> DataLoader:
         samplers = [self.train_sampler(len(self.corpora[name])) for name in CORPORA]
-        return DataLoader(PairedBlocks(*self.corpora.values()), self.config.batch_size, sampler=PairedSampler(*samplers),
+        return DataLoader(ZippedBlocks(self.corpora), self.config.batch_size, sampler=ZippedSampler(samplers),
                           drop_last=True, **self._loader_args())
+
+    @property
+    def near_copies(self) -> list[dict[str, Any]]:
+        """Each planted near-copy: its exact Jaccard similarity to its source and whether the pipeline removed it."""
+        return self._meta()["near_copies"]
 
     @property
     def stages(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The same decoder trained on two corpora side by side: raw vs filtered (the data-pipeline ablation).
+"""The same decoder trained on several corpora side by side: raw, deduplicated, filtered (the data-pipeline ablation).
 
 Each arm reads its own corpus (a batch is `{arm name: blocks}`), the same number of tokens per step
 from the same initial weights, and both are validated on the same held-out blocks, so their
@@ -19,7 +19,7 @@ from modules.pretrain import OptimConfig
 
 @dataclass
 class CorpusArm:
-    """One arm: a name and the corpus it trains on ("raw" or "filtered")."""
+    """One arm: a name and the corpus it trains on ("raw", "deduped" or "filtered")."""
 
     name: str
     corpus: str = "filtered"
@@ -29,7 +29,7 @@ class CorpusArm:
             raise ValueError(f"ablation.arms: arm {self.name!r} has corpus {self.corpus!r}; use {', '.join(CORPORA)}")
 
 
-CORPORA = ("raw", "filtered")
+CORPORA = ("raw", "deduped", "filtered")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class AblationSettings:
     """The `ablation.` section: the arms."""
 
     arms: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "raw", "corpus": "raw"},
+                                                                {"name": "deduped", "corpus": "deduped"},
                                                                 {"name": "filtered", "corpus": "filtered"}])
     grad_clip: float = 1.0
 

@@ -362,20 +362,21 @@ def dualpipe_schedules_meet_table2_at_the_reports_setting() -> None:
 
 
 def data_arms_start_equal_and_read_their_own_corpus() -> None:
-    """Both arms start from the same weights; each arm's loss reads its own corpus's rows of a paired batch."""
+    """Every arm starts from the same weights; each arm's loss reads its own corpus's rows of a zipped batch."""
     from modules.corpus_arms import CorpusArmsModule
 
     module = CorpusArmsModule({"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}, {}, {}, 10)
-    raw, filtered = (module.decoder(a.name) for a in module.arms)
-    for (name, a), b in zip(raw.state_dict().items(), filtered.state_dict().values()):
-        assert torch.equal(a, b), name
+    first, *others = (module.decoder(a.name) for a in module.arms)
+    for other in others:
+        for (name, a), b in zip(first.state_dict().items(), other.state_dict().values()):
+            assert torch.equal(a, b), name
     gen = torch.Generator().manual_seed(0)
-    batch = {"raw": torch.randint(0, 64, (2, 17), generator=gen), "filtered": torch.randint(0, 64, (2, 17), generator=gen)}
+    batch = {arm.corpus: torch.randint(0, 64, (2, 17), generator=gen) for arm in module.arms}
     for arm in module.arms:
         _, main, _ = module.arm_loss(arm, batch)
         rows = batch[arm.corpus]
-        torch.testing.assert_close(main, raw.loss(rows[:, :-1], rows[:, 1:]))
-    assert module.tokens_in(batch) == 2 * 2 * 16
+        torch.testing.assert_close(main, first.loss(rows[:, :-1], rows[:, 1:]))
+    assert module.tokens_in(batch) == len(module.arms) * 2 * 16
 
 
 def tokenizers_byte_alphabet_spells_every_byte_once_and_visibly() -> None:

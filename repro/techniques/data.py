@@ -4,8 +4,8 @@ The source's documents (by default the Python docs' prose pages) are split by do
 split becomes a raw, web-like corpus with the defects a pipeline targets planted at stated rates
 (exact and near duplicates, mojibake, spam: `datamodules/pipeline.py::make_raw_corpus`), and the
 pipeline (ftfy normalisation, exact dedup by hash, MinHash + LSH near-dedup, Gopher's quality
-rules) filters it. The same decoder trains on raw and on filtered side by side, at equal tokens per
-step, and both are validated on the same held-out documents. The report counts every stage, scores
+rules) filters it. The same decoder trains on raw, on deduplicated only and on filtered corpora side by
+side, at equal tokens per step, and all are validated on the same held-out documents. The report counts every stage, scores
 each stage against the planted ground truth, and checks the claim from the two validation losses.
 """
 
@@ -26,7 +26,7 @@ from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
 SOURCE = "GPT-3 (Brown et al. 2020, Sec. 2.2); Gopher (Rae et al. 2021, App. A); FineWeb (Penedo et al. 2024)"
-NEAR_RECALL = 0.8  # MinHash LSH at Jaccard 0.8 should find most planted near-copies (2% of words edited)
+NEAR_RECALL = 0.9  # of the planted near-copies at or above the Jaccard threshold, MinHash + LSH should find nearly all
 
 
 @dataclass
@@ -71,6 +71,12 @@ def findings(config: DataConfig, final: dict[str, float], module: CorpusArmsModu
         metrics |= {f"plants/{kind}/docs": entry["docs"], f"plants/{kind}/removed_fraction": entry["removed_fraction"]}
         if "repaired" in entry:
             metrics[f"plants/{kind}/repaired"] = entry["repaired"]
+    threshold = config.pipeline.filter_config().threshold
+    near = datamodule.near_copies
+    above = [e for e in near if e["jaccard"] >= threshold]
+    metrics |= {"near_copies/planted": len(near), "near_copies/at_or_above_threshold": len(above),
+                "near_copies/recall_above_threshold": sum(e["removed"] for e in above) / len(above) if above else None,
+                "near_copies/recall_all": sum(e["removed"] for e in near) / len(near) if near else None}
     scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
 
     (run_dir / "arm_losses.png").write_bytes(loss_curves(module.loss_curves(), "Validation and train loss per corpus (equal tokens)"))
@@ -112,10 +118,13 @@ def findings(config: DataConfig, final: dict[str, float], module: CorpusArmsModu
         f"Both arms train {config.train.max_steps} steps of {config.data.batch_size} x {config.model.block_size} tokens from "
         "the same initial weights: equal tokens, each from its own corpus.",
     ]
-    return Findings(metrics=metrics, claims=_claims(module, metrics), notes=notes, sections=sections)
+    notes.append(f"Near-copies: {len(near)} planted; {len(above)} of them at or above the Jaccard threshold {threshold} on "
+                 f"{config.pipeline.filter_config().shingle_words}-word shingles (computed exactly), which is what MinHash + LSH "
+                 "estimates and is asked to find; the others are, by construction of their edits, below it.")
+    return Findings(metrics=metrics, claims=_claims(module, metrics, threshold), notes=notes, sections=sections)
 
 
-def _claims(module: CorpusArmsModule, metrics: dict[str, Any]) -> list:
+def _claims(module: CorpusArmsModule, metrics: dict[str, Any], threshold: float) -> list:
     by_corpus = {arm.corpus: arm.name for arm in module.arms}
     claims = []
     if {"raw", "filtered"} <= set(by_corpus):
@@ -125,11 +134,17 @@ def _claims(module: CorpusArmsModule, metrics: dict[str, Any]) -> list:
             measured=metrics[f"{by_corpus['filtered']}/val_loss"], bound=metrics[f"{by_corpus['raw']}/val_loss"], factor=1.0,
             paper="deduplicated, filtered data trains better models per token (GPT-3 Sec. 2.2; Gopher Fig. A3; FineWeb Fig. 3)",
             bound_name=f"{by_corpus['raw']}'s loss"))
+    if {"raw", "deduped"} <= set(by_corpus):
+        claims.append(check_below(
+            claim="Deduplication alone lowers the validation loss at equal tokens", source="Lee et al. 2022 (Deduplicating "
+            "Training Data Makes Language Models Better)", metric=f"validation loss of {by_corpus['deduped']} (nats/token)",
+            measured=metrics[f"{by_corpus['deduped']}/val_loss"], bound=metrics[f"{by_corpus['raw']}/val_loss"], factor=1.0,
+            paper="same or better perplexity with fewer training steps after exact and near dedup", bound_name=f"{by_corpus['raw']}'s loss"))
     claims.append(check_above(
-        claim="MinHash with LSH finds near-duplicate documents", source="Broder 1997; GPT-3 App. A; FineWeb",
-        metric="share of planted near-copies (2% of words edited) removed", measured=metrics.get("plants/near-of/removed_fraction"),
-        bound=NEAR_RECALL, factor=1.0, paper="fuzzy dedup at Jaccard ~0.8 (FineWeb: 5-grams, 112 hashes)",
-        bound_name=f"{NEAR_RECALL:.0%}"))
+        claim="MinHash with LSH finds the near-duplicates above its similarity threshold", source="Broder 1997; GPT-3 App. A; FineWeb",
+        metric=f"share of planted near-copies with exact Jaccard >= {threshold} that the pipeline removed",
+        measured=metrics.get("near_copies/recall_above_threshold"), bound=NEAR_RECALL, factor=1.0,
+        paper="fuzzy dedup at Jaccard ~0.8 (FineWeb: 5-grams, 112 hashes)", bound_name=f"{NEAR_RECALL:.0%}"))
     return claims
 
 
