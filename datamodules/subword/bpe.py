@@ -25,7 +25,7 @@ from typing import Self
 
 import regex
 
-from datamodules.subword.common import read_json, write_json
+from datamodules.subword.common import encode_words, read_json, write_json
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer (and `tokenizers`' ByteLevel one): contractions, letters, digits, other
@@ -195,13 +195,7 @@ class ByteLevelBPE:
         return [s for s, keep in zip(symbols, alive) if keep]
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for word in pre_tokenize(text):
-            cached = self._cache.get(word)
-            if cached is None:
-                cached = self._cache[word] = self._apply_merges(word)
-            ids += cached
-        return ids
+        return encode_words(pre_tokenize(text), self._cache, self._apply_merges)
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; a byte sequence that is not UTF-8 (a cut-off character) decodes to U+FFFD."""

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Callable, Protocol, Self, runtime_checkable
 
 
 @runtime_checkable
@@ -53,3 +53,15 @@ def read_json(path: Path, kind: str | None = None) -> dict[str, Any]:
     if kind is not None and payload.get("kind") != kind:
         raise ValueError(f"{path}: a {payload.get('kind')!r} tokenizer, not {kind!r}")
     return payload
+
+
+def encode_words(words: Iterable[str], cache: dict[str, list[int]], encode_word: Callable[[str], list[int]]) -> list[int]:
+    """The ids of `words` in order, each word's from `cache` or else `encode_word` (then cached): a text repeats
+    its words far more often than a tokenizer meets new ones."""
+    ids: list[int] = []
+    for word in words:
+        cached = cache.get(word)
+        if cached is None:
+            cached = cache[word] = encode_word(word)
+        ids += cached
+    return ids

@@ -32,7 +32,7 @@ from typing import Self
 
 import regex
 
-from datamodules.subword.common import read_json, write_json
+from datamodules.subword.common import encode_words, read_json, write_json
 
 SPACE_SYMBOL = "\u2581"
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -276,13 +276,7 @@ class Unigram:
         return ids
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for word in pre_tokenize(text):
-            cached = self._cache.get(word)
-            if cached is None:
-                cached = self._cache[word] = self._encode_word(word)
-            ids += cached
-        return ids
+        return encode_words(pre_tokenize(text), self._cache, self._encode_word)
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids` without the dummy prefix; bytes that are not UTF-8 decode to U+FFFD."""

@@ -38,7 +38,7 @@ from typing import Self
 
 import regex
 
-from datamodules.subword.common import read_json, write_json
+from datamodules.subword.common import encode_words, read_json, write_json
 
 PREFIX = "##"
 UNK = "[UNK]"
@@ -196,13 +196,7 @@ class WordPiece:
         return ids
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for word in pre_tokenize(text):
-            cached = self._cache.get(word)
-            if cached is None:
-                cached = self._cache[word] = self.encode_word(word)
-            ids += cached
-        return ids
+        return encode_words(pre_tokenize(text), self._cache, self.encode_word)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Words separated by single spaces; a `##` piece joins the piece before it."""
