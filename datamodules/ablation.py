@@ -109,7 +109,7 @@ def prepare(config: CorpusConfig, settings: AblationDataConfig, block_size: int)
     corpus = clean(documents, config.min_doc_chars, config.max_bytes, config.val_fraction)
     digest = corpus_hash(corpus)
     key = hashlib.sha256(json.dumps({"settings": settings_hash(config, block_size), "ablation": asdict(settings),
-                                     "pipeline": PIPELINE_VERSION, "ablation": VERSION}, sort_keys=True).encode()).hexdigest()[:8]
+                                     "pipeline": PIPELINE_VERSION, "version": VERSION}, sort_keys=True).encode()).hexdigest()[:8]
     folder = root / "ablation" / f"{digest[:16]}-{key}"
     if (folder / "meta.json").is_file():
         rank_zero_info(f"ablation corpora {digest[:16]}: cached at {folder}")
