@@ -14,8 +14,14 @@ from modules.nn.norm import RMSNorm
 from modules.nn.position import apply_rope
 
 
-def build_attention(config: DecoderConfig) -> nn.Module:
-    return LatentAttention(config) if config.attention == "mla" else CausalSelfAttention(config)
+def build_attention(config: DecoderConfig, layer: int | None = None) -> nn.Module:
+    """The token mixer `config.attention` names; `layer` (0-based, None for an MTP module's block) sets
+    differential attention's lambda_init."""
+    if config.attention == "mla":
+        return LatentAttention(config)
+    if config.attention == "diff":
+        return DifferentialAttention(config, 0 if layer is None else layer)
+    return CausalSelfAttention(config)
 
 
 class CausalSelfAttention(nn.Module):
@@ -133,3 +139,66 @@ class LatentAttention(nn.Module):
             y = F.scaled_dot_product_attention(torch.cat([q_c, q_r], dim=-1), k, v, attn_mask=mask,
                                                is_causal=mask is None, dropout_p=dropout, scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * d))
+
+
+def lambda_init(layer: int) -> float:
+    """Differential attention's lambda_init for 0-based block `layer`: 0.8 - 0.6 exp(-0.3 (l - 1)), l = layer + 1."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer)
+
+
+class DifferentialAttention(CausalSelfAttention):
+    """Differential attention (Ye et al., ICLR 2025): each head's queries and keys split in halves,
+    two softmax maps subtracted, softmax(Q1 K1^T / sqrt(d)) - lambda softmax(Q2 K2^T / sqrt(d)), times V
+    of the full head width 2d. lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, per layer;
+    each head's output is RMS-normalised and scaled by (1 - lambda_init).
+
+    A head here is one of the paper's heads: `n_head` heads of `head_dim` = 2d hold the same projections
+    as a softmax transformer of 2 n_head heads of d (the paper's equal-size comparison). The cache holds
+    keys and values as multi-head attention's, so decoding works unchanged.
+    """
+
+    def __init__(self, config: DecoderConfig, layer: int) -> None:
+        if config.kv_heads != config.n_head:
+            raise ValueError("model.attention=diff: grouped-query keys are not supported; leave model.n_kv_head unset")
+        super().__init__(config)
+        half = self.head_dim // 2
+        self.lambda_init = lambda_init(layer)
+        self.lambdas = nn.Parameter(torch.zeros(4, half))  # lq1, lk1, lq2, lk2 (re-parametrised lambda)
+        self.subln = RMSNorm(self.head_dim, 1e-5)
+
+    def reset_lambdas(self) -> None:
+        nn.init.normal_(self.lambdas, mean=0.0, std=0.1)
+
+    def lam(self) -> torch.Tensor:
+        q1, k1, q2, k2 = self.lambdas.float()
+        return torch.exp((q1 * k1).sum()) - torch.exp((q2 * k2).sum()) + self.lambda_init
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); the cache and mask as `CausalSelfAttention`'s."""
+        B, T, _ = x.shape
+        H, D = self.n_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, H * D, H * D], dim=-1)
+        # queries and keys as 2H half-heads of D / 2 (RoPE on each), values as H heads of D
+        q = q.view(B, T, 2 * H, D // 2).transpose(1, 2)
+        k = k.view(B, T, 2 * H, D // 2).transpose(1, 2)
+        v = v.view(B, T, H, D).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = q.reshape(B, H, 2, T, D // 2), k.reshape(B, H, 2, T, D // 2)  # half-head 2h, 2h+1 -> head h, halves 0, 1
+        k = k.transpose(2, 3).reshape(B, H, T, D)  # cached as a head of width D: both halves side by side
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        k = k.view(B, H, -1, 2, D // 2).transpose(2, 3)  # (B, H, 2, S, D/2)
+        dropout = self.dropout if self.training else 0.0
+        maps = [F.scaled_dot_product_attention(q[:, :, i], k[:, :, i], v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=dropout) for i in (0, 1)]  # each (B, H, T, D)
+        y = maps[0] - self.lam().to(v.dtype) * maps[1]
+        y = self.subln(y) * (1 - self.lambda_init)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))

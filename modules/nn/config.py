@@ -33,7 +33,8 @@ class DecoderConfig:
     pad_vocab_to: int = 1  # round the embedding table up to a multiple of this (64 keeps matmuls aligned)
     # "mla": DeepSeek-V2's multi-head latent attention (modules/nn/attention.py): keys and values from a
     # joint low-rank latent (the only thing cached, with one shared RoPE key), queries optionally low-rank too
-    attention: Literal["standard", "mla"] = "standard"
+    # "diff": differential attention (Ye et al. 2025): two softmax maps per head, subtracted with a learned lambda
+    attention: Literal["standard", "mla", "diff"] = "standard"
     mla_kv_rank: int | None = None  # latent width d_c; None: 4 x head_dim (DeepSeek-V2/V3: 512 at head_dim 128)
     mla_q_rank: int = 0  # query latent width d_c'; 0: queries projected directly (DeepSeek-V2-Lite); V2/V3: 1536
     mla_rope_dim: int | None = None  # width of the decoupled RoPE query/key per head; None: head_dim // 2 (64 of 128)
@@ -71,8 +72,11 @@ class DecoderConfig:
                              "e.g. mmmmammm for Jamba")
         if self.mamba_scan not in ("auto", "parallel", "sequential"):
             raise ValueError(f"model.mamba_scan={self.mamba_scan!r}: use auto, parallel or sequential")
-        if self.attention not in ("standard", "mla"):
-            raise ValueError(f"model.attention={self.attention!r}: use standard or mla")
+        if self.attention not in ("standard", "mla", "diff"):
+            raise ValueError(f"model.attention={self.attention!r}: use standard, mla or diff")
+        if self.attention == "diff" and (self.head_dim % 2 or (self.position == "rope" and self.head_dim % 4)):
+            raise ValueError(f"model.attention=diff splits each head's queries and keys in two: head size {self.head_dim} must be "
+                             "even (a multiple of 4 with RoPE)")
         if self.attention == "mla":
             if self.position != "rope":
                 raise ValueError(f"model.attention=mla carries its positions in a decoupled RoPE key: set model.position=rope "
@@ -112,6 +116,8 @@ class DecoderConfig:
         """Width RoPE rotates per head: the whole head, or MLA's decoupled part."""
         if self.attention == "mla":
             return self.mla_rope_dim or self.head_dim // 2
+        if self.attention == "diff":  # each half of a head's queries and keys is rotated on its own
+            return self.head_dim // 2
         return self.head_dim
 
     @property

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.nn.attention import build_attention
+from modules.nn.attention import DifferentialAttention, build_attention
 from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
 from modules.nn.mamba import MambaMixer
@@ -30,6 +30,8 @@ def init_weights(module: nn.Module, n_layer: int) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     elif isinstance(module, MoE):
         module.reset_parameters(0.02, 0.02 / math.sqrt(2 * n_layer))
+    elif isinstance(module, DifferentialAttention):
+        module.reset_lambdas()
 
 
 class Block(nn.Module):
@@ -41,7 +43,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm_attn = build_norm(config)  # the mixer's norm, attention or Mamba
         if layer is None or config.mixer(layer) == "attention":
-            self.attn, self.mamba = build_attention(config), None
+            self.attn, self.mamba = build_attention(config, layer), None
         else:
             self.attn, self.mamba = None, MambaMixer(
                 config.n_embd, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand, config.mamba_dt_rank,

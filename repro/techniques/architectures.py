@@ -53,6 +53,8 @@ def build(config: ArchitecturesConfig, seed: int, stages: dict[str, Path]) -> tu
 
 def describe(cfg: DecoderConfig) -> str:
     heads = "MHA" if cfg.kv_heads == cfg.n_head else "MQA" if cfg.kv_heads == 1 else f"GQA ({cfg.kv_heads} KV heads)"
+    if cfg.attention == "diff":
+        heads = f"DIFF ({cfg.n_head} heads of {cfg.head_dim})"
     if cfg.attention == "mla":
         heads = f"MLA (d_c {cfg.kv_rank}, d_R {cfg.rope_dim}{f', queries {cfg.mla_q_rank}' if cfg.mla_q_rank else ''})"
     return f"{cfg.norm}, {cfg.mlp}, {cfg.position}, {heads}"
@@ -105,6 +107,9 @@ def findings(config: ArchitecturesConfig, final: dict[str, float], module: Archi
 
 def _claims(module: ArchitecturesModule, metrics: dict[str, Any]) -> list:
     configs = {a.name: module.decoder(a.name).config for a in module.arms}
+    diff = next((n for n, c in configs.items() if c.attention == "diff"), None)
+    if diff is not None:
+        return _diff_claims(configs, diff, metrics)
     gpt2 = next((n for n, c in configs.items() if (c.norm, c.mlp, c.position, c.kv_heads) == ("layernorm", "gelu", "learned", c.n_head)), None)
     llama = next((n for n, c in configs.items() if (c.norm, c.mlp, c.position, c.kv_heads, c.attention)
                   == ("rmsnorm", "swiglu", "rope", c.n_head, "standard")), None)
@@ -130,6 +135,24 @@ def _claims(module: ArchitecturesModule, metrics: dict[str, Any]) -> list:
             measured=metrics[f"{name}/val_loss"], bound=metrics[f"{llama}/val_loss"], factor=LOSS_SLACK,
             paper=paper, bound_name=f"{llama}'s loss"))
     return claims
+
+
+def _diff_claims(configs: dict[str, DecoderConfig], diff: str, metrics: dict[str, Any]) -> list:
+    """Differential attention against the softmax arm of twice its heads at half the width (equal size)."""
+    d = configs[diff]
+    twin = next((n for n, c in configs.items() if c.attention == "standard" and c.n_head == 2 * d.n_head), None)
+    source = "Differential Transformer (Ye et al., ICLR 2025)"
+    claims = [not_measured("Differential attention cancels attention noise: better key retrieval in long context", source,
+                           "needle (key-value lookup) accuracy", "multi-needle retrieval 0.85-0.9 vs 0.55-0.6 at 4k (Table 2)",
+                           "no needle task in this run yet")]
+    if twin is None:
+        return [*claims, not_measured("DIFF reaches a lower loss than softmax attention of equal size", source, "validation loss",
+                                      "matches a 1.5x larger transformer", f"needs a softmax arm with {2 * d.n_head} heads")]
+    return [check_below(
+        claim="DIFF reaches a lower loss than softmax attention of equal size", source=source,
+        metric=f"validation loss of {diff} ({d.n_head} heads of {d.head_dim}) against {twin} ({2 * d.n_head} heads of "
+        f"{d.head_dim // 2})", measured=metrics[f"{diff}/val_loss"], bound=metrics[f"{twin}/val_loss"], factor=1.0,
+        paper="about 65% of the size or tokens for the same loss (Fig. 3, 4)", bound_name=f"{twin}'s loss"), *claims]
 
 
 register(
