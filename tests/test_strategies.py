@@ -61,7 +61,7 @@ def test_one_device_ddp_and_fsdp2_train_the_same_model(tmp_path: Path) -> None:
             torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])
 def test_moe_arms_over_two_processes_see_the_global_expert_load(tmp_path: Path, strategy: str) -> None:
     """The MoE technique (dense, no balancing, aux loss, loss-free, loss-free + sequence loss) on two
     processes: DDP (five backward passes a step, one per arm) or FSDP2 (each process holds half of every
