@@ -22,6 +22,7 @@ import io
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import sentencepiece
@@ -39,18 +40,19 @@ SPECIAL = {library_bpe.EOT, *wordpiece.SPECIAL_TOKENS, "<unk>", "<s>", "</s>"}
 class Trained:
     encode: Callable[[str], list[int]]
     vocabulary: list[str]  # every token string, in id order
+    model: Any  # the trained tokenizer itself (ours, or the library's object)
 
 
 def _ours(cls: type) -> Callable[[Sequence[str], int], Trained]:
     def train(texts: Sequence[str], vocab_size: int) -> Trained:
         model = cls.train(texts, vocab_size)
-        return Trained(model.encode, model.tokens())
+        return Trained(model.encode, model.tokens(), model)
     return train
 
 
 def _tokenizers_bpe(texts: Sequence[str], vocab_size: int) -> Trained:
     model = library_bpe.train_bpe(texts, vocab_size)
-    return Trained(lambda text: model.encode(text).ids, list(model.get_vocab()))
+    return Trained(lambda text: model.encode(text).ids, list(model.get_vocab()), model)
 
 
 def _tokenizers_wordpiece(texts: Sequence[str], vocab_size: int) -> Trained:
@@ -60,7 +62,7 @@ def _tokenizers_wordpiece(texts: Sequence[str], vocab_size: int) -> Trained:
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=wordpiece.SPECIAL_TOKENS,
                                         show_progress=False)
     model.train_from_iterator(texts, trainer, length=len(texts))
-    return Trained(lambda text: model.encode(text).ids, list(model.get_vocab()))
+    return Trained(lambda text: model.encode(text).ids, list(model.get_vocab()), model)
 
 
 def _tokenizers_unigram(texts: Sequence[str], vocab_size: int) -> Trained:
@@ -71,7 +73,7 @@ def _tokenizers_unigram(texts: Sequence[str], vocab_size: int) -> Trained:
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], unk_token="<unk>",
                                       show_progress=False)
     model.train_from_iterator(texts, trainer, length=len(texts))
-    return Trained(lambda text: model.encode(text).ids, list(model.get_vocab()))
+    return Trained(lambda text: model.encode(text).ids, list(model.get_vocab()), model)
 
 
 def _sentencepiece_unigram(texts: Sequence[str], vocab_size: int) -> Trained:
@@ -83,7 +85,7 @@ def _sentencepiece_unigram(texts: Sequence[str], vocab_size: int) -> Trained:
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         max_sentence_length=max(len(t.encode("utf-8")) for t in texts) + 1, minloglevel=2)
     model = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
-    return Trained(model.encode, [model.id_to_piece(i) for i in range(model.get_piece_size())])
+    return Trained(model.encode, [model.id_to_piece(i) for i in range(model.get_piece_size())], model)
 
 
 # (library, algorithm, train, the library whose vocabulary the overlap is taken with)
@@ -107,8 +109,10 @@ def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def compare(train_texts: Sequence[str], test_texts: Sequence[str], vocab_size: int) -> list[dict]:
-    """One record per contender: training time, compression and speed on `test_texts`, overlap with its counterpart."""
+def compare(train_texts: Sequence[str], test_texts: Sequence[str], vocab_size: int,
+            models: dict[tuple[str, str], Any] | None = None) -> list[dict]:
+    """One record per contender: training time, compression and speed on `test_texts`, overlap with its counterpart.
+    `models`, when given, receives each trained tokenizer under (library, algorithm)."""
     test_bytes = sum(len(t.encode("utf-8")) for t in test_texts)
     test_words = sum(len(t.split()) for t in test_texts)
     records, vocabularies = [], {}
@@ -120,6 +124,8 @@ def compare(train_texts: Sequence[str], test_texts: Sequence[str], vocab_size: i
         tokens = sum(len(trained.encode(t)) for t in test_texts)
         encode_s = time.perf_counter() - start
         vocabularies[library, algorithm] = learned(trained.vocabulary)
+        if models is not None:
+            models[library, algorithm] = trained.model
         records.append({"tokenizer": f"{library} {algorithm}", "library": library, "algorithm": algorithm,
                         "vocab_size": len(trained.vocabulary), "train_s": train_s,
                         "bytes_per_token": test_bytes / tokens, "tokens_per_word": tokens / test_words,

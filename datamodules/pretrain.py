@@ -54,7 +54,8 @@ class CorpusConfig:
                 raise ValueError(message)
 
 
-def cache_root(config: CorpusConfig) -> Path:
+def cache_root(config: CorpusConfig | Any) -> Path:
+    """`config.cache_dir`, else $LLM_REPRO_CACHE, else ~/.cache/llm-repro (any settings with a `cache_dir`)."""
     return Path(
         config.cache_dir or os.environ.get("LLM_REPRO_CACHE") or Path.home() / ".cache" / "llm-repro"
     ).expanduser()

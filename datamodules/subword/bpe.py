@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Self
 
 import regex
 
-from datamodules.subword.common import encode_words, read_json, write_json
+from datamodules.subword.common import count_words, encode_words, read_json, write_json
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer (and `tokenizers`' ByteLevel one): contractions, letters, digits, other
@@ -153,9 +153,7 @@ class ByteLevelBPE:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Self:
         """Learn merges from `texts` until the vocabulary holds `vocab_size` tokens (special + 256 + merges)."""
-        word_counts: Counter[str] = Counter()
-        for text in texts:
-            word_counts.update(pre_tokenize(text))
+        word_counts = count_words(texts, pre_tokenize)
         return cls(*learn_merges(word_counts, vocab_size))
 
     @property

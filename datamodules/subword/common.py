@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, runtime_checkable
@@ -53,6 +54,14 @@ def read_json(path: Path, kind: str | None = None) -> dict[str, Any]:
     if kind is not None and payload.get("kind") != kind:
         raise ValueError(f"{path}: a {payload.get('kind')!r} tokenizer, not {kind!r}")
     return payload
+
+
+def count_words(texts: Iterable[str], pre_tokenize: Callable[[str], list[str]]) -> Counter[str]:
+    """How often each pre-token occurs over `texts`: what every trainer here learns from."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(pre_tokenize(text))
+    return counts
 
 
 def encode_words(words: Iterable[str], cache: dict[str, list[int]], encode_word: Callable[[str], list[int]]) -> list[int]:

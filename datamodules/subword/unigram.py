@@ -32,7 +32,7 @@ from typing import Self
 
 import regex
 
-from datamodules.subword.common import encode_words, read_json, write_json
+from datamodules.subword.common import count_words, encode_words, read_json, write_json
 
 SPACE_SYMBOL = "\u2581"
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -248,9 +248,7 @@ class Unigram:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Self:
         """Learn `vocab_size - 256` pieces from `texts` (the 256 byte pieces fill the rest)."""
-        word_counts: Counter[str] = Counter()
-        for text in texts:
-            word_counts.update(pre_tokenize(text))
+        word_counts = count_words(texts, pre_tokenize)
         return cls(learn_pieces(word_counts, vocab_size - len(BYTE_TOKENS)))
 
     @property

@@ -38,7 +38,7 @@ from typing import Self
 
 import regex
 
-from datamodules.subword.common import encode_words, read_json, write_json
+from datamodules.subword.common import count_words, encode_words, read_json, write_json
 
 PREFIX = "##"
 UNK = "[UNK]"
@@ -165,9 +165,7 @@ class WordPiece:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Self:
-        word_counts: Counter[str] = Counter()
-        for text in texts:
-            word_counts.update(pre_tokenize(text))
+        word_counts = count_words(texts, pre_tokenize)
         return cls(learn_vocabulary(word_counts, vocab_size))
 
     @property

@@ -13,9 +13,9 @@ about as well as the libraries'.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from reports.claims import ClaimResult, check_above
 from repro.registry import Findings, Technique, register
@@ -50,17 +50,16 @@ class TokenizersConfig:
 
 def measure(config: TokenizersConfig, seed: int, run_dir: Path) -> Findings:
     from benchmarks.tokenizers import compare, split, table
-    from datamodules import tokenizer as library_bpe
+    from datamodules.pretrain import cache_root
     from datamodules.sources import read_source
-    from datamodules.subword import ByteLevelBPE, Unigram
     from reports.plots import grouped_bars
 
     c = config.corpus
-    cache = Path(c.cache_dir or os.environ.get("LLM_REPRO_CACHE") or Path.home() / ".cache" / "llm-repro").expanduser()
-    documents, note = read_source(c.source, c.text_field, "train", cache)
+    documents, note = read_source(c.source, c.text_field, "train", cache_root(c))
     train, test = split([d.text for d in documents], c.max_bytes)
     print(f"tokenizers: {len(train)} training texts, {len(test)} held out, vocabulary {config.vocab_size}", flush=True)
-    records = compare(train, test, config.vocab_size)
+    models: dict[tuple[str, str], Any] = {}
+    records = compare(train, test, config.vocab_size, models)
     (run_dir / "tokenizers.json").write_text(json.dumps(records, indent=2))
     metrics = {f"{r['library']}/{r['algorithm']}/{k}": r[k] for r in records
                for k in ("train_s", "bytes_per_token", "tokens_per_word", "encode_mb_s", "overlap")}
@@ -68,13 +67,13 @@ def measure(config: TokenizersConfig, seed: int, run_dir: Path) -> Findings:
                 "corpus/train_bytes": sum(len(t.encode()) for t in train), "corpus/test_bytes": sum(len(t.encode()) for t in test)}
 
     # parity: the same merges in the same order and the same ids on every held-out text
-    ours, theirs = ByteLevelBPE.train(train, config.vocab_size), library_bpe.train_bpe(train, config.vocab_size)
+    ours, theirs = models["ours", "bpe"], models["tokenizers", "bpe"]
     library_merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
                       for m in json.loads(theirs.to_str())["model"]["merges"]]
     same_merges = ours.merges() == library_merges
     same_ids = all(ours.encode(t) == theirs.encode(t).ids for t in test)
     metrics |= {"bpe/merges": len(library_merges), "bpe/same_merges": same_merges, "bpe/same_ids_on_test": same_ids}
-    unigram = Unigram.train(train, config.vocab_size)
+    unigram = models["ours", "unigram"]
     lossless = {"bpe": all(ours.decode(ours.encode(t)) == t for t in test),
                 "unigram": all(unigram.decode(unigram.encode(t)) == t for t in test)}
     metrics |= {f"{k}/lossless_on_test": v for k, v in lossless.items()}
