@@ -65,8 +65,9 @@ def table(records: list[dict[str, Any]]) -> list[str]:
         per_gpu = r["tokens_per_s"] / r["devices"]
         efficiency = f"{per_gpu / one['tokens_per_s']:.0%}" if one else ""
         delta = f"{r['val_loss'] / one['val_loss'] - 1:+.2%}" if one else ""
+        memory = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "n/a"  # MoE arms record none
         lines.append(f"| {r['strategy']} | {r['devices']} | {r['tokens_per_s']:,.0f} | {per_gpu:,.0f} | {efficiency} | "
-                     f"{r['peak_mem_gib']:.2f} | {r['val_loss']:.4f} | {delta} |"
+                     f"{memory} | {r['val_loss']:.4f} | {delta} |"
                      + "".join(f" {r['maxvio'][a]:.4f} |" if a in r["maxvio"] else " |" for a in arms))
     return lines
 

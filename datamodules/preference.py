@@ -237,7 +237,7 @@ class PreferenceDataModule(ResumableBatches, L.LightningDataModule):
         return self._loader(self.train_set, self.train_sampler(len(self.train_set)), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, list(range(len(self.val_set))), drop_last=False)
+        return self._loader(self.val_set, self.eval_sampler(len(self.val_set)), drop_last=False)
 
 
 class PromptDataModule(ResumableBatches, L.LightningDataModule):
@@ -263,4 +263,5 @@ class PromptDataModule(ResumableBatches, L.LightningDataModule):
         return DataLoader(self.train_prompts, self.config.batch_size, sampler=sampler, drop_last=True, collate_fn=self._collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_prompts, self.config.batch_size, collate_fn=self._collate)
+        return DataLoader(self.val_prompts, self.config.batch_size, sampler=self.eval_sampler(len(self.val_prompts)),
+                          collate_fn=self._collate)

@@ -171,10 +171,11 @@ class PretrainDataModule(ResumableBatches, L.LightningDataModule):
         """Validation blocks, (batch_size, block_size + 1), in one fixed shuffled order.
 
         The order is the same for every run and seed, and shuffled so that a limit on validation
-        batches (`train.val_batches`) reads an unbiased sample rather than the first documents.
+        batches (`train.val_batches`) reads an unbiased sample rather than the first documents. Each
+        rank reads its own share of it (`eval_sampler`): N ranks of batch b read what one of batch N * b does.
         """
         order = torch.randperm(len(self.val_set), generator=torch.Generator().manual_seed(0)).tolist()
-        return DataLoader(self.val_set, self.config.batch_size, sampler=order, **self._loader_args())
+        return DataLoader(self.val_set, self.config.batch_size, sampler=self.eval_sampler(order), **self._loader_args())
 
     def _loader_args(self) -> dict[str, Any]:
         workers = self.config.num_workers

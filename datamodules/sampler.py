@@ -43,15 +43,37 @@ class ResumableSampler(Sampler[int]):
         return ENDLESS
 
 
+def eval_shard(order: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank r's share of an evaluation order: its positions r, r + world_size, ...
+
+    Batches of b rows on each of N ranks then cover the rows that batches of N * b cover on one
+    (a limit of k batches reads the same first k * N * b rows of `order` on any number of ranks), and
+    no row is read twice. The last `len(order) % world_size` rows are left out so that every rank runs
+    as many batches: FSDP gathers weights in every forward, and a rank that stopped early would hang the rest.
+    """
+    if len(order) < world_size:
+        raise ValueError(f"{len(order)} held-out rows cannot be shared among {world_size} ranks: "
+                         "hold out more data (a larger validation split) or run on fewer devices")
+    return order[rank : len(order) - len(order) % world_size : world_size]
+
+
 class ResumableBatches:
     """A LightningDataModule's resumable training order: `train_sampler(n)` continues where the batches
-    recorded in the checkpoint (`state_dict`) left off. The class using it sets `seed`, `config.batch_size`
-    and `batches_consumed = 0`."""
+    recorded in the checkpoint (`state_dict`) left off, and `eval_sampler` shards a fixed evaluation
+    order over the ranks. The class using it sets `seed`, `config.batch_size` and `batches_consumed = 0`."""
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
     def train_sampler(self, n: int) -> ResumableSampler:
         """The rank's endless shuffle of `n` rows, past the batches consumed before a resume."""
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world_size = self._rank()
         return ResumableSampler(n, self.seed, rank, world_size, self.batches_consumed * self.config.batch_size)
+
+    def eval_sampler(self, order: list[int] | int) -> list[int]:
+        """This rank's rows of a fixed evaluation `order` (or of rows 0..n-1): `eval_shard`."""
+        return eval_shard(list(range(order)) if isinstance(order, int) else order, *self._rank())
 
     def state_dict(self) -> dict[str, int]:
         """Train batches this rank has consumed.

@@ -128,4 +128,4 @@ class SFTDataModule(ResumableBatches, L.LightningDataModule):
         return self._loader(self.train_set, self.train_sampler(len(self.train_set)), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, list(range(len(self.val_set))), drop_last=False)
+        return self._loader(self.val_set, self.eval_sampler(len(self.val_set)), drop_last=False)

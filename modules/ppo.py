@@ -196,8 +196,7 @@ class PPOModule(TechniqueModule):
         # reference policy's samples score 0 +- 1 and the KL coefficient is in units of that spread
         self.register_buffer("score_shift", torch.tensor(0.0))
         self.register_buffer("score_scale", torch.tensor(1.0))
-        self.val_reward, self.val_kl = MeanMetric(), MeanMetric()
-        self.val_distinct: list[float] = []
+        self.val_reward, self.val_kl, self.val_distinct = MeanMetric(), MeanMetric(), MeanMetric()  # synced over ranks
 
     def init_from(self, base: Decoder, reward_model: RewardModel | None) -> None:
         self.policy.decoder.load_state_dict(base.state_dict())
@@ -323,16 +322,16 @@ class PPOModule(TechniqueModule):
         if result["true_reward"]:
             self.val_reward.update(torch.tensor(result["true_reward"]).mean(), weight=n)
         self.val_kl.update(torch.tensor(result["kl"]).mean(), weight=n)
-        self.val_distinct.append(result["distinct"])
+        self.val_distinct.update(torch.tensor(float(result["distinct"])))
 
     def on_validation_epoch_end(self) -> None:
-        logged = {"val/kl": self.val_kl.compute(), "val/distinct": torch.tensor(sum(self.val_distinct) / max(1, len(self.val_distinct)))}
+        logged = {"val/kl": self.val_kl.compute(), "val/distinct": self.val_distinct.compute()}
         if self.true_reward is not None:
             logged["val/true_reward"] = self.val_reward.compute()
         self.log_dict(logged, prog_bar=True)
         self.val_reward.reset()
         self.val_kl.reset()
-        self.val_distinct = []
+        self.val_distinct.reset()
 
     @torch.no_grad()
     def evaluate_prompts(self, prompts: torch.Tensor, seed: int, samples: int = 4, policy: Decoder | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from datamodules import packing, pretrain
 from datamodules.clean import clean, normalize, split, text_hash
 from datamodules.packing import pack, stream, tokenize
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
-from datamodules.sampler import ResumableSampler
+from datamodules.sampler import eval_shard, ResumableSampler
 from datamodules.sources import DataFormatError, docs_dir_default, Document, python_docs, read_local
 from datamodules.tokenizer import EOT_ID, sample, train_bpe
 
@@ -247,6 +247,20 @@ def test_sampler_shards_ranks_disjointly() -> None:
     assert len({i for s in shards for i in s}) == 9  # 11 // 3 each, no index on two ranks
     resumed = take(ResumableSampler(11, seed=1, rank=2, world_size=3, start=4), 5)
     assert resumed == take(ResumableSampler(11, seed=1, rank=2, world_size=3), 9)[4:]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_evaluation_shards_read_what_one_rank_reads(world_size: int) -> None:
+    """k batches of b on each of N ranks are the first k * N * b rows of the order, each once, and every rank
+    runs as many batches (a rank that stopped early would hang FSDP's gathers)."""
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(0)).tolist()
+    shards = [eval_shard(order, r, world_size) for r in range(world_size)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == 23 // world_size
+    b, k = 2, 2
+    read = [row for s in shards for row in s[: k * b]]
+    assert sorted(read) == sorted(order[: k * b * world_size])
+    with pytest.raises(ValueError, match="3 held-out rows cannot be shared among 4 ranks"):
+        eval_shard([0, 1, 2], 0, 4)
 
 
 # --- the DataModule ----------------------------------------------------------------------------
