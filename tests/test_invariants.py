@@ -400,7 +400,43 @@ def deepseek_v3_published_config_counts_671b() -> None:
         assert Decoder(config).num_params() == count(config).total
 
 
+def diff_attn_lambda_init_and_equal_size() -> None:
+    """The diff-attn preset: block l's lambda_init is 0.8 - 0.6 exp(-0.3 (l - 1)) (Ye et al. Eq. 2), and the DIFF arm
+    (4 heads of 32) has exactly the parameters of the softmax arm (8 heads of 16) but the lambdas and the head norms."""
+    from modules.architectures import ArchitecturesModule
+    from repro.config import load_preset
+
+    preset = load_preset("diff-attn", "tiny")
+    module = ArchitecturesModule({**preset["model"], "vocab_size": 300}, {}, preset["architectures"], 10)
+    diff, softmax = module.decoder("diff"), module.decoder("softmax")
+    for layer, block in enumerate(diff.blocks):
+        assert block.attn.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.3 * layer))
+    extra = sum(p.numel() for n, p in diff.named_parameters() if "lambdas" in n or "subln" in n)
+    assert diff.num_params() - extra == softmax.num_params()
+
+
+def nsa_arms_start_at_log_vocab_and_stay_causal() -> None:
+    """The nsa preset's arms, untrained, cost about ln(V); the NSA arm's outputs at a position ignore every later token."""
+    from modules.architectures import ArchitecturesModule
+    from repro.config import load_preset
+
+    preset = load_preset("nsa", "tiny")
+    module = ArchitecturesModule({**preset["model"], "vocab_size": 300}, {}, preset["architectures"], 10)
+    batch = torch.randint(0, 300, (2, 257), generator=torch.Generator().manual_seed(0))
+    for arm in module.arms:
+        with torch.no_grad():
+            loss = module.decoder(arm.name).loss(batch[:, :-1], batch[:, 1:]).item()
+        assert abs(loss - math.log(300)) < 0.1, (arm.name, loss)
+    changed = batch.clone()
+    changed[:, 200:] = (changed[:, 200:] + 1) % 300
+    with torch.no_grad():
+        nsa = module.decoder("nsa")
+        torch.testing.assert_close(nsa(batch[:, :256])[:, :200], nsa(changed[:, :256])[:, :200])
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "diff-attn": [diff_attn_lambda_init_and_equal_size],
+    "nsa": [nsa_arms_start_at_log_vocab_and_stay_causal],
     "deepseek-v3": [deepseek_v3_published_config_counts_671b],
     "tokenizers": [tokenizers_byte_alphabet_spells_every_byte_once_and_visibly],
     "data": [data_arms_start_equal_and_read_their_own_corpus],

@@ -11,6 +11,7 @@ from torch import nn
 from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
 from modules.nn.norm import RMSNorm
+from modules.nn.nsa import NativeSparseAttention
 from modules.nn.position import apply_rope
 
 
@@ -21,6 +22,8 @@ def build_attention(config: DecoderConfig, layer: int | None = None) -> nn.Modul
         return LatentAttention(config)
     if config.attention == "diff":
         return DifferentialAttention(config, 0 if layer is None else layer)
+    if config.attention == "nsa":
+        return NativeSparseAttention(config)
     return CausalSelfAttention(config)
 
 

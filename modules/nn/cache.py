@@ -13,6 +13,8 @@ def per_token(config: DecoderConfig) -> int:
     its shared RoPE key (DeepSeek-V2, Table 1: (d_c + d_h^R) l, against 2 n_h d_h l for multi-head)."""
     if config.attention == "mla":
         return config.kv_rank + config.rope_dim
+    if config.attention == "nsa":  # each branch its own keys and values (the compressed ones add 1 per stride)
+        return 3 * 2 * config.kv_heads * config.head_dim
     return 2 * config.kv_heads * config.head_dim
 
 

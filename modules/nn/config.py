@@ -34,10 +34,17 @@ class DecoderConfig:
     # "mla": DeepSeek-V2's multi-head latent attention (modules/nn/attention.py): keys and values from a
     # joint low-rank latent (the only thing cached, with one shared RoPE key), queries optionally low-rank too
     # "diff": differential attention (Ye et al. 2025): two softmax maps per head, subtracted with a learned lambda
-    attention: Literal["standard", "mla", "diff"] = "standard"
+    # "nsa": native sparse attention (Yuan et al. 2025, modules/nn/nsa.py): compressed, selected and sliding-window
+    # branches with learned gates; no KV-cache decoding
+    attention: Literal["standard", "mla", "diff", "nsa"] = "standard"
     mla_kv_rank: int | None = None  # latent width d_c; None: 4 x head_dim (DeepSeek-V2/V3: 512 at head_dim 128)
     mla_q_rank: int = 0  # query latent width d_c'; 0: queries projected directly (DeepSeek-V2-Lite); V2/V3: 1536
     mla_rope_dim: int | None = None  # width of the decoupled RoPE query/key per head; None: head_dim // 2 (64 of 128)
+    nsa_block: int = 32  # NSA: tokens per compressed block l (the paper: 32)
+    nsa_stride: int = 16  # NSA: stride d between compressed blocks (16)
+    nsa_select_block: int = 64  # NSA: tokens per selection block l' (64), a multiple of the stride
+    nsa_select: int = 16  # NSA: selection blocks per query n (16), the first and the two local ones included
+    nsa_window: int = 512  # NSA: sliding window w (512)
     # token mixers, one letter per block, cycled over n_layer: "a" attention, "m" Mamba (modules/nn/mamba.py);
     # "a" is a transformer, "m" pure Mamba, "mmmmammm" Jamba's 1 attention : 7 Mamba (attention 5th of 8)
     layer_pattern: str = "a"
@@ -72,8 +79,16 @@ class DecoderConfig:
                              "e.g. mmmmammm for Jamba")
         if self.mamba_scan not in ("auto", "parallel", "sequential"):
             raise ValueError(f"model.mamba_scan={self.mamba_scan!r}: use auto, parallel or sequential")
-        if self.attention not in ("standard", "mla", "diff"):
-            raise ValueError(f"model.attention={self.attention!r}: use standard, mla or diff")
+        if self.attention not in ("standard", "mla", "diff", "nsa"):
+            raise ValueError(f"model.attention={self.attention!r}: use standard, mla, diff or nsa")
+        if self.attention == "nsa":
+            if min(self.nsa_block, self.nsa_stride, self.nsa_select_block, self.nsa_select, self.nsa_window) < 1:
+                raise ValueError("model.nsa_block, nsa_stride, nsa_select_block, nsa_select and nsa_window must be positive")
+            if self.nsa_block % self.nsa_stride or self.nsa_select_block % self.nsa_stride:
+                raise ValueError(f"model.nsa_block={self.nsa_block} and model.nsa_select_block={self.nsa_select_block} must be "
+                                 f"multiples of model.nsa_stride={self.nsa_stride} (the paper: 32, 64 and 16)")
+            if self.nsa_select < 3:
+                raise ValueError(f"model.nsa_select={self.nsa_select}: at least 3 blocks (the first and two local ones are always read)")
         if self.attention == "diff" and (self.head_dim % 2 or (self.position == "rope" and self.head_dim % 4)):
             raise ValueError(f"model.attention=diff splits each head's queries and keys in two: head size {self.head_dim} must be "
                              "even (a multiple of 4 with RoPE)")

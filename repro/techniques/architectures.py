@@ -1,10 +1,14 @@
-"""`--technique architectures`: the open-model knobs as a measured ablation (LLaMA; GQA; MQA).
+"""`--technique architectures`: the open-model knobs as a measured ablation (LLaMA; GQA; MQA; MLA).
 
 Arms side by side on the same batches (`modules/architectures.py`): GPT-2's LayerNorm, GELU, learned
-positions and multi-head attention, then RMSNorm, SwiGLU, RoPE, grouped-query and multi-query
-attention added one at a time. The report tables validation loss, training tokens/s and KV-cache
-bytes per token per arm, and checks the claims from the run: the LLaMA recipe trains to a lower
-loss than GPT-2's, and GQA / MQA keep that loss at a fraction of the KV cache.
+positions and multi-head attention, then RMSNorm, SwiGLU, RoPE, grouped-query, multi-query and
+latent attention added one at a time. The report tables validation loss, training tokens/s and
+KV-cache bytes per token per arm, and checks the claims from the run: the LLaMA recipe trains to a
+lower loss than GPT-2's, and GQA / MQA / MLA keep that loss at a fraction of the KV cache.
+
+`--technique diff-attn` (differential attention against softmax attention of equal size, with the
+needle-retrieval task of `modules/needle.py`) and `--technique nsa` (native sparse attention against
+full attention) are the same machinery with their own presets and claims.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Any
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from modules.architectures import ArchitectureSettings, ArchitecturesModule
 from modules.arms import ConfigArm
+from modules.needle import NeedleConfig
 from modules.nn import DecoderConfig
 from modules.pretrain import OptimConfig
-from reports.claims import check_below, not_measured
+from reports.claims import check_above, check_below, not_measured
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
@@ -35,6 +40,7 @@ class ArchitecturesConfig:
     data: CorpusConfig = field(default_factory=CorpusConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     architectures: ArchitectureSettings = field(default_factory=ArchitectureSettings)
+    needle: NeedleConfig = field(default_factory=NeedleConfig)  # enabled: every arm's shape also trains on the needle task
     train: TrainConfig = field(default_factory=lambda: TrainConfig(grad_clip=0.0))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -55,6 +61,9 @@ def describe(cfg: DecoderConfig) -> str:
     heads = "MHA" if cfg.kv_heads == cfg.n_head else "MQA" if cfg.kv_heads == 1 else f"GQA ({cfg.kv_heads} KV heads)"
     if cfg.attention == "diff":
         heads = f"DIFF ({cfg.n_head} heads of {cfg.head_dim})"
+    if cfg.attention == "nsa":
+        heads = (f"NSA ({cfg.kv_heads} KV heads; l {cfg.nsa_block}, d {cfg.nsa_stride}, l' {cfg.nsa_select_block}, "
+                 f"n {cfg.nsa_select}, w {cfg.nsa_window})")
     if cfg.attention == "mla":
         heads = f"MLA (d_c {cfg.kv_rank}, d_R {cfg.rope_dim}{f', queries {cfg.mla_q_rank}' if cfg.mla_q_rank else ''})"
     return f"{cfg.norm}, {cfg.mlp}, {cfg.position}, {heads}"
@@ -84,6 +93,10 @@ def findings(config: ArchitecturesConfig, final: dict[str, float], module: Archi
         }
 
     metrics = arm_metrics(module, final, datamodule, speed, sizes)
+    sections: dict[str, list[str]] = {}
+    if config.needle.enabled:
+        metrics.update(needle_metrics(config.needle, module))
+        sections["Needle retrieval"] = needle_table(config.needle, module, metrics)
     scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
     (run_dir / "arm_losses.png").write_bytes(loss_curves(module.loss_curves(), "Validation and train loss per arm (equal tokens)"))
 
@@ -102,7 +115,30 @@ def findings(config: ArchitecturesConfig, final: dict[str, float], module: Archi
              "(the arms take turns on one device). KV cache bytes per token: keys and values of every layer in bf16, "
              "`modules/nn/cache.py::cache_bytes` (MLA: its latent and shared RoPE key)."]
     return Findings(metrics=metrics, claims=_claims(module, metrics), notes=notes,
-                    sections={"Arms": ["![loss per arm](arm_losses.png)", "", *table]})
+                    sections={"Arms": ["![loss per arm](arm_losses.png)", "", *table], **sections})
+
+
+def needle_metrics(needle: NeedleConfig, module: ArchitecturesModule) -> dict[str, float]:
+    """Each arm's shape trained from scratch on the needle task (same seed, batches and held-out set for all)."""
+    from modules.needle import train_and_score
+
+    out = {}
+    for arm in module.arms:
+        result = train_and_score(module.decoder(arm.name).config, needle, seed=0, device=module.device)
+        out.update({f"{arm.name}/needle_{k}": v for k, v in result.items()})
+    return out
+
+
+def needle_table(needle: NeedleConfig, module: ArchitecturesModule, metrics: dict[str, Any]) -> list[str]:
+    lines = [f"Each arm's shape, trained from scratch for {needle.steps} steps of {needle.batch_size} sequences on the "
+             f"needle task (`modules/needle.py`): {needle.pairs} key-value pairs hidden among filler in {needle.context} "
+             f"tokens, then {needle.queries} lookups; accuracy on {needle.eval_batches * needle.batch_size} held-out "
+             f"sequences (chance {1 / needle.values:.3f}).", "",
+             "| arm | lookup accuracy | lookup loss | train s |", "|---|---:|---:|---:|"]
+    for arm in module.arms:
+        m = {k: metrics[f"{arm.name}/needle_{k}"] for k in ("accuracy", "loss", "train_seconds")}
+        lines.append(f"| {arm.name} | {m['accuracy']:.3f} | {m['loss']:.4f} | {m['train_seconds']:.1f} |")
+    return lines
 
 
 def _claims(module: ArchitecturesModule, metrics: dict[str, Any]) -> list:
@@ -110,6 +146,9 @@ def _claims(module: ArchitecturesModule, metrics: dict[str, Any]) -> list:
     diff = next((n for n, c in configs.items() if c.attention == "diff"), None)
     if diff is not None:
         return _diff_claims(configs, diff, metrics)
+    nsa = next((n for n, c in configs.items() if c.attention == "nsa"), None)
+    if nsa is not None:
+        return _nsa_claims(configs, nsa, metrics)
     gpt2 = next((n for n, c in configs.items() if (c.norm, c.mlp, c.position, c.kv_heads) == ("layernorm", "gelu", "learned", c.n_head)), None)
     llama = next((n for n, c in configs.items() if (c.norm, c.mlp, c.position, c.kv_heads, c.attention)
                   == ("rmsnorm", "swiglu", "rope", c.n_head, "standard")), None)
@@ -142,9 +181,16 @@ def _diff_claims(configs: dict[str, DecoderConfig], diff: str, metrics: dict[str
     d = configs[diff]
     twin = next((n for n, c in configs.items() if c.attention == "standard" and c.n_head == 2 * d.n_head), None)
     source = "Differential Transformer (Ye et al., ICLR 2025)"
-    claims = [not_measured("Differential attention cancels attention noise: better key retrieval in long context", source,
-                           "needle (key-value lookup) accuracy", "multi-needle retrieval 0.85-0.9 vs 0.55-0.6 at 4k (Table 2)",
-                           "no needle task in this run yet")]
+    retrieval = "Differential attention cancels attention noise: better key retrieval in long context"
+    needle_paper = "multi-needle retrieval 0.85-0.9 vs 0.55-0.6 at 4k (Table 2)"
+    if twin is not None and f"{diff}/needle_accuracy" in metrics:
+        claims = [check_above(
+            claim=retrieval, source=source, metric=f"needle lookup accuracy of {diff} against {twin}",
+            measured=metrics[f"{diff}/needle_accuracy"], bound=metrics[f"{twin}/needle_accuracy"], factor=1.0,
+            paper=needle_paper, bound_name=f"{twin}'s accuracy")]
+    else:
+        claims = [not_measured(retrieval, source, "needle (key-value lookup) accuracy", needle_paper,
+                               "set needle.enabled=true (and a softmax arm of twice the heads)")]
     if twin is None:
         return [*claims, not_measured("DIFF reaches a lower loss than softmax attention of equal size", source, "validation loss",
                                       "matches a 1.5x larger transformer", f"needs a softmax arm with {2 * d.n_head} heads")]
@@ -155,14 +201,35 @@ def _diff_claims(configs: dict[str, DecoderConfig], diff: str, metrics: dict[str
         paper="about 65% of the size or tokens for the same loss (Fig. 3, 4)", bound_name=f"{twin}'s loss"), *claims]
 
 
+def _nsa_claims(configs: dict[str, DecoderConfig], nsa: str, metrics: dict[str, Any]) -> list:
+    """NSA against the full-attention arm of the same shape."""
+    n = configs[nsa]
+    full = next((k for k, c in configs.items() if c.attention == "standard" and c.kv_heads == n.kv_heads), None)
+    source = "Native Sparse Attention (Yuan et al. 2025)"
+    speed = not_measured("NSA's attention is faster than full attention at long context", source,
+                         "attention ms against context length", "9.0x forward, 6.0x backward at 64k (Fig. 6)",
+                         "kernel timing is `python -m benchmarks.nsa` on a GPU (reports/nsa/README.md)")
+    if full is None:
+        return [not_measured("NSA trains to a loss no worse than full attention", source, "validation loss",
+                             "lower pretraining loss than full attention (Fig. 4)", f"needs a standard arm with {n.kv_heads} KV heads"), speed]
+    return [check_below(
+        claim="NSA trains to a lower loss than full attention", source=source,
+        metric=f"validation loss of {nsa} against {full}", measured=metrics[f"{nsa}/val_loss"],
+        bound=metrics[f"{full}/val_loss"], factor=1.0, paper="lower pretraining loss than full attention (Fig. 4, 27B model)",
+        bound_name=f"{full}'s loss"), speed]
+
+
+ARCHITECTURES = dict(config=ArchitecturesConfig, module=ArchitecturesModule, build=build, findings=findings,
+                     golden_overrides=(*CORPUS, *SHRINK, "needle.enabled=false"))
+
 register(
     Technique(
         name="architectures",
         summary="open-model knobs: LayerNorm/RMSNorm, GELU/SwiGLU, learned/RoPE, MHA/GQA/MQA/MLA side by side",
-        config=ArchitecturesConfig,
-        module=ArchitecturesModule,
-        build=build,
-        findings=findings,
-        golden_overrides=(*CORPUS, *SHRINK),
+        **ARCHITECTURES,
     )
 )
+register(Technique(name="diff-attn", summary="differential attention against softmax attention of equal size, and needle retrieval",
+                   aliases=("differential-attention",), **ARCHITECTURES))
+register(Technique(name="nsa", summary="native sparse attention (compressed, selected, sliding-window branches) against full attention",
+                   aliases=("native-sparse-attention",), **ARCHITECTURES))

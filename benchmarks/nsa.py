@@ -1,0 +1,142 @@
+"""Native sparse attention against full attention: time per attention layer against context length.
+
+`python -m benchmarks.nsa [--lengths 1024 2048 4096 8192 16384] [--out DIR]` times one attention layer's
+forward and forward + backward at batch 1, bf16, for full causal attention (`CausalSelfAttention`:
+scaled_dot_product_attention, FlashAttention on an H100) and for NSA (`modules/nn/nsa.py`) through
+FlexAttention (compiled) and, up to `--reference-max` tokens, through the plain-PyTorch path. The
+shapes follow the paper's (Yuan et al. 2025, Sec. 4.1): GQA with 4 key heads, head size 64 here
+(192/128 there), l = 32, d = 16, l' = 64, n = 16, w = 512. It first checks that the flex and plain
+paths agree on outputs and gradients at 1,024 tokens. Writes nsa.json and nsa.png (milliseconds
+against tokens, log-log).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from modules.nn.attention import CausalSelfAttention
+from modules.nn.config import DecoderConfig
+from modules.nn.nsa import NativeSparseAttention
+
+
+def config(length: int, attention: str) -> DecoderConfig:
+    return DecoderConfig(vocab_size=256, block_size=length, n_layer=1, n_head=16, n_kv_head=4, n_embd=1024, position="none",
+                         attention=attention, nsa_block=32, nsa_stride=16, nsa_select_block=64, nsa_select=16, nsa_window=512)
+
+
+def timed(layer: torch.nn.Module, x: torch.Tensor, backward: bool, repeats: int) -> float:
+    """Median milliseconds of one call (after two warm-up calls)."""
+    def once() -> None:
+        y = layer(x)
+        if backward:
+            y.float().square().mean().backward()
+
+    for _ in range(2):
+        once()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize() if x.is_cuda else None
+        start = time.perf_counter()
+        once()
+        torch.cuda.synchronize() if x.is_cuda else None
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def agreement(device: torch.device, length: int = 1024) -> dict[str, float]:
+    """Largest output and gradient differences between the flex and plain paths (float32)."""
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(config(length, "nsa")).to(device)
+    x = torch.randn(1, length, 1024, device=device)
+    results = {}
+    for kernel in ("reference", "flex"):
+        layer.kernel = kernel
+        layer.zero_grad()
+        y = layer(x)
+        y.square().mean().backward()
+        results[kernel] = (y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()})
+    (y0, g0), (y1, g1) = results["reference"], results["flex"]
+    return {"output_max_abs_diff": float((y1 - y0).abs().max()), "output_max_abs": float(y0.abs().max()),
+            "grad_max_rel_diff": max(float((g1[n] - g0[n]).norm() / g0[n].norm().clamp(min=1e-30)) for n in g0)}
+
+
+def measure(lengths: list[int], reference_max: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    records = []
+    for length in lengths:
+        x = torch.randn(1, length, 1024, device=device, dtype=torch.bfloat16, requires_grad=True)
+        runs = {"full (SDPA)": (CausalSelfAttention(config(length, "standard")), None), "NSA (flex)": (None, "flex")}
+        if length <= reference_max:
+            runs["NSA (plain)"] = (None, "reference")
+        for name, (layer, kernel) in runs.items():
+            if layer is None:
+                layer = NativeSparseAttention(config(length, "nsa"))
+                layer.kernel = kernel
+            layer = layer.to(device, torch.bfloat16)
+            record = {"tokens": length, "attention": name}
+            for backward in (False, True):
+                key = "fwd_bwd_ms" if backward else "fwd_ms"
+                try:
+                    record[key] = timed(layer, x, backward, repeats)
+                except torch.OutOfMemoryError:
+                    record[key] = None
+                    torch.cuda.empty_cache()
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "records": records}
+
+
+def plot(result: dict[str, Any]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for i, key in enumerate(("fwd_ms", "fwd_bwd_ms")):
+        for name in dict.fromkeys(r["attention"] for r in result["records"]):
+            points = [(r["tokens"], r[key]) for r in result["records"] if r["attention"] == name and r.get(key)]
+            ax[i].plot(*zip(*points), marker="o", label=name)
+        ax[i].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per attention layer",
+                  title=("forward" if i == 0 else "forward + backward") + f", batch 1, bf16, {result['device']}")
+        ax[i].legend()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--reference-max", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/nsa"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        raise SystemExit("benchmarks.nsa times kernels on a GPU (FlexAttention has no backward on a CPU); pass --device cuda")
+    check = agreement(device)
+    print(json.dumps({"flex_vs_plain": check}), flush=True)
+    result = {**measure(args.lengths, args.reference_max, args.repeats, device), "flex_vs_plain": check}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "nsa.json").write_text(json.dumps(result, indent=2))
+    (args.out / "nsa.png").write_bytes(plot(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
