@@ -1,0 +1,243 @@
+"""Speculative decoding with a separate drafter: a small draft model (Leviathan et al. 2023) or an EAGLE head.
+
+Each round the drafter proposes `gamma` tokens one after another; the target scores all of them in one
+forward pass, keeps the prefix `accept_drafts` accepts plus one token of its own, and both roll their
+key/value caches back to what was kept. Greedy decoding gives exactly the target's tokens; sampling
+keeps exactly the target's distribution (Leviathan et al., Thm. 1).
+
+Leviathan et al.'s analysis assumes each draft is accepted independently with probability alpha:
+`expected_tokens_per_round` (their Eq. 1) and `expected_speedup` (Thm. 3.8) give what to expect at
+draft length gamma, and `estimate_alpha` reads alpha from a measured `SpeculativeStats`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from modules.generation import sampling_probs
+from modules.nn.cache import KVCache
+from modules.nn.decoder import Decoder
+from modules.nn.eagle import EagleHead
+from modules.speculative import SpeculativeStats, accept_drafts
+
+
+class _Sampler:
+    """Logits to the distribution decoding draws from (the logits themselves when greedy), and draws from it."""
+
+    def __init__(self, vocab: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                 device: torch.device) -> None:
+        self.vocab, self.temperature, self.top_k, self.top_p = vocab, temperature, top_k, top_p
+        self.greedy = temperature == 0.0
+        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    def dist(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[..., : self.vocab]  # padded vocabulary rows are never drawn
+        return logits if self.greedy else sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def pick(self, dist: torch.Tensor) -> int:
+        return int(dist.argmax(-1)) if self.greedy else int(torch.multinomial(dist, 1, generator=self.generator))
+
+
+class _Drafter(Protocol):
+    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The target's features (1, T, C) for idx (1, T) at `cache`'s next T slots, keeping what drafting needs."""
+
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: _Sampler) -> torch.Tensor:
+        """Write gamma drafts into tokens[0, m + 1 : m + 1 + gamma], given settled tokens 0..m and the target
+        read up to m - 1; return the distributions (gamma, V) they were drawn from."""
+
+
+class _DraftModel:
+    """An independent draft decoder with its own cache, holding every settled token it has read."""
+
+    def __init__(self, target: Decoder, draft: Decoder, max_len: int) -> None:
+        self.target, self.draft = target, draft
+        self.cache = KVCache(draft.config, 1, max_len, draft.wte.weight.device, draft.wte.weight.dtype)
+
+    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.target.features(idx, cache)
+
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: _Sampler) -> torch.Tensor:
+        # slots up to m - 1 hold settled tokens (accepted drafts are settled); later ones were rejected
+        self.cache.truncate(min(self.cache.length, m))
+        logits = self.draft(tokens[:, self.cache.length : m + 1], self.cache)[0, -1]
+        dists = []
+        for k in range(gamma):
+            dists.append(sampler.dist(logits))
+            tokens[0, m + 1 + k] = sampler.pick(dists[-1])
+            if k < gamma - 1:
+                logits = self.draft(tokens[:, m + 1 + k : m + 2 + k], self.cache)[0, -1]
+        return torch.stack(dists)
+
+
+class _EagleDrafter:
+    """An EAGLE head over the target's features: its cache holds, at slot j < `settled`, the entry read from
+    the target's state at j and token j + 1; slots from `settled` on hold the last round's chain."""
+
+    def __init__(self, target: Decoder, head: EagleHead, max_len: int) -> None:
+        device, dtype = target.wte.weight.device, target.wte.weight.dtype
+        self.target, self.head = target, head
+        self.cache = head.cache(max_len, device, dtype)
+        layers = head.eagle.fuse_layers
+        width = target.config.n_embd * (len(layers) if layers else 1)
+        self.read_out = torch.zeros(1, max_len, width, device=device, dtype=dtype)  # what the head reads at each position
+        self.settled = 0
+
+    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        start = cache.length
+        features, read = self.head.read_target(self.target, idx, cache)
+        self.read_out[:, start : start + idx.shape[1]] = read  # positions past the accepted prefix are read again later
+        return features
+
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: _Sampler) -> torch.Tensor:
+        head = self.head
+        self.cache.truncate(self.settled)  # forget the last chain; catch up on the positions the target has read since
+        state = head.from_target(self.read_out[:, self.settled : m])
+        feature = head.step(self.target, state, tokens[:, self.settled + 1 : m + 1], self.cache)[:, -1:]
+        self.settled = m
+        dists = []
+        for k in range(gamma):
+            dists.append(sampler.dist(head.logits(self.target, feature)[0, -1]))
+            tokens[0, m + 1 + k] = sampler.pick(dists[-1])
+            if k < gamma - 1:
+                feature = head.step(self.target, feature, tokens[:, m + 1 + k : m + 2 + k], self.cache)
+        return torch.stack(dists)
+
+
+def _cache_length(target: Decoder, prompt: list[int], max_new_tokens: int, gamma: int, others: dict[str, Decoder]) -> int:
+    """The cache length a run needs, after refusing settings that cannot run."""
+    if gamma < 1:
+        raise ValueError(f"gamma (drafts per round) must be at least 1; got {gamma}")
+    if not prompt:
+        raise ValueError("speculative decoding needs a non-empty prompt")
+    # the last round starts at most max_new_tokens - 1 tokens in and reads its newest token and gamma drafts
+    max_len = len(prompt) + max_new_tokens + gamma - 1
+    for name, model in {"target": target, **others}.items():
+        if max_len > model.config.block_size:
+            raise ValueError(f"prompt {len(prompt)} + {max_new_tokens} new + {gamma - 1} more drafted tokens exceed the "
+                             f"{name}'s block_size {model.config.block_size}")
+    return max_len
+
+
+def _speculate(target: Decoder, drafter: _Drafter, prompt: list[int], max_new_tokens: int, gamma: int, max_len: int,
+               sampler: _Sampler, eos_id: int | None) -> tuple[list[int], SpeculativeStats]:
+    """The rounds both drafters share: the target prefills, then each round checks gamma drafts in one pass."""
+    device = target.wte.weight.device
+    cache = KVCache(target.config, 1, max_len, device, target.wte.weight.dtype)
+    tokens = torch.zeros(1, max_len + 1, dtype=torch.long, device=device)
+    n = len(prompt)
+    tokens[0, :n] = torch.tensor(prompt, device=device)
+    features = drafter.read(tokens[:, :n], cache)
+    m = n  # the newest settled token, not yet read by the target
+    tokens[0, m] = sampler.pick(sampler.dist(target.lm_head(features[0, -1])))
+    out = [int(tokens[0, m])]
+    stats = SpeculativeStats(gamma)
+    while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
+        drafts = drafter.propose(tokens, m, gamma, sampler)  # (gamma, V)
+        features = drafter.read(tokens[:, m : m + gamma + 1], cache)
+        target_dist = sampler.dist(target.lm_head(features[0]))  # (gamma + 1, V)
+        accepted, nxt = accept_drafts(target_dist, None if sampler.greedy else drafts, tokens[0, m + 1 : m + 1 + gamma],
+                                      sampler.generator)
+        stats.record(accepted)
+        out.extend(tokens[0, m + 1 : m + 1 + accepted].tolist() + [nxt])
+        m += accepted + 1
+        tokens[0, m] = nxt
+        cache.truncate(m)
+    if eos_id is not None and eos_id in out:
+        out = out[: out.index(eos_id) + 1]
+    out = out[:max_new_tokens]
+    stats.tokens = len(out)
+    return out, stats
+
+
+@torch.no_grad()
+def draft_speculative_generate(
+    target: Decoder,
+    draft: Decoder,
+    prompt: list[int],
+    max_new_tokens: int,
+    gamma: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+) -> tuple[list[int], SpeculativeStats]:
+    """New tokens for one prompt, drafted `gamma` at a time by a small `draft` decoder of the same
+    vocabulary and checked by `target` (Leviathan et al. 2023); the tokens of `generation.generate(target, ...)`
+    at temperature 0, its distribution when sampling (same temperature, top_k, top_p on both models).
+
+    The draft decodes its gamma proposals one position at a time in its own cache; the target reads its
+    newest token and the drafts in one pass. Both caches keep the accepted prefix. Both decoders must be
+    attention-only (a Mamba state cannot roll back).
+    """
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) must be the target's "
+                         f"({target.config.vocab_size}): drafts are token ids the target scores")
+    max_len = _cache_length(target, prompt, max_new_tokens, gamma, {"draft": draft})
+    sampler = _Sampler(target.config.vocab_size, temperature, top_k, top_p, seed, target.wte.weight.device)
+    return _speculate(target, _DraftModel(target, draft, max_len), prompt, max_new_tokens, gamma, max_len, sampler, eos_id)
+
+
+@torch.no_grad()
+def eagle_generate(
+    target: Decoder,
+    head: EagleHead,
+    prompt: list[int],
+    max_new_tokens: int,
+    gamma: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+) -> tuple[list[int], SpeculativeStats]:
+    """New tokens for one prompt, drafted `gamma` at a time in a chain (no tree) by an EAGLE head reading the
+    target's features, and checked by the target; exact as `draft_speculative_generate`.
+
+    Each round the head first reads the positions the target settled last round (their features and the
+    next tokens), then drafts on its own predicted features; the chain's cache entries are dropped before
+    the next round, whose entries come from the target's real features.
+    """
+    if head.config.n_embd != target.config.n_embd or head.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"the head was built for width {head.config.n_embd} and vocabulary {head.config.vocab_size}; "
+                         f"the target has {target.config.n_embd} and {target.config.vocab_size}")
+    max_len = _cache_length(target, prompt, max_new_tokens, gamma, {})
+    sampler = _Sampler(target.config.vocab_size, temperature, top_k, top_p, seed, target.wte.weight.device)
+    return _speculate(target, _EagleDrafter(target, head, max_len), prompt, max_new_tokens, gamma, max_len, sampler,
+                      eos_id)
+
+
+def _check_alpha(alpha: float, gamma: int) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha is an acceptance rate in [0, 1]; got {alpha}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be non-negative; got {gamma}")
+
+
+def expected_tokens_per_round(alpha: float, gamma: int) -> float:
+    """Leviathan et al. Eq. 1: tokens one round yields, (1 - alpha^(gamma + 1)) / (1 - alpha), when each of
+    gamma drafts is kept independently with probability alpha. Summed as 1 + alpha + ... + alpha^gamma,
+    which is gamma + 1 at alpha = 1 with no division by zero."""
+    _check_alpha(alpha, gamma)
+    return sum(alpha**i for i in range(gamma + 1))
+
+
+def expected_speedup(alpha: float, gamma: int, c: float) -> float:
+    """Leviathan et al. Thm. 3.8: the expected wall-time improvement factor,
+    (1 - alpha^(gamma + 1)) / ((1 - alpha)(gamma c + 1)), where c is the time of one draft step over one
+    target step: a round costs gamma draft steps and one target pass and yields Eq. 1's tokens."""
+    if c < 0:
+        raise ValueError(f"c is a ratio of step times, non-negative; got {c}")
+    return expected_tokens_per_round(alpha, gamma) / (gamma * c + 1)
+
+
+def estimate_alpha(stats: SpeculativeStats) -> float:
+    """alpha from measured acceptance: drafts kept over drafts checked, all depths pooled. Under Leviathan
+    et al.'s model (every checked draft kept independently with probability alpha) this is the maximum
+    likelihood estimate: a round that keeps a < gamma drafts contributes a successes and one failure, a
+    full round gamma successes. NaN when nothing was checked."""
+    proposed = sum(stats.proposed)
+    return sum(stats.accepted) / proposed if proposed else float("nan")
