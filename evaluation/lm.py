@@ -52,13 +52,22 @@ class ReproLM(TemplateLM):
         max_gen_toks: int = 256,
         max_batch_size: int | None = None,
         arm: str | None = None,
+        model: Any = None,
+        tokenizer: Any = None,
     ) -> None:
+        """`model` and `tokenizer` (both or neither) score a decoder held in memory (a quantized copy, say)
+        instead of loading `checkpoint`'s; the checkpoint still names the run whose held-out data the tasks read."""
         super().__init__()
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"llm-repro: batch_size must be a positive integer, got {batch_size!r} ('auto' is not supported)")
+        if (model is None) != (tokenizer is None):
+            raise ValueError("llm-repro: give both model and tokenizer, or neither")
         self._device = resolve_device(device)
         # `self.tokenizer` is read by lm-eval as a HF tokenizer, hence `bpe`
-        self.model, self.bpe = load_model(checkpoint, self._device, arm or None)
+        if model is None:
+            self.model, self.bpe = load_model(checkpoint, self._device, arm or None)
+        else:
+            self.model, self.bpe = model.to(self._device).eval(), tokenizer
         self.arm = arm
         # A chat model (SFT) reads its template's tags as special tokens, as `datamodules.chat.encode` wrote
         # them, and ends a turn with <|end|>. Otherwise, as in pretraining, "<|endoftext|>" in a text is bytes.

@@ -103,6 +103,27 @@ def evaluate(
     return results
 
 
+def evaluate_model(
+    model: Any, tokenizer: Any, checkpoint: str | Path, name: str, tasks: list[str], limit: int | float | None = None,
+    batch_size: int = 16, device: str | None = None,
+) -> dict[str, float]:
+    """lm-eval's "task/metric" scores of a decoder held in memory (a quantized copy of a run's model, say),
+    on the held-out data of the run `checkpoint` names, through the same tasks and harness as `evaluate`."""
+    import lm_eval
+
+    from evaluation.lm import ReproLM
+    from evaluation.task_checks import check_tasks
+
+    locate(checkpoint)
+    metadata = {"checkpoint": str(checkpoint)}
+    manager = _task_manager(list(tasks), None, metadata)
+    check_tasks(list(tasks), manager)
+    lm = ReproLM(str(checkpoint), device=device, batch_size=batch_size, model=model, tokenizer=tokenizer)
+    lm.checkpoint = f"{checkpoint} ({name})"
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, batch_size=batch_size, task_manager=manager)
+    return {f"{r['task']}/{r['metric']}": r["value"] for r in result_rows(results)}
+
+
 def arm_scores(run_dir: str | Path, arms: list[str], settings: Any, device: str, final: dict[str, float]) -> dict[str, dict[str, float]]:
     """lm-eval's scores of each arm of a run that trained several side by side, as "task/metric" -> value:
     the first arm's from the run's own evaluation (`eval/<task>/<metric>` in `final`), the others

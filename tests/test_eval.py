@@ -424,3 +424,21 @@ def test_default_tasks_are_the_runs_own(run_dir: Path, tmp_path: Path) -> None:
     config["eval"]["tasks"] = ["repro_cloze"]
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
     assert default_tasks(copy) == ["repro_cloze"]
+
+
+def test_a_model_in_memory_scores_as_its_checkpoint_does(run_dir: Path) -> None:
+    """`evaluate_model` (what the inference technique scores quantized copies with) reads the run's held-out
+    rows through the same harness: the unquantized model in memory scores exactly as the checkpoint; an int4
+    copy scores close to it but not equal."""
+    from modules.quant import quantize
+    from repro.evaluate import evaluate_model
+
+    model, bpe = load_model(run_dir)
+    on_disk = evaluate(run_dir, "repro_corpus_ppl", limit=2, batch_size=8, device="cpu")["results"]["repro_corpus_ppl"]
+    in_memory = evaluate_model(model, bpe, run_dir, "float", ["repro_corpus_ppl"], limit=2, batch_size=8, device="cpu")
+    assert in_memory["repro_corpus_ppl/bits_per_byte"] == pytest.approx(on_disk["bits_per_byte,none"], rel=1e-6)
+    group = math.gcd(model.config.n_embd, 4 * model.config.n_embd)
+    int4 = evaluate_model(quantize(model, "int4", group_size=min(group, 32)), bpe, run_dir, "int4", ["repro_corpus_ppl"],
+                          limit=2, batch_size=8, device="cpu")
+    assert int4["repro_corpus_ppl/bits_per_byte"] != in_memory["repro_corpus_ppl/bits_per_byte"]
+    assert int4["repro_corpus_ppl/bits_per_byte"] == pytest.approx(in_memory["repro_corpus_ppl/bits_per_byte"], rel=0.1)

@@ -434,7 +434,25 @@ def nsa_arms_start_at_log_vocab_and_stay_causal() -> None:
         torch.testing.assert_close(nsa(batch[:, :256])[:, :200], nsa(changed[:, :256])[:, :200])
 
 
+def inference_target_frozen_and_drafters_start_at_log_vocab() -> None:
+    """The target takes no gradient; the untrained draft costs about ln(V); a draft that always agrees (alpha 1)
+    yields gamma + 1 tokens a pass and, at zero cost, a (gamma + 1)x speedup (Leviathan et al. Eq. 1, Thm. 3.8)."""
+    from modules.draft import expected_speedup, expected_tokens_per_round
+    from modules.inference import InferenceModule
+
+    module = InferenceModule({"vocab_size": 300, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}, {}, {}, 10)
+    assert not any(p.requires_grad for p in module.target.parameters())
+    batch = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(0))
+    losses = module.drafter_losses(batch)
+    assert abs(float(losses["draft"]) - math.log(300)) < 0.1
+    losses["eagle"].backward()
+    assert all(p.grad is None for p in module.target.parameters())
+    for gamma in (1, 3, 5):
+        assert expected_tokens_per_round(1.0, gamma) == gamma + 1 == expected_speedup(1.0, gamma, 0.0)
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "inference": [inference_target_frozen_and_drafters_start_at_log_vocab],
     "diff-attn": [diff_attn_lambda_init_and_equal_size],
     "nsa": [nsa_arms_start_at_log_vocab_and_stay_causal],
     "deepseek-v3": [deepseek_v3_published_config_counts_671b],
