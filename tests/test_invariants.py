@@ -451,7 +451,19 @@ def inference_target_frozen_and_drafters_start_at_log_vocab() -> None:
         assert expected_tokens_per_round(1.0, gamma) == gamma + 1 == expected_speedup(1.0, gamma, 0.0)
 
 
+def pipeline_prerequisites_get_the_pipelines_own_overrides() -> None:
+    """A stage's prerequisites get the overrides the pipeline gave those techniques, prefixed down the chain
+    (DPO requires reward requires pretrain), so the stage a technique requires is the run the pipeline ran."""
+    from repro.techniques.pipeline import PipelineSettings, stage_overrides
+
+    settings = PipelineSettings(stages=["pretrain", "reward", "dpo"], overrides={"pretrain": ["a=1"], "reward": ["b=2"], "dpo": ["c=3"]},
+                                serve={"stage": "dpo"})
+    assert stage_overrides("pretrain", settings) == ["a=1"]
+    assert stage_overrides("dpo", settings) == ["c=3", "reward.b=2", "reward.pretrain.a=1"]
+
+
 INVARIANTS: dict[str, list[Callable[[], None]]] = {
+    "pipeline": [pipeline_prerequisites_get_the_pipelines_own_overrides],
     "inference": [inference_target_frozen_and_drafters_start_at_log_vocab],
     "diff-attn": [diff_attn_lambda_init_and_equal_size],
     "nsa": [nsa_arms_start_at_log_vocab_and_stay_causal],

@@ -1,0 +1,180 @@
+"""`--technique pipeline`: the whole path in one command, each stage cached and resumable, one report.
+
+tokenizers -> pretrain -> SFT -> alignment (DPO, on its reward model) -> quantization and speculative
+decoding (`inference`) -> serving. Every stage is the suite's own technique run, at the pipeline's preset
+where the technique has it (else its default), with `pipeline.overrides.<technique>` added. Each stage's
+folder is named by a hash of its resolved config and seed (as the runner names prerequisite stages), so
+running the pipeline again reuses every finished stage, resumes a training stage from its last checkpoint,
+and retrains only what changed; the stages the techniques themselves require (pretrain under SFT, say) are
+the same folders. The last stage serves the chosen stage's model with `repro/serve.py` on loopback, sends
+it a completion request and a malformed one, and stops it. The report links every stage's report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from repro.registry import Findings, Technique, register
+
+STAGES = ["tokenizers", "pretrain", "sft", "dpo", "inference"]
+
+
+@dataclass
+class ServeSettings:
+    """The `pipeline.serve.` section: which stage's model is served at the end, and the request sent to it."""
+
+    stage: str | None = "dpo"  # None: no serving
+    prompt: str = "def "
+    max_tokens: int = 16
+
+
+@dataclass
+class PipelineSettings:
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # per technique: its `--set` items
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+    def __post_init__(self) -> None:
+        from repro import registry
+
+        if isinstance(self.serve, dict):
+            self.serve = ServeSettings(**self.serve)
+        known = registry.techniques()
+        for name in [*self.stages, *self.overrides]:
+            if name not in known or name == "pipeline":
+                raise ValueError(f"pipeline: {name!r} is not a technique it can run; choose from "
+                                 f"{', '.join(sorted(set(known) - {'pipeline'}))}")
+        if not self.stages:
+            raise ValueError("pipeline.stages is empty: name the techniques to run, in order")
+        stage = self.serve.stage
+        if stage is not None and (stage not in self.stages or not registry.get(stage).trains):
+            raise ValueError(f"pipeline.serve.stage={stage!r}: serve the model of a training stage in pipeline.stages "
+                             f"({', '.join(s for s in self.stages if registry.get(s).trains)}), or null for none")
+
+
+@dataclass
+class PipelineConfig:
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+
+
+def stage_overrides(name: str, settings: PipelineSettings) -> list[str]:
+    """A stage's own overrides, and its prerequisites' prefixed with their names (`pretrain.train.max_steps=...`),
+    so that the stage it requires is the very run the pipeline ran for that technique."""
+    from repro import registry
+
+    own = list(settings.overrides.get(name, []))
+    return own + [f"{req}.{o}" for req in registry.get(name).requires for o in stage_overrides(req, settings)]
+
+
+def run_stage(spec: Any, out: Path) -> tuple[Path, bool]:
+    """(the stage's run folder, whether it was reused): a training technique through the runner's own stage
+    cache; a measuring one in a folder of the same naming, rerun unless its report exists."""
+    from repro import registry
+    from repro.runner import resolve, run, stage_checkpoint
+
+    if registry.get(spec.technique).trains:
+        _, config = resolve(spec)
+        digest = hashlib.sha256(json.dumps([asdict(config), spec.seed], sort_keys=True, default=str).encode()).hexdigest()
+        folder = Path(out) / spec.technique / f"stage-{spec.preset}-s{spec.seed}-{digest[:12]}"
+        reused = (folder / "checkpoints" / "final.ckpt").is_file()
+        return stage_checkpoint(spec, out).parent.parent, reused
+    _, config = resolve(spec)
+    digest = hashlib.sha256(json.dumps([asdict(config), spec.seed], sort_keys=True, default=str).encode()).hexdigest()
+    folder = Path(out) / spec.technique / f"stage-{spec.preset}-s{spec.seed}-{digest[:12]}"
+    if (folder / "report.md").is_file():
+        return folder, True
+    shutil.rmtree(folder, ignore_errors=True)
+    return run(spec, out=out, run_dir=folder), False
+
+
+def serve_and_ask(run_dir: Path, settings: ServeSettings) -> dict[str, Any]:
+    """Start `repro/serve.py`'s server on the run's model on loopback, send a completion and a malformed request."""
+    import urllib.error
+    import urllib.request
+
+    from repro.serve import Server
+
+    def post(url: str, body: bytes) -> tuple[int, dict[str, Any], float]:
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read()), time.perf_counter() - start
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read()), time.perf_counter() - start
+
+    with Server.from_checkpoint(run_dir, port=0) as server:  # serving from here until the block ends
+        url = f"{server.url}/v1/completions"
+        body = {"prompt": settings.prompt, "max_tokens": settings.max_tokens, "temperature": 0}
+        status, answer, seconds = post(url, json.dumps(body).encode())
+        bad_status, bad, _ = post(url, b"{not json")
+        after, _, _ = post(url, json.dumps(body).encode())  # still up after the bad one
+    return {"url": url, "status": status, "text": answer["choices"][0]["text"] if status == 200 else None,
+            "usage": answer.get("usage"), "seconds": seconds, "malformed_status": bad_status,
+            "malformed_error": bad.get("error", {}).get("message"), "status_after_malformed": after}
+
+
+def measure(config: PipelineConfig, seed: int, run_dir: Path) -> Findings:
+    from repro import registry
+    from repro.runner import RunSpec, _load_spec
+
+    settings = config.pipeline
+    parent = _load_spec(run_dir)
+    out = run_dir.parent.parent
+    rows, folders, metrics = [], {}, {}
+    for name in settings.stages:
+        technique = registry.get(name)
+        preset = parent.preset if parent.preset in technique.presets else technique.default_preset
+        spec = RunSpec(name, preset, stage_overrides(name, settings), seed, parent.trainer)
+        start = time.perf_counter()
+        folder, reused = run_stage(spec, out)
+        seconds = time.perf_counter() - start
+        folders[name] = folder
+        verdicts = _verdicts(folder)
+        rows.append(f"| {name} | {preset} | [{folder.relative_to(out)}](../../{folder.relative_to(out)}/report.md) | "
+                    f"{'reused' if reused else 'ran'} | {seconds:.1f} | {verdicts} |")
+        metrics.update({f"{name}/seconds": seconds, f"{name}/reused": float(reused)})
+    sections = {"Stages": ["| stage | preset | run (its report) | this time | seconds | claims |",
+                           "|---|---|---|---|---:|---|", *rows]}
+    if settings.serve.stage is not None:
+        served = serve_and_ask(folders[settings.serve.stage], settings.serve)
+        (run_dir / "serving.json").write_text(json.dumps(served, indent=2))
+        metrics.update({"serve/status": served["status"], "serve/seconds": served["seconds"],
+                        "serve/malformed_status": served["malformed_status"]})
+        sections["Serving"] = [
+            f"`repro/serve.py` served the {settings.serve.stage} stage's model at {served['url']}: "
+            f"`{json.dumps({'prompt': settings.serve.prompt, 'max_tokens': settings.serve.max_tokens, 'temperature': 0})}` "
+            f"answered {served['status']} in {served['seconds']:.2f} s with {json.dumps(served['text'])} ({served['usage']}); "
+            f"a malformed body got {served['malformed_status']} (\"{served['malformed_error']}\"), and the next request "
+            f"{served['status_after_malformed']}."]
+    notes = ["Each stage is a run of its own technique, with its own report, claims and command; this report links them. "
+             "Run the same command again and every finished stage is reused (`this time: reused`)."]
+    return Findings(metrics=metrics, claims=[], notes=notes, sections=sections)
+
+
+def _verdicts(folder: Path) -> str:
+    """The stage report's claim verdicts, counted (from its metrics.json)."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return ""
+    claims = json.loads(path.read_text()).get("claims", [])
+    counts: dict[str, int] = {}
+    for claim in claims:
+        counts[claim.get("verdict", "?")] = counts.get(claim.get("verdict", "?"), 0) + 1
+    return ", ".join(f"{n} {v}" for v, n in counts.items())
+
+
+register(
+    Technique(
+        name="pipeline",
+        summary="tokenizer -> pretrain -> SFT -> DPO -> quantization and speculative decoding -> serving, cached per stage",
+        config=PipelineConfig,
+        measure=measure,
+    )
+)
