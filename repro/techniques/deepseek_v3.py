@@ -21,7 +21,7 @@ from repro.techniques import mtp
 SOURCE = "DeepSeek-V3 technical report (2024), Sec. 2 and Table 1 (config.json of deepseek-ai/DeepSeek-V3)"
 
 
-def calculator_findings(config: Any, module: Any) -> tuple[dict[str, Any], list[ClaimResult], list[str]]:
+def calculator_findings(module: Any) -> tuple[dict[str, Any], list[ClaimResult], list[str]]:
     """The published model's counts and claims, and the tiny model's counts against the module's."""
     from modules.nn.calculator import DEEPSEEK_V3, count, kv_cache_bytes_per_token
 
@@ -61,7 +61,7 @@ def calculator_findings(config: Any, module: Any) -> tuple[dict[str, Any], list[
 
 def findings(config: mtp.MTPConfig, final: dict[str, float], module: Any, datamodule: Any, speed: list[dict[str, float]]) -> Findings:
     trained = mtp.findings(config, final, module, datamodule, speed)
-    metrics, claims, lines = calculator_findings(config, module)
+    metrics, claims, lines = calculator_findings(module)
     for arm in module.arms:  # balance of the loss-free experts, per arm
         metrics[f"{arm.name}/maxvio_global"] = final.get(f"val/{arm.name}/maxvio_global")
     return Findings(metrics={**metrics, **trained.metrics}, claims=[*claims, *trained.claims], notes=trained.notes,
