@@ -78,7 +78,7 @@ class DPOConfig:
                                   "DPO steps each arm once per batch; raise data.batch_size instead")
 
 
-def _with_reference(datamodule: PreferenceDataModule, base: Any, batch: int = 256) -> None:
+def with_reference(datamodule: PreferenceDataModule, base: Any, batch: int = 256) -> None:
     """Cache the base's sequence log-probs of every pair's responses on the pairs themselves."""
     for dataset in (datamodule.train_set, datamodule.val_set):
         pairs = dataset.pairs
@@ -114,7 +114,7 @@ def build(config: DPOConfig, seed: int, stages: dict[str, Path]) -> tuple[DPOMod
     data = PreferenceDataConfig(source=d.source, batch_size=d.batch_size, max_len=d.max_len, val_fraction=d.val_fraction,
                                 hub_split=d.hub_split, cache_dir=d.cache_dir)
     datamodule = PreferenceDataModule(data, train, val, pad_id=EOT_ID, seed=seed)
-    _with_reference(datamodule, base)
+    with_reference(datamodule, base)
     datamodule.tokenizer, datamodule.preferences = tokenizer, preferences
     module = DPOModule(base.config, config.dpo, config.train.max_steps)
     module.init_from(base)
