@@ -198,7 +198,8 @@ def _claims(result: dict[str, Any]) -> list:
         if best is None:
             continue
         claims.append(check_above(
-            claim=f"Speculative decoding with the {method} is faster than plain decoding at batch 1", source=source,
+            claim=f"Speculative decoding with {'a draft model' if method == 'draft model' else 'an EAGLE head'} is faster than "
+            "plain decoding at batch 1", source=source,
             metric=f"greedy speedup at the best gamma ({best['gamma']}; alpha {best['alpha']:.2f})", measured=best["speedup"],
             bound=1.0, factor=1.0, paper=paper, bound_name="plain decoding"))
     return claims
