@@ -194,6 +194,36 @@ def measure(module: Any, prompts: list[list[int]], calibration: torch.Tensor, he
             "speculation": speculation(target, draft, head, prompts, decode, device)}
 
 
+def plot(result: dict[str, Any]) -> bytes:
+    """Tokens per target pass and speedup against gamma, measured (solid) and Leviathan et al.'s at the measured
+    alpha and c (dashed), per drafter and temperature."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = result["speculation"]["records"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (method, temperature), color in zip(dict.fromkeys((r["method"], r["temperature"]) for r in records), "bgrmck"):
+        rows = [r for r in records if (r["method"], r["temperature"]) == (method, temperature)]
+        gammas = [r["gamma"] for r in rows]
+        label = f"{method}, T={temperature:g}"
+        for ax, measured, formula in ((axes[0], "tokens_per_round", "formula_tokens_per_round"), (axes[1], "speedup", "formula_speedup")):
+            ax.plot(gammas, [r[measured] for r in rows], marker="o", color=color, label=label)
+            ax.plot(gammas, [r[formula] for r in rows], linestyle="--", color=color)
+    axes[0].set(xlabel="draft length gamma", ylabel="tokens per target pass", title="measured (solid) vs Eq. 1 (dashed)")
+    axes[1].axhline(1.0, color="grey", linewidth=0.8)
+    axes[1].set(xlabel="draft length gamma", ylabel="speedup over plain decoding", title=f"measured vs Thm. 3.8, {result['device']}")
+    axes[0].legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="an inference run folder (or a .ckpt in one)")
@@ -214,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.write_text(text)
+        args.out.with_suffix(".png").write_bytes(plot(result))
     return 0
 
 

@@ -97,7 +97,7 @@ def _inputs(config: InferenceConfig, datamodule: PretrainDataModule) -> dict[str
 
 def findings(config: InferenceConfig, final: dict[str, float], module: InferenceModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from benchmarks.inference import measure
+    from benchmarks.inference import measure, plot
     from repro.checkpoints import load_model
     from repro.evaluate import evaluate_model
 
@@ -115,6 +115,7 @@ def findings(config: InferenceConfig, final: dict[str, float], module: Inference
                                   config.eval.batch_size, str(module.device))
     result = measure(module, inputs["prompts"], inputs["calibration"], inputs["held_out"], config.quant, config.decode, score)
     (run_dir / "inference.json").write_text(json.dumps(result, indent=2))
+    (run_dir / "speculative.png").write_bytes(plot(result))
     metrics = {"val/eagle_loss": final.get("val/eagle_loss")}
     for r in result["quantization"]:
         metrics.update({f"quant/{r['scheme']}/{k}": v for k, v in r.items() if isinstance(v, (int, float))})
@@ -125,7 +126,8 @@ def findings(config: InferenceConfig, final: dict[str, float], module: Inference
         key = f"spec/{'draft' if r['method'] == 'draft model' else 'eagle'}/t{r['temperature']:g}/g{r['gamma']}"
         metrics.update({f"{key}/{k}": v for k, v in r.items() if isinstance(v, (int, float)) and k not in ("gamma", "temperature")})
     return Findings(metrics=metrics, claims=_claims(result), notes=_notes(config, result),
-                    sections={"Quantization": _quant_table(result), "Speculative decoding": _spec_table(result)})
+                    sections={"Quantization": _quant_table(result),
+                              "Speculative decoding": ["![speedup against gamma](speculative.png)", "", *_spec_table(result)]})
 
 
 def _quant_table(result: dict[str, Any]) -> list[str]:
