@@ -18,8 +18,10 @@ A case fails when its quotient exceeds the baseline's by more than TOLERANCE. Th
 set from measured run-to-run spread of these quotients on a shared 2-core machine (README,
 "Benchmarks and the regression gate"): it is meant to catch a step that got a third slower, not a few per cent.
 
-Cases in the run but not the baseline are reported and pass. Baseline cases missing from the run
-fail: a case that silently vanished (renamed, dropped from the parametrisation, a skip gone wrong)
+The gate runs the baseline's cases (and the calibration case) only: a case added since the baseline
+was made is timed by `pytest benchmarks/` and enters the gate at the next `--update`, which runs every
+`-k cpu` case. Cases in a run but not the baseline (`--json`) are reported and pass. Baseline cases missing
+from the run fail: a case that silently vanished (renamed, dropped from the parametrisation, a skip gone wrong)
 would otherwise pass with nothing measured, and an intended removal is one `--update` away,
 visible in review as a change to the baseline file. pytest-benchmark's own `--benchmark-compare-fail`
 cannot do this: it gates on raw times, and cannot read `extra_info`.
@@ -43,15 +45,17 @@ RESULTS = ROOT / ".benchmarks" / "gate"
 TOLERANCE = 0.25  # cases calibrated between their own steps (clean-run spread seen: 4-16%)
 LOOSE_TOLERANCE = 1.0  # cases calibrated only before and after (or by the session case): fail at 2x
 CALIBRATION_CASE = "test_calibration_cpu"
+CALIBRATION_NODE = f"benchmarks/test_calibration.py::{CALIBRATION_CASE}"
 UPDATE_RUNS = 3
 BENCH_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run_benchmarks(out: Path) -> int:
-    """`pytest benchmarks/ -k cpu` with one torch thread, its JSON written to `out`; pytest's exit code."""
+def run_benchmarks(out: Path, cases: list[str] | None = None) -> int:
+    """`pytest benchmarks/ -k cpu` (or just `cases`, pytest node ids) with one torch thread, its JSON written to
+    `out`; pytest's exit code (4 when a named case no longer exists)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pytest", "benchmarks/", "-k", "cpu", "-q", "-p", "no:cacheprovider",
-               f"--benchmark-json={out}"]
+    selection = [*cases, CALIBRATION_NODE] if cases is not None else ["benchmarks/", "-k", "cpu"]
+    command = [sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"]
     print("gate: " + " ".join(f"{k}={v}" for k, v in BENCH_ENV.items()) + " " + " ".join(command[1:]), flush=True)
     return subprocess.call(command, cwd=ROOT, env={**os.environ, **BENCH_ENV})
 
@@ -153,13 +157,13 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def fresh_runs(count: int) -> tuple[list[Path], bool]:
-    """Run the benchmarks `count` times; (JSON paths, whether every pytest run passed)."""
+def fresh_runs(count: int, cases: list[str] | None = None) -> tuple[list[Path], bool]:
+    """Run the benchmarks (`cases`, else every CPU case) `count` times; (JSON paths, whether every pytest run passed)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths, ok = [], True
     for i in range(count):
         path = RESULTS / f"cpu-{stamp}-{i}.json"
-        ok = run_benchmarks(path) == 0 and ok
+        ok = run_benchmarks(path, cases) == 0 and ok
         if path.is_file():
             paths.append(path)
     return paths, ok
@@ -180,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     paths = args.json
     if paths is None:
-        paths, ok = fresh_runs(args.runs or (UPDATE_RUNS if args.update else 1))
+        cases = None  # --update (or no baseline yet): every CPU case
+        if not args.update and args.baseline.is_file():
+            cases = [c for c in json.loads(args.baseline.read_text())["cases"] if not c.endswith(f"::{CALIBRATION_CASE}")]
+        paths, ok = fresh_runs(args.runs or (UPDATE_RUNS if args.update else 1), cases)
         if not ok:
             print("gate: a benchmark failed (pytest above); comparing what was measured", flush=True)
     if not paths:

@@ -88,12 +88,14 @@ class InferenceModule(TechniqueModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         losses = self.drafter_losses(batch)
-        for name, optimizer, schedule in zip(DRAFTERS, self.optimizers(), self.lr_schedulers()):
+        for index, (name, optimizer, schedule) in enumerate(zip(DRAFTERS, self.optimizers(), self.lr_schedulers())):
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(losses[name])
             if self.settings.grad_clip > 0:
                 self.clip_gradients(optimizer, gradient_clip_val=self.settings.grad_clip, gradient_clip_algorithm="norm")
-            optimizer.step()
+            # the draft's step is the run's step: the head steps the optimizer Lightning wraps, so that
+            # global_step (max_steps, checkpoints, logging) counts batches, not drafters x batches
+            optimizer.step() if index == 0 else optimizer.optimizer.step()
             schedule.step()
         self.log_dict({f"train/{name}_loss": loss.detach() for name, loss in losses.items()})
         self.log("train/loss", losses["draft"].detach())
