@@ -115,15 +115,18 @@ def init_checkpoint(technique: registry.Technique, init: str) -> Path:
     return checkpoint
 
 
-def stage_checkpoint(spec: RunSpec, out: Path) -> Path:
-    """Final checkpoint of a prerequisite stage, trained only if no run of the same config and seed exists.
-
-    The stage's folder is named by a hash of its resolved config and seed, so a changed preset
-    trains a new stage and an unchanged one is reused.
-    """
+def stage_dir(spec: RunSpec, out: Path) -> Path:
+    """The folder of a stage run: named by a hash of its resolved config and seed, so a changed preset
+    makes a new stage and an unchanged one is found again."""
     _, config = resolve(spec)
     digest = hashlib.sha256(json.dumps([asdict(config), spec.seed], sort_keys=True, default=str).encode()).hexdigest()
-    run_dir = Path(out) / spec.technique / f"stage-{spec.preset}-s{spec.seed}-{digest[:12]}"
+    return Path(out) / spec.technique / f"stage-{spec.preset}-s{spec.seed}-{digest[:12]}"
+
+
+def stage_checkpoint(spec: RunSpec, out: Path) -> Path:
+    """Final checkpoint of a prerequisite stage (`stage_dir`), trained only if no run of the same config and
+    seed exists."""
+    run_dir = stage_dir(spec, out)
     final = run_dir / "checkpoints" / "final.ckpt"
     if not final.is_file():
         if _shared_key(spec) in os.environ:  # another rank of that stage's run, launched by its rank 0

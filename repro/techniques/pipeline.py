@@ -12,11 +12,10 @@ it a completion request and a malformed one, and stops it. The report links ever
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,19 +73,14 @@ def stage_overrides(name: str, settings: PipelineSettings) -> list[str]:
 
 def run_stage(spec: Any, out: Path) -> tuple[Path, bool]:
     """(the stage's run folder, whether it was reused): a training technique through the runner's own stage
-    cache; a measuring one in a folder of the same naming, rerun unless its report exists."""
+    cache; a measuring one in the same `stage_dir`, rerun unless its report exists."""
     from repro import registry
-    from repro.runner import resolve, run, stage_checkpoint
+    from repro.runner import run, stage_checkpoint, stage_dir
 
+    folder = stage_dir(spec, out)
     if registry.get(spec.technique).trains:
-        _, config = resolve(spec)
-        digest = hashlib.sha256(json.dumps([asdict(config), spec.seed], sort_keys=True, default=str).encode()).hexdigest()
-        folder = Path(out) / spec.technique / f"stage-{spec.preset}-s{spec.seed}-{digest[:12]}"
         reused = (folder / "checkpoints" / "final.ckpt").is_file()
         return stage_checkpoint(spec, out).parent.parent, reused
-    _, config = resolve(spec)
-    digest = hashlib.sha256(json.dumps([asdict(config), spec.seed], sort_keys=True, default=str).encode()).hexdigest()
-    folder = Path(out) / spec.technique / f"stage-{spec.preset}-s{spec.seed}-{digest[:12]}"
     if (folder / "report.md").is_file():
         return folder, True
     shutil.rmtree(folder, ignore_errors=True)
