@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="an inference run folder (or a .ckpt in one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--schemes", nargs="+", help="quantization schemes instead of the run's (e.g. add torchao-int8 torchao-int4)")
+    parser.add_argument("--gammas", type=int, nargs="+", help="draft lengths instead of the run's")
+    parser.add_argument("--repeats", type=int, help="timing passes over the prompts instead of the run's")
     parser.add_argument("--out", type=Path, help="write the result here as JSON")
     args = parser.parse_args(argv)
     from modules.inference import InferenceModule
@@ -238,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     module = InferenceModule.load_from_checkpoint(checkpoint, map_location=args.device).to(getattr(torch, args.dtype)).eval()
     saved = json.loads((run_dir / PROMPTS_FILE).read_text())
     quant, decode = QuantSettings(**saved["quant"]), DecodeSettings(**saved["decode"])
+    quant.schemes = args.schemes or quant.schemes
+    decode.gammas = args.gammas or decode.gammas
+    decode.repeats = args.repeats or decode.repeats
     result = measure(module, saved["prompts"], torch.tensor(saved["calibration"]), torch.tensor(saved["held_out"]), quant, decode)
     result["dtype"] = args.dtype
     text = json.dumps(result, indent=2)
