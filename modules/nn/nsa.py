@@ -15,7 +15,10 @@ Two paths compute the selected and window branches: `reference` builds each quer
 plain PyTorch (scaled_dot_product_attention with a boolean mask; exact, O(T^2) memory), `flex` gives
 the same masks to FlexAttention as block-sparse masks, so it skips the 128 x 128 tiles no query of a tile
 reads (the sliding window's; the selection's tiles are skipped only where no query of the tile
-selected the block). `auto` is flex on CUDA. The compressed branch is dense in both: T / stride keys.
+selected the block). `auto` is the plain path: on the H100 (torch 2.11) compiled FlexAttention's forward
+equals it but its gradients do not (benchmarks/nsa.py measures both; PyTorch issue 158212 reports wrong
+compiled-flex gradients for other intricate masks), so training uses the path whose gradients are autograd's
+own. The compressed branch is dense in both: T / stride keys.
 Training and scoring only: there is no KV-cache decoding path.
 """
 
@@ -49,7 +52,7 @@ class NativeSparseAttention(nn.Module):
         self.gate = nn.Linear(config.n_embd, 3 * self.n_head)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.proj.residual = True
-        self.kernel = "auto"  # reference | flex | auto (flex on CUDA)
+        self.kernel = "auto"  # reference | flex | auto (reference: see the module's docstring)
 
     def forward(
         self,
@@ -71,8 +74,7 @@ class NativeSparseAttention(nn.Module):
             q, ks, kw = apply_rope(q, rope), apply_rope(ks, rope), apply_rope(kw, rope)
         out_c, p_c = self.compressed(q, kc, vc)
         selected = self.selection(p_c, T)  # (B, Hkv, T, n_blocks)
-        kernel = self.kernel if self.kernel != "auto" else ("flex" if x.is_cuda else "reference")
-        attend = _flex if kernel == "flex" else _dense
+        attend = _flex if self.kernel == "flex" else _dense
         out_s = attend(q, ks, vs, self._selected_mask(selected), selected)
         out_w = attend(q, kw, vw, self._window_mask(), None)
         g = torch.sigmoid(self.gate(x)).view(B, T, H, 3).permute(3, 0, 2, 1).unsqueeze(-1)  # (3, B, H, T, 1)
