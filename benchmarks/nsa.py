@@ -6,8 +6,7 @@ scaled_dot_product_attention, FlashAttention on an H100) and for NSA (`modules/n
 FlexAttention (compiled) and, up to `--reference-max` tokens, through the plain-PyTorch path. The
 shapes follow the paper's (Yuan et al. 2025, Sec. 4.1): GQA with 4 key heads, head size 64 here
 (192/128 there), l = 32, d = 16, l' = 64, n = 16, w = 512. It first measures how far compiled and
-eager FlexAttention are from the plain path in outputs and gradients at 1,024 tokens (training uses the
-plain path: see modules/nn/nsa.py). Writes nsa.json and nsa.png (milliseconds against tokens, log-log).
+eager FlexAttention are from the plain path in outputs and gradients at 1,024 tokens. Writes nsa.json and nsa.png (milliseconds against tokens, log-log).
 """
 
 from __future__ import annotations
@@ -55,7 +54,9 @@ def timed(layer: torch.nn.Module, x: torch.Tensor, backward: bool, repeats: int)
 
 def agreement(device: torch.device, length: int = 1024) -> dict[str, Any]:
     """How far compiled and eager FlexAttention are from the plain path (float32): the largest output
-    difference and, per parameter, the relative norm of the gradient difference (the worst one named)."""
+    difference, the norm of the gradient difference over all parameters relative to the gradient's, and the
+    same per parameter. Per parameter, compress_k.bias stands out: its exact gradient is zero (it adds q . b
+    to every compressed score of a query, which the softmax ignores), so both paths give rounding noise."""
     import modules.nn.nsa as nsa
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -79,9 +80,9 @@ def agreement(device: torch.device, length: int = 1024) -> dict[str, Any]:
     report = {}
     for name, (y1, g1) in results.items():
         rel = {n: float((g1[n] - g0[n]).norm() / g0[n].norm().clamp(min=1e-30)) for n in g0}
-        worst = max(rel, key=rel.get)
+        total = float(torch.stack([(g1[n] - g0[n]).norm() for n in g0]).norm() / torch.stack([g0[n].norm() for n in g0]).norm())
         report[name] = {"output_max_abs_diff": float((y1 - y0).abs().max()), "output_max_abs": float(y0.abs().max()),
-                        "grad_max_rel_diff": rel[worst], "grad_worst_parameter": worst, "grad_rel_diff": rel}
+                        "grad_rel_diff": total, "grad_rel_diff_per_parameter": rel}
     return report
 
 

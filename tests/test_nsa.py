@@ -88,6 +88,29 @@ def test_flex_attention_computes_what_the_plain_path_does() -> None:
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 
+def test_the_compressed_key_bias_gets_no_gradient() -> None:
+    """b adds q . b to every compressed score of a query, which the softmax ignores: its exact gradient is
+    zero (why benchmarks/nsa.py's per-parameter gradient comparison is noise for it)."""
+    m = module().double()
+    x = torch.randn(2, 24, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    m(x).square().mean().backward()
+    assert m.compress_k.bias.grad.abs().max() < 1e-12 * m.compress_k.weight.grad.abs().max().clamp(min=1.0)
+    assert m.compress_k.weight.grad.abs().max() > 1e-6
+
+
+def test_auto_is_the_plain_path_on_a_cpu_and_for_short_contexts() -> None:
+    from modules.nn import nsa
+
+    m = module()
+    x = torch.randn(1, 24, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        m.kernel = "reference"
+        plain = m(x)
+        m.kernel = "auto"
+        torch.testing.assert_close(m(x), plain, rtol=0, atol=0)
+    assert nsa.FLEX_FROM > 24
+
+
 def test_every_query_reads_its_first_and_local_blocks_and_nothing_ahead() -> None:
     m = module()
     p = torch.softmax(torch.randn(1, 4, 24, 11), -1)  # any compressed scores

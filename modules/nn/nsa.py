@@ -15,10 +15,10 @@ Two paths compute the selected and window branches: `reference` builds each quer
 plain PyTorch (scaled_dot_product_attention with a boolean mask; exact, O(T^2) memory), `flex` gives
 the same masks to FlexAttention as block-sparse masks, so it skips the 128 x 128 tiles no query of a tile
 reads (the sliding window's; the selection's tiles are skipped only where no query of the tile
-selected the block). `auto` is the plain path: on the H100 (torch 2.11) compiled FlexAttention's forward
-equals it but its gradients do not (benchmarks/nsa.py measures both; PyTorch issue 158212 reports wrong
-compiled-flex gradients for other intricate masks), so training uses the path whose gradients are autograd's
-own. The compressed branch is dense in both: T / stride keys.
+selected the block). Both give the same outputs and gradients (benchmarks/nsa.py checks on the GPU; tests on
+the CPU, where flex has no backward, check outputs). `auto` is flex on CUDA from `FLEX_FROM` tokens and the
+plain path below: on the H100 the plain path is the faster one up to 4,096 tokens (forward and backward) and
+flex from 8,192 (reports/nsa/README.md). The compressed branch is dense in both: T / stride keys.
 Training and scoring only: there is no KV-cache decoding path.
 """
 
@@ -34,6 +34,7 @@ from modules.nn.config import DecoderConfig
 from modules.nn.position import apply_rope
 
 BRANCHES = ("compressed", "selected", "window")
+FLEX_FROM = 8192  # tokens: `auto` uses FlexAttention on CUDA from here (measured crossover on the H100)
 
 
 class NativeSparseAttention(nn.Module):
@@ -52,7 +53,7 @@ class NativeSparseAttention(nn.Module):
         self.gate = nn.Linear(config.n_embd, 3 * self.n_head)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.proj.residual = True
-        self.kernel = "auto"  # reference | flex | auto (reference: see the module's docstring)
+        self.kernel = "auto"  # reference | flex | auto (flex on CUDA from FLEX_FROM tokens)
 
     def forward(
         self,
@@ -74,7 +75,8 @@ class NativeSparseAttention(nn.Module):
             q, ks, kw = apply_rope(q, rope), apply_rope(ks, rope), apply_rope(kw, rope)
         out_c, p_c = self.compressed(q, kc, vc)
         selected = self.selection(p_c, T)  # (B, Hkv, T, n_blocks)
-        attend = _flex if self.kernel == "flex" else _dense
+        kernel = self.kernel if self.kernel != "auto" else ("flex" if x.is_cuda and T >= FLEX_FROM else "reference")
+        attend = _flex if kernel == "flex" else _dense
         out_s = attend(q, ks, vs, self._selected_mask(selected), selected)
         out_w = attend(q, kw, vw, self._window_mask(), None)
         g = torch.sigmoid(self.gate(x)).view(B, T, H, 3).permute(3, 0, 2, 1).unsqueeze(-1)  # (3, B, H, T, 1)
