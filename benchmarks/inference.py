@@ -20,9 +20,10 @@ import math
 import sys
 import time
 from argparse import ArgumentParser
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -184,14 +185,32 @@ def eagle_step_ratio(target: Decoder, head: EagleHead, prompt: list[int], decode
     return (seconds / steps) * target_rate
 
 
+@contextmanager
+def full_float32_matmuls() -> Iterator[None]:
+    """TF32 off inside (the trainer turns it on for training). Speculative decoding's greedy exactness holds in
+    exact arithmetic; a verification pass multiplies gamma + 1 positions at once where plain decoding multiplies
+    one, and in TF32 (10-bit mantissa) those shapes round differently enough to flip near-tied argmaxes: on the
+    H100 one of 8 greedy outputs diverged in every setting with TF32 on."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 def measure(module: Any, prompts: list[list[int]], calibration: torch.Tensor, held_out: torch.Tensor, quant: QuantSettings,
             decode: DecodeSettings, score: Callable[[Decoder, str], dict[str, float]] | None = None) -> dict[str, Any]:
-    """Everything above for an `InferenceModule`'s target, draft and EAGLE head, on the module's device."""
+    """Everything above for an `InferenceModule`'s target, draft and EAGLE head, on the module's device, float32
+    matmuls in full precision (`full_float32_matmuls`)."""
     device = next(module.parameters()).device
     target, draft, head = module.target.eval(), module.draft.eval(), module.eagle.eval()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "quantization": quantization(target, calibration, held_out, prompts, quant, decode, device, score),
-            "speculation": speculation(target, draft, head, prompts, decode, device)}
+    with full_float32_matmuls():
+        return {"device": name, "quantization": quantization(target, calibration, held_out, prompts, quant, decode, device, score),
+                "speculation": speculation(target, draft, head, prompts, decode, device)}
 
 
 def plot(result: dict[str, Any]) -> bytes:
