@@ -100,6 +100,13 @@ class BlockFSDPStrategy(FSDPStrategy):
         return self._root
 
 
+def fit_in_place(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule | None = None) -> L.LightningModule:
+    """`trainer.fit`, then the module back on the trainer's device: Lightning's teardown moves it to the host, so a
+    model used after a fit on a GPU would meet inputs on the GPU with weights on the CPU."""
+    trainer.fit(module, datamodule)
+    return module.to(trainer.strategy.root_device)
+
+
 def check_strategy(args: TrainerArgs) -> None:
     """Refuse, before any work, a strategy this machine cannot run."""
     if args.strategy.startswith("deepspeed") and not on_gpu(args):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from repro.registry import Findings, Technique, register
+from repro.trainer import fit_in_place
 
 SOURCE = "Constitutional AI (Bai et al. 2022), Fig. 2-3 (harmlessness)"
 SAMPLES_SHOWN = 3  # critique-revision chains shown in the report
@@ -133,7 +134,7 @@ def sl_cai(chat_model: Any, tokenizer: Any, source: Path, settings: SLSettings, 
     module = SFTModule(chat_model.config, optim, settings.steps, LoraSettings(enabled=False))
     module.model.load_state_dict(chat_model.state_dict())
     L.seed_everything(seed, verbose=False)
-    _trainer(settings.steps, device, precision).fit(module, datamodule)
+    fit_in_place(_trainer(settings.steps, device, precision), module, datamodule)
     return module.model.eval(), datamodule.stats | {"batch_size": data.batch_size, "trained": 1}
 
 
@@ -174,7 +175,7 @@ def rl_cai(policy: Any, tokenizer: Any, records: list[dict], settings: RLSetting
     module = DPOModule(policy.config, dpo, settings.steps)
     module.init_from(policy)
     L.seed_everything(seed, verbose=False)
-    _trainer(settings.steps, device, precision).fit(module, datamodule)
+    fit_in_place(_trainer(settings.steps, device, precision), module, datamodule)
     return module.arm_model().eval(), datamodule.stats | {"batch_size": batch, "trained": 1}
 
 

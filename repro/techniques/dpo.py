@@ -29,7 +29,7 @@ from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.techniques.reward import ACCURACY, PREFERENCES, base_of
 from repro.techniques.rlhf import SAMPLES, true_reward_of
-from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
+from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization, fit_in_place
 
 SOURCE = "DPO (Rafailov et al. 2023), Fig. 2 left"
 
@@ -153,8 +153,7 @@ def _train_ppo(config: DPOConfig, module: DPOModule, datamodule: PreferenceDataM
     L.seed_everything(seed, verbose=False)
     trainer = L.Trainer(max_steps=f.ppo_steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
                         enable_model_summary=False, accelerator=module.device.type, devices=1, num_sanity_val_steps=0)
-    trainer.fit(ppo, PromptDataModule(prompts["train"], prompts["held_out"][:1], f.ppo_batch_size, seed))
-    return ppo
+    return fit_in_place(trainer, ppo, PromptDataModule(prompts["train"], prompts["held_out"][:1], f.ppo_batch_size, seed))
 
 
 def findings(config: DPOConfig, final: dict[str, float], module: DPOModule, datamodule: PreferenceDataModule,
