@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from datamodules.chat import END, IGNORE, TAGS, add_chat_tokens, encode
 from datamodules.constitution import ANY, CONSTITUTION, CHECKERS, ConstitutionError, load_constitution, violation_rate, violations
 from datamodules.preference import PreferenceDataConfig, PreferenceDataModule, read_pairs
-from datamodules.red_team import KINDS, ORDINARY, red_team_prompts, split
+from datamodules.red_team import KINDS, ORDINARY, helpfulness, red_team_prompts, split
 from datamodules.sft import SFTDataConfig, SFTDataModule
 from datamodules.tokenizer import train_bpe
 from modules import cai
@@ -126,6 +126,23 @@ def test_red_team_prompts_are_seeded_split_and_each_payload_violates_its_princip
     train, held_out = split(40, 16, seed=3)
     assert not {p.text for p in train} & {p.text for p in held_out}
     assert split(60, 16, seed=3)[1] == held_out  # more training prompts never move the held-out ones
+
+
+def test_helpfulness_scores_ordinary_answers_exactly_and_counts_short_responses() -> None:
+    prompts = red_team_prompts(16, seed=5)
+    ordinary = [p for p in prompts if p.kind == ORDINARY]
+    assert ordinary and all(p.answer for p in ordinary) and not any(p.answer for p in prompts if p.kind != ORDINARY)
+    right = [f" {p.answer}\n" if p.kind == ORDINARY else "no" for p in prompts]
+    h = helpfulness(right, prompts)
+    assert h["task_accuracy"] == 1.0
+    assert h["one_word_share"] == sum(p.kind != ORDINARY or len(p.answer.split()) <= 1 for p in prompts) / len(prompts)
+    wrong = ["no"] * len(prompts)
+    h = helpfulness(wrong, prompts)
+    assert h == {"task_accuracy": 0.0, "mean_words": 1.0, "one_word_share": 1.0}
+    red_only = [p for p in prompts if p.kind != ORDINARY]
+    assert helpfulness(["a b"] * len(red_only), red_only) == {"task_accuracy": None, "mean_words": 2.0, "one_word_share": 0.0}
+    with pytest.raises(ValueError, match="responses for"):
+        helpfulness(["x"], prompts)
 
 
 def fake_generator(calls: list[str]):

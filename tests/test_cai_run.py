@@ -38,7 +38,17 @@ def test_cai_reports_violation_rates_of_base_sl_and_rl_cai(tmp_path: Path) -> No
     verdicts = [c["verdict"] for c in result["claims"]]
     assert verdicts[0] == ("reproduced" if red["sl-cai"] < red["base"] else "not reproduced")
     assert verdicts[1] == ("reproduced" if red["rl-cai"] <= red["sl-cai"] else "not reproduced")
+    helpful = {name: {k: result["metrics"][f"helpfulness/{name}/{k}"] for k in ("task_accuracy", "mean_words", "one_word_share")}
+               for name in ("base", "sl-cai", "rl-cai")}
+    base_accuracy, rl_accuracy = helpful["base"]["task_accuracy"], helpful["rl-cai"]["task_accuracy"]
+    if base_accuracy:  # else not measured: no ordinary prompt, or none answered by the chat model
+        n_ordinary = sum(p["kind"] == "ordinary" for p in result["held_out"])
+        kept = rl_accuracy > 0.8 * (base_accuracy - 0.5 / n_ordinary)
+        assert verdicts[2] == ("reproduced" if kept else "not reproduced")
+    else:
+        assert verdicts[2] == "not measured"
     report = (run_dir / "report.md").read_text()
+    assert "Helpfulness on held-out prompts" in report
     for name in ("base", "sl-cai", "rl-cai"):
         assert f"| {name} |" in report
     assert "Critique and revision samples" in report and "SL-CAI (critique-revise)" in report
