@@ -54,6 +54,18 @@ def test_cai_reports_violation_rates_of_base_sl_and_rl_cai(tmp_path: Path) -> No
     assert "Critique and revision samples" in report and "SL-CAI (critique-revise)" in report
     assert len(list((tmp_path / "runs" / "sft").iterdir())) == 1  # the chat model: one sft stage
 
+    # a suite checkpoint as the critic and the judge: here the chat model's own run folder, so the same answers
+    from repro.checkpoints import load_model
+    from repro.techniques import cai
+
+    sft_dir = next((tmp_path / "runs" / "sft").iterdir())
+    chat, tokenizer = load_model(sft_dir, "cpu", arm="full")
+    texts = ["Q: Repeat the words: apple river\nA:", "Q: What is 2 + 3?\nA:"]
+    own = cai._critic(None, chat, tokenizer, 6, 0.0, seed=0)(texts)
+    assert cai._critic(str(sft_dir), chat, tokenizer, 6, 0.0, seed=0)(texts) == own
+    assert cai._judge(str(sft_dir), chat, tokenizer)(texts[0], " (A)") == pytest.approx(cai._judge(None, chat, tokenizer)(texts[0], " (A)"))
+    assert cai._suite_model(str(tmp_path / "no-such-model"), chat) is None  # a name for Hugging Face
+
 
 @pytest.mark.parametrize("override, fragment", [
     ("cai.n_held_out=0", "cai.n_held_out at least 1"),

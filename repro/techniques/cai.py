@@ -6,10 +6,11 @@ critiqued and revised by the critic under principles drawn from the constitution
 the final revisions (`sl_cai.jsonl`) fine-tune a copy of the chat model (SL-CAI). SL-CAI then samples two
 responses per training prompt, the judge labels each pair by the log-probs of the answers "A" and "B" to the
 principle's multiple-choice question (`modules/cai.py`), and DPO trains RL-CAI from SL-CAI on the labelled pairs,
-SL-CAI being the reference. The critic and the judge are the chat model itself (null) or a Hugging Face causal
-LM (a hub name or a local folder). The report: the checkers' violation rates of the chat model (base), SL-CAI and
-RL-CAI, greedy, on the same held-out prompts, red-team and ordinary apart, and their helpfulness there (exact
-answers to the ordinary prompts, the responses' length). The checkers only measure: no model reads their verdicts.
+SL-CAI being the reference. The critic and the judge are the chat model itself (null), another suite checkpoint (a
+run folder, e.g. a larger sft or pretrain run) or a Hugging Face causal LM (a hub name or a local folder). The
+report: the checkers' violation rates of the chat model (base), SL-CAI and RL-CAI, greedy, on the same held-out
+prompts, red-team and ordinary apart, and their helpfulness there (exact answers to the ordinary prompts, the
+responses' length). The checkers only measure: no model reads their verdicts.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class CAISettings:
     rounds: int = 1  # critique-revision rounds per response
     max_new_tokens: int = 24  # per response, critique and revision
     critic_temperature: float = 1.0  # sampling temperature of critiques and revisions (0: greedy)
-    critic: str | None = None  # None: the chat model itself; else a HF causal LM (name or path)
-    judge: str | None = None  # None: the chat model itself; else a HF causal LM (name or path)
+    critic: str | None = None  # None: the chat model itself; a suite run folder (or .ckpt); or a HF causal LM (name or path)
+    judge: str | None = None  # None: the chat model itself; a suite run folder (or .ckpt); or a HF causal LM (name or path)
     sl: SLSettings = field(default_factory=SLSettings)
     rl: RLSettings = field(default_factory=RLSettings)
 
@@ -190,19 +191,33 @@ def rates(generate_many: Any, prompts: list[Any], principles: list[Any]) -> tupl
     return {name: violation_rate(texts, principles) for name, texts in groups.items() if texts}, responses
 
 
+def _suite_model(name: str, like: Any) -> tuple[Any, Any] | None:
+    """(decoder, tokenizer) when `name` is a suite run folder or a .ckpt in one (on the chat model's device), else
+    None: a Hugging Face model's name or folder."""
+    from repro.checkpoints import load_model
+
+    path = Path(name)
+    if not (path.suffix == ".ckpt" or (path / "run.json").is_file()):
+        return None
+    return load_model(path, next(like.parameters()).device)
+
+
 def _critic(name: str | None, model: Any, tokenizer: Any, max_new_tokens: int, temperature: float, seed: int) -> Any:
     from modules.cai import decoder_generator, hf_generator
 
-    if name is not None:
+    suite = _suite_model(name, model) if name is not None else (model, tokenizer)
+    if suite is None:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
         return hf_generator(name, max_new_tokens, **sampling)
-    return decoder_generator(model, tokenizer, max_new_tokens, temperature=temperature, seed=seed)
+    return decoder_generator(*suite, max_new_tokens, temperature=temperature, seed=seed)
 
 
 def _judge(name: str | None, model: Any, tokenizer: Any) -> Any:
+    from datamodules.chat import is_chat_tokenizer
     from modules.cai import decoder_logprob, hf_logprob
 
-    return decoder_logprob(model, tokenizer, chat=True) if name is None else hf_logprob(name)
+    suite = _suite_model(name, model) if name is not None else (model, tokenizer)
+    return hf_logprob(name) if suite is None else decoder_logprob(*suite, chat=is_chat_tokenizer(suite[1]))
 
 
 def measure(config: CAIConfig, seed: int, run_dir: Path) -> Findings:
