@@ -216,12 +216,12 @@ def measure(module: Any, prompts: list[list[int]], calibration: torch.Tensor, he
 def plot(result: dict[str, Any]) -> bytes:
     """Tokens per target pass and speedup against gamma, measured (solid) and Leviathan et al.'s at the measured
     alpha and c (dashed), per drafter and temperature."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from reports.plots import png
 
     records = result["speculation"]["records"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -236,11 +236,10 @@ def plot(result: dict[str, Any]) -> bytes:
     axes[1].axhline(1.0, color="grey", linewidth=0.8)
     axes[1].set(xlabel="draft length gamma", ylabel="speedup over plain decoding", title=f"measured vs Thm. 3.8, {result['device']}")
     axes[0].legend(fontsize=8)
-    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
+    data = png(fig, dpi=120)
     plt.close(fig)
-    return buffer.getvalue()
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,10 +121,10 @@ def table(records: list[dict[str, Any]], params: int) -> list[str]:
 
 
 def plot(records: list[dict[str, Any]], title: str) -> bytes:
-    import io
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from reports.plots import png
 
     fig = Figure(figsize=(8, 4.5), dpi=150, layout="constrained")
     FigureCanvasAgg(fig)
@@ -138,9 +138,7 @@ def plot(records: list[dict[str, Any]], title: str) -> bytes:
         ax.annotate(label, (r["ms_per_step"], r["peak_mem_gib"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
     ax.set(xlabel="step time (ms)", ylabel="peak memory (GiB)", title=title)
     ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,12 +112,12 @@ def measure(lengths: list[int], reference_max: int, repeats: int, device: torch.
 
 
 def plot(result: dict[str, Any]) -> bytes:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from reports.plots import png
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for i, key in enumerate(("fwd_ms", "fwd_bwd_ms")):
@@ -127,11 +127,10 @@ def plot(result: dict[str, Any]) -> bytes:
         ax[i].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per attention layer",
                   title=("forward" if i == 0 else "forward + backward") + f", batch 1, bf16, {result['device']}")
         ax[i].legend()
-    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
+    data = png(fig, dpi=120)
     plt.close(fig)
-    return buffer.getvalue()
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,13 @@ Series = Sequence[tuple[int, float]]
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#d62728"
 
 
+def png(fig: Figure, dpi: float | None = None) -> bytes:
+    """The figure as PNG bytes (what every report and benchmark plot returns)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
 def rolling_mean(values: Sequence[float], window: int) -> list[float]:
     """Centred moving average over `window` points (shrinking at the ends, NaNs skipped).
 
@@ -107,9 +114,7 @@ def loss_curve(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False)
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(fig)
 
 
 def loss_curves(histories: Mapping[str, Mapping[str, Series]], title: str = "Loss curves", smooth_after: int = 50) -> bytes:
@@ -145,9 +150,7 @@ def loss_curves(histories: Mapping[str, Mapping[str, Series]], title: str = "Los
     ax.grid(True, alpha=0.3)
     if drawn:
         ax.legend(frameon=False, fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(fig)
 
 
 def grouped_bars(series: Mapping[str, Mapping[str, float]], ylabel: str, title: str) -> bytes:
@@ -167,9 +170,7 @@ def grouped_bars(series: Mapping[str, Mapping[str, float]], ylabel: str, title: 
     ax.set_title(title, fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(frameon=False, fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(fig)
 
 
 def reward_kl(history: Mapping[str, Series], title: str, kl_target: float | None = None,
@@ -213,9 +214,7 @@ def reward_kl(history: Mapping[str, Series], title: str, kl_target: float | None
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(fig)
 
 
 def frontier_plot(points: Mapping[str, Mapping[str, object]], title: str) -> bytes:
@@ -242,9 +241,7 @@ def frontier_plot(points: Mapping[str, Mapping[str, object]], title: str) -> byt
     ax.set(xlabel="KL(policy || reference), nats per sequence", ylabel="mean true reward (VADER)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(fig)
 
 
 def expert_load_heatmap(loads: Mapping[str, Sequence[Sequence[Sequence[float]]]], title: str, bins: int = 50) -> bytes:
@@ -292,9 +289,7 @@ def expert_load_heatmap(loads: Mapping[str, Sequence[Sequence[Sequence[float]]]]
     if image is not None:
         fig.colorbar(image, ax=fig.axes, label="load / even share (layer mean)", shrink=0.8)
     fig.suptitle(title, fontsize=10)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(fig)
 
 
 def metric_curves(series: Mapping[str, Series], ylabel: str, title: str, smooth: int = 25) -> bytes:
@@ -311,9 +306,7 @@ def metric_curves(series: Mapping[str, Series], ylabel: str, title: str, smooth:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False, fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(fig)
 
 
 def context_curves(series: Mapping[str, Series], ylabel: str, title: str,
@@ -335,6 +328,4 @@ def context_curves(series: Mapping[str, Series], ylabel: str, title: str,
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False, fontsize=8, title="measured (computed dashed)" if computed else None, title_fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(fig)
