@@ -12,41 +12,12 @@ draft length gamma, and `estimate_alpha` reads alpha from a measured `Speculativ
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
-from modules.generation import sampling_probs
 from modules.nn.cache import KVCache
 from modules.nn.decoder import Decoder
 from modules.nn.eagle import EagleHead
-from modules.speculative import SpeculativeStats, accept_drafts
-
-
-class _Sampler:
-    """Logits to the distribution decoding draws from (the logits themselves when greedy), and draws from it."""
-
-    def __init__(self, vocab: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
-                 device: torch.device) -> None:
-        self.vocab, self.temperature, self.top_k, self.top_p = vocab, temperature, top_k, top_p
-        self.greedy = temperature == 0.0
-        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-
-    def dist(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits[..., : self.vocab]  # padded vocabulary rows are never drawn
-        return logits if self.greedy else sampling_probs(logits, self.temperature, self.top_k, self.top_p)
-
-    def pick(self, dist: torch.Tensor) -> int:
-        return int(dist.argmax(-1)) if self.greedy else int(torch.multinomial(dist, 1, generator=self.generator))
-
-
-class _Drafter(Protocol):
-    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The target's features (1, T, C) for idx (1, T) at `cache`'s next T slots, keeping what drafting needs."""
-
-    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: _Sampler) -> torch.Tensor:
-        """Write gamma drafts into tokens[0, m + 1 : m + 1 + gamma], given settled tokens 0..m and the target
-        read up to m - 1; return the distributions (gamma, V) they were drawn from."""
+from modules.speculative import Sampler, SpeculativeStats, cache_length, speculate
 
 
 class _DraftModel:
@@ -59,7 +30,7 @@ class _DraftModel:
     def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self.target.features(idx, cache)
 
-    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: _Sampler) -> torch.Tensor:
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor:
         # slots up to m - 1 hold settled tokens (accepted drafts are settled); later ones were rejected
         self.cache.truncate(min(self.cache.length, m))
         logits = self.draft(tokens[:, self.cache.length : m + 1], self.cache)[0, -1]
@@ -91,7 +62,7 @@ class _EagleDrafter:
         self.read_out[:, start : start + idx.shape[1]] = read  # positions past the accepted prefix are read again later
         return features
 
-    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: _Sampler) -> torch.Tensor:
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor:
         head = self.head
         self.cache.truncate(self.settled)  # forget the last chain; catch up on the positions the target has read since
         state = head.from_target(self.read_out[:, self.settled : m])
@@ -104,52 +75,6 @@ class _EagleDrafter:
             if k < gamma - 1:
                 feature = head.step(self.target, feature, tokens[:, m + 1 + k : m + 2 + k], self.cache)
         return torch.stack(dists)
-
-
-def _cache_length(target: Decoder, prompt: list[int], max_new_tokens: int, gamma: int, others: dict[str, Decoder]) -> int:
-    """The cache length a run needs, after refusing settings that cannot run."""
-    if gamma < 1:
-        raise ValueError(f"gamma (drafts per round) must be at least 1; got {gamma}")
-    if not prompt:
-        raise ValueError("speculative decoding needs a non-empty prompt")
-    # the last round starts at most max_new_tokens - 1 tokens in and reads its newest token and gamma drafts
-    max_len = len(prompt) + max_new_tokens + gamma - 1
-    for name, model in {"target": target, **others}.items():
-        if max_len > model.config.block_size:
-            raise ValueError(f"prompt {len(prompt)} + {max_new_tokens} new + {gamma - 1} more drafted tokens exceed the "
-                             f"{name}'s block_size {model.config.block_size}")
-    return max_len
-
-
-def _speculate(target: Decoder, drafter: _Drafter, prompt: list[int], max_new_tokens: int, gamma: int, max_len: int,
-               sampler: _Sampler, eos_id: int | None) -> tuple[list[int], SpeculativeStats]:
-    """The rounds both drafters share: the target prefills, then each round checks gamma drafts in one pass."""
-    device = target.wte.weight.device
-    cache = KVCache(target.config, 1, max_len, device, target.wte.weight.dtype)
-    tokens = torch.zeros(1, max_len + 1, dtype=torch.long, device=device)
-    n = len(prompt)
-    tokens[0, :n] = torch.tensor(prompt, device=device)
-    features = drafter.read(tokens[:, :n], cache)
-    m = n  # the newest settled token, not yet read by the target
-    tokens[0, m] = sampler.pick(sampler.dist(target.lm_head(features[0, -1])))
-    out = [int(tokens[0, m])]
-    stats = SpeculativeStats(gamma)
-    while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
-        drafts = drafter.propose(tokens, m, gamma, sampler)  # (gamma, V)
-        features = drafter.read(tokens[:, m : m + gamma + 1], cache)
-        target_dist = sampler.dist(target.lm_head(features[0]))  # (gamma + 1, V)
-        accepted, nxt = accept_drafts(target_dist, None if sampler.greedy else drafts, tokens[0, m + 1 : m + 1 + gamma],
-                                      sampler.generator)
-        stats.record(accepted)
-        out.extend(tokens[0, m + 1 : m + 1 + accepted].tolist() + [nxt])
-        m += accepted + 1
-        tokens[0, m] = nxt
-        cache.truncate(m)
-    if eos_id is not None and eos_id in out:
-        out = out[: out.index(eos_id) + 1]
-    out = out[:max_new_tokens]
-    stats.tokens = len(out)
-    return out, stats
 
 
 @torch.no_grad()
@@ -176,9 +101,9 @@ def draft_speculative_generate(
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) must be the target's "
                          f"({target.config.vocab_size}): drafts are token ids the target scores")
-    max_len = _cache_length(target, prompt, max_new_tokens, gamma, {"draft": draft})
-    sampler = _Sampler(target.config.vocab_size, temperature, top_k, top_p, seed, target.wte.weight.device)
-    return _speculate(target, _DraftModel(target, draft, max_len), prompt, max_new_tokens, gamma, max_len, sampler, eos_id)
+    max_len = cache_length(target, prompt, max_new_tokens, gamma, {"draft": draft})
+    sampler = Sampler(target.config.vocab_size, temperature, top_k, top_p, seed, target.wte.weight.device)
+    return speculate(target, _DraftModel(target, draft, max_len), prompt, max_new_tokens, gamma, max_len, sampler, eos_id)
 
 
 @torch.no_grad()
@@ -204,9 +129,9 @@ def eagle_generate(
     if head.config.n_embd != target.config.n_embd or head.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"the head was built for width {head.config.n_embd} and vocabulary {head.config.vocab_size}; "
                          f"the target has {target.config.n_embd} and {target.config.vocab_size}")
-    max_len = _cache_length(target, prompt, max_new_tokens, gamma, {})
-    sampler = _Sampler(target.config.vocab_size, temperature, top_k, top_p, seed, target.wte.weight.device)
-    return _speculate(target, _EagleDrafter(target, head, max_len), prompt, max_new_tokens, gamma, max_len, sampler,
+    max_len = cache_length(target, prompt, max_new_tokens, gamma, {})
+    sampler = Sampler(target.config.vocab_size, temperature, top_k, top_p, seed, target.wte.weight.device)
+    return speculate(target, _EagleDrafter(target, head, max_len), prompt, max_new_tokens, gamma, max_len, sampler,
                       eos_id)
 
 

@@ -6,13 +6,15 @@ target's tokens; sampling keeps exactly the target's distribution (Leviathan et 
 draft token x drawn from q is kept with probability min(1, p(x) / q(x)), and on rejection the
 replacement is drawn from norm(max(0, p - q)).
 
-`self_speculative_generate` drafts with a decoder's own MTP heads (`modules/nn/mtp.py`), the use
-DeepSeek-V3 suggests for its MTP modules (Sec. 5.4.3).
+`speculate` runs the rounds for any `Drafter`: `self_speculative_generate` drafts with a decoder's own MTP
+heads (`modules/nn/mtp.py`), the use DeepSeek-V3 suggests for its MTP modules (Sec. 5.4.3); `modules/draft.py`
+drafts with a separate draft model or an EAGLE head.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -87,6 +89,113 @@ class SpeculativeStats:
                                 self.rounds + other.rounds, self.tokens + other.tokens)
 
 
+class Sampler:
+    """Logits to the distribution decoding draws from (the logits themselves when greedy), and draws from it."""
+
+    def __init__(self, vocab: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                 device: torch.device) -> None:
+        self.vocab, self.temperature, self.top_k, self.top_p = vocab, temperature, top_k, top_p
+        self.greedy = temperature == 0.0
+        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    def dist(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[..., : self.vocab]  # padded vocabulary rows are never drawn
+        return logits if self.greedy else sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def pick(self, dist: torch.Tensor) -> int:
+        return int(dist.argmax(-1)) if self.greedy else int(torch.multinomial(dist, 1, generator=self.generator))
+
+
+class Drafter(Protocol):
+    """What `speculate` asks of a drafter: to follow the target's reading, and to propose."""
+
+    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The target's features (1, T, C) for idx (1, T) at `cache`'s next T slots, keeping what drafting needs."""
+
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor:
+        """Write gamma drafts into tokens[0, m + 1 : m + 1 + gamma], given settled tokens 0..m and the target
+        read up to m - 1; return the distributions (gamma, V) they were drawn from."""
+
+
+def cache_length(target: Decoder, prompt: list[int], max_new_tokens: int, gamma: int, others: dict[str, Decoder]) -> int:
+    """The cache length a run needs, after refusing settings that cannot run."""
+    if gamma < 1:
+        raise ValueError(f"gamma (drafts per round) must be at least 1; got {gamma}")
+    if not prompt:
+        raise ValueError("speculative decoding needs a non-empty prompt")
+    # the last round starts at most max_new_tokens - 1 tokens in and reads its newest token and gamma drafts
+    max_len = len(prompt) + max_new_tokens + gamma - 1
+    for name, model in {"target": target, **others}.items():
+        if max_len > model.config.block_size:
+            raise ValueError(f"prompt {len(prompt)} + {max_new_tokens} new + {gamma - 1} more drafted tokens exceed the "
+                             f"{name}'s block_size {model.config.block_size}")
+    return max_len
+
+
+def speculate(target: Decoder, drafter: Drafter, prompt: list[int], max_new_tokens: int, gamma: int, max_len: int,
+              sampler: Sampler, eos_id: int | None) -> tuple[list[int], SpeculativeStats]:
+    """The rounds every drafter shares: the target prefills, then each round checks gamma drafts in one pass."""
+    device = target.wte.weight.device
+    cache = KVCache(target.config, 1, max_len, device, target.wte.weight.dtype)
+    tokens = torch.zeros(1, max_len + 1, dtype=torch.long, device=device)
+    n = len(prompt)
+    tokens[0, :n] = torch.tensor(prompt, device=device)
+    features = drafter.read(tokens[:, :n], cache)
+    m = n  # the newest settled token, not yet read by the target
+    tokens[0, m] = sampler.pick(sampler.dist(target.lm_head(features[0, -1])))
+    out = [int(tokens[0, m])]
+    stats = SpeculativeStats(gamma)
+    while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
+        drafts = drafter.propose(tokens, m, gamma, sampler)  # (gamma, V)
+        features = drafter.read(tokens[:, m : m + gamma + 1], cache)
+        target_dist = sampler.dist(target.lm_head(features[0]))  # (gamma + 1, V)
+        accepted, nxt = accept_drafts(target_dist, None if sampler.greedy else drafts, tokens[0, m + 1 : m + 1 + gamma],
+                                      sampler.generator)
+        stats.record(accepted)
+        out.extend(tokens[0, m + 1 : m + 1 + accepted].tolist() + [nxt])
+        m += accepted + 1
+        tokens[0, m] = nxt
+        cache.truncate(m)
+    if eos_id is not None and eos_id in out:
+        out = out[: out.index(eos_id) + 1]
+    out = out[:max_new_tokens]
+    stats.tokens = len(out)
+    return out, stats
+
+
+class _MTPDrafter:
+    """A decoder's own MTP heads. Head k at position j reads depth k - 1's hidden state at j and token j + k
+    (parallel heads read the decoder's state at j and no token); its cache keeps the positions whose token
+    j + k was settled when computed, and each round runs the heads over the positions whose inputs changed."""
+
+    def __init__(self, decoder: Decoder, heads: MTPHeads, depth: int, max_len: int) -> None:
+        device, dtype = decoder.wte.weight.device, decoder.wte.weight.dtype
+        self.decoder, self.heads = decoder, heads
+        self.caches = heads.caches(1, max_len, device, dtype)[:depth]
+        # hidden[k][j]: depth k's hidden state at position j (k = 0: the decoder's)
+        self.hidden = [torch.zeros(1, max_len, decoder.config.n_embd, device=device, dtype=dtype) for _ in range(depth)]
+
+    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        start = cache.length
+        h = self.decoder.hidden(idx, cache)
+        self.hidden[0][:, start : start + idx.shape[1]] = h  # positions past the accepted prefix are read again later
+        return self.decoder.norm(h)
+
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor:
+        dists = []
+        for k in range(1, gamma + 1):
+            cache = self.caches[k - 1]
+            keep = min(cache.length, max(0, m - k))  # positions j whose token j + k was settled: j <= m - 1 - k
+            cache.truncate(keep)
+            previous = self.hidden[0 if self.heads.kind == "parallel" else k - 1][:, keep:m]
+            h = self.heads.step(self.decoder, k, previous, tokens[:, keep + k : m + k], cache)
+            if k < gamma:
+                self.hidden[k][:, keep:m] = h
+            dists.append(sampler.dist(self.heads.logits(self.decoder, k, h[:, -1])[0]))
+            tokens[0, m + k] = sampler.pick(dists[-1])
+        return torch.stack(dists)
+
+
 @torch.no_grad()
 def self_speculative_generate(
     decoder: Decoder,
@@ -104,75 +213,13 @@ def self_speculative_generate(
     heads and checked by the decoder; the same tokens as `generation.generate` at temperature 0,
     the same distribution when sampling.
 
-    Each round feeds the newest token and the drafts to the decoder at once (D + 1 positions),
-    keeps the accepted prefix of its key/value cache, and runs each head over the positions whose
-    inputs changed. Head k at position j reads the depth k - 1 hidden state at j and token j + k;
-    its cache keeps the positions whose token j + k is settled (parallel heads read the decoder's
-    hidden state at j and no token). One sequence at a time: rows of a
-    batch accept different numbers of drafts.
+    Each round feeds the newest token and the drafts to the decoder at once (D + 1 positions), keeps the
+    accepted prefix of its key/value cache, and runs each head over the positions whose inputs changed
+    (`_MTPDrafter`). One sequence at a time: rows of a batch accept different numbers of drafts.
     """
     depth = heads.depth if depth is None else depth
     if not 1 <= depth <= heads.depth:
         raise ValueError(f"draft depth must be between 1 and the model's {heads.depth} MTP heads; got {depth}")
-    if not prompt:
-        raise ValueError("self_speculative_generate needs a non-empty prompt")
-    device, dtype = decoder.wte.weight.device, decoder.wte.weight.dtype
-    vocab, width = decoder.config.vocab_size, decoder.config.n_embd
-    max_len = len(prompt) + max_new_tokens + depth + 1
-    if max_len > decoder.config.block_size:
-        raise ValueError(f"prompt {len(prompt)} + {max_new_tokens} new + {depth + 1} drafted tokens exceed block_size "
-                         f"{decoder.config.block_size}")
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    greedy = temperature == 0.0
-
-    def distribution(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits[..., :vocab]
-        return logits if greedy else sampling_probs(logits, temperature, top_k, top_p)
-
-    def pick(dist: torch.Tensor) -> int:
-        return int(dist.argmax(-1)) if greedy else int(torch.multinomial(dist, 1, generator=generator))
-
-    cache = KVCache(decoder.config, 1, max_len, device, dtype)
-    head_caches = heads.caches(1, max_len, device, dtype)[:depth]
-    # hidden[k][j]: depth k's hidden state at position j (k = 0: the decoder's); tokens[j]: token j
-    hidden = [torch.zeros(1, max_len, width, device=device, dtype=dtype) for _ in range(depth)]
-    tokens = torch.zeros(1, max_len + depth, dtype=torch.long, device=device)
-    n = len(prompt)
-    tokens[0, :n] = torch.tensor(prompt, device=device)
-    h = decoder.hidden(tokens[:, :n], cache)
-    hidden[0][:, :n] = h
-    m = n  # the newest settled token, not yet fed to the decoder
-    tokens[0, m] = pick(distribution(decoder.lm_head(decoder.norm(h[:, -1]))[0]))
-    out = [int(tokens[0, m])]
-    stats = SpeculativeStats(depth)
-    while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
-        drafts = []
-        for k in range(1, depth + 1):
-            head_cache = head_caches[k - 1]
-            # positions j whose token j + k was settled when computed are still right: j <= m - 1 - k
-            keep = min(head_cache.length, max(0, m - k))
-            head_cache.truncate(keep)
-            previous = hidden[0 if heads.kind == "parallel" else k - 1][:, keep:m]
-            h = heads.step(decoder, k, previous, tokens[:, keep + k : m + k], head_cache)
-            if k < depth:
-                hidden[k][:, keep:m] = h
-            dist = distribution(heads.logits(decoder, k, h[:, -1])[0])
-            tokens[0, m + k] = pick(dist)
-            drafts.append(dist)
-        # the decoder checks the newest token's successor and the drafts in one pass
-        h = decoder.hidden(tokens[:, m : m + depth + 1], cache)
-        hidden[0][:, m : m + depth + 1] = h
-        target = distribution(decoder.lm_head(decoder.norm(h))[0])  # (depth + 1, V)
-        accepted, nxt = accept_drafts(target, None if greedy else torch.stack(drafts), tokens[0, m + 1 : m + 1 + depth],
-                                      generator)
-        stats.record(accepted)
-        new = tokens[0, m + 1 : m + 1 + accepted].tolist() + [nxt]
-        m += accepted + 1
-        tokens[0, m] = nxt
-        cache.truncate(m)
-        out.extend(new)
-    if eos_id is not None and eos_id in out:
-        out = out[: out.index(eos_id) + 1]
-    out = out[:max_new_tokens]
-    stats.tokens = len(out)
-    return out, stats
+    max_len = cache_length(decoder, prompt, max_new_tokens, depth, {})
+    sampler = Sampler(decoder.config.vocab_size, temperature, top_k, top_p, seed, decoder.wte.weight.device)
+    return speculate(decoder, _MTPDrafter(decoder, heads, depth, max_len), prompt, max_new_tokens, depth, max_len, sampler, eos_id)

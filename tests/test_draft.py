@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from modules import draft as draft_module
+from modules import speculative as speculative_module
 from modules.draft import (
     draft_speculative_generate,
     eagle_generate,
@@ -177,7 +177,7 @@ def test_cached_drafts_match_drafting_from_scratch(kind: str, monkeypatch: pytes
         rounds.append((tokens.tolist(), accepted))
         return accepted, nxt
 
-    monkeypatch.setattr(draft_module, "accept_drafts", recording)
+    monkeypatch.setattr(speculative_module, "accept_drafts", recording)
     prompt, gamma = [2, 1, 0, 1, 0], 3
     run = draft_speculative_generate if kind == "draft" else eagle_generate
     out, _ = run(target, drafter, prompt, 40, gamma)
@@ -239,7 +239,7 @@ def test_sampled_draft_model_decoding_keeps_the_targets_distribution(monkeypatch
         stats = stats.merge(one)
     assert chi_square_pvalue(samples, exact) > 1e-3
     assert 0 < stats.accepted[0] < stats.proposed[0] and 0 < stats.accepted[1] < stats.proposed[1]
-    monkeypatch.setattr(draft_module, "accept_drafts", always_accept)
+    monkeypatch.setattr(speculative_module, "accept_drafts", always_accept)
     broken = [tuple(draft_speculative_generate(target, small, PROMPT, 3, 2, temperature=1.0, seed=s)[0])
               for s in range(200)]
     assert chi_square_pvalue(broken, exact) < 1e-6

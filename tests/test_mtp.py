@@ -187,7 +187,7 @@ def test_bad_depths_and_settings_are_refused() -> None:
     decoder, heads = sharpened(tiny(), 2, "sequential")
     with pytest.raises(ValueError, match="between 1 and the model's 2"):
         self_speculative_generate(decoder, heads, [1, 2], 4, depth=3)
-    with pytest.raises(ValueError, match="exceed block_size"):
+    with pytest.raises(ValueError, match="exceed the target's block_size"):
         self_speculative_generate(decoder, heads, [1] * 90, 10)
     with pytest.raises(ValueError, match="kind"):
         MTPHeads(tiny(), 1, "tree")
