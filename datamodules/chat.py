@@ -68,6 +68,14 @@ def encode(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> tuple[li
     return ids, labels
 
 
+def prompt_ids(tokenizer: Tokenizer, text: str, chat: bool | None = None) -> list[int]:
+    """Ids of `text` as a user turn followed by the assistant's tag (chat; default: whether the tokenizer has
+    the chat tokens), or as plain text: what a model reads before it answers."""
+    if not (is_chat_tokenizer(tokenizer) if chat is None else chat):
+        return tokenizer.encode(text).ids
+    return encode(tokenizer, [{"role": "user", "content": text}])[0] + [tokenizer.token_to_id(TAGS["assistant"])]
+
+
 def to_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
     """One record (Alpaca or chat format) as messages; `where` names it in errors (file and record)."""
     record = {k: v for k, v in record.items() if v is not None}  # `datasets` fills columns other records have with None

@@ -3,8 +3,9 @@ with one worker, in sequential steps and wall time to finish, and in accuracy.
 
 A row asks for the sum of `terms` integers in the verifiable tasks' format (`Q: What is 12 + 7 + ... + 40?\\nA:`,
 answer ` <sum>`). `solve` runs a row with W workers (W = 1: the sequential baseline) under one finish rule:
-the run ends when a worker completes a line (a newline in its text, or `eos_id`), and the answer is the first
-integer of that line, read from the finishing worker's block of the merged transcript. A model reads the
+the run ends when a worker completes a line (a newline in its text, or `eos_id`: a chat model's `<|end|>`, whose
+prompt is a user turn), and the answer is the first integer of that line, read from the finishing worker's
+block of the merged transcript. A model reads the
 workers' interleaved tokens well only if trained on such transcripts (see `modules/hogwild.py`).
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from datamodules.chat import END, is_chat_tokenizer, prompt_ids
 from evaluation.verifiable import prompt
 from modules.hogwild import hogwild_generate
 from modules.nn.decoder import Decoder
@@ -49,7 +51,9 @@ def solve(
 ) -> dict[str, Any]:
     """One row with `workers` workers: its answer, whether it is right, steps, tokens and seconds to finish.
     `headers`: one text per worker (e.g. its name); `sampling` as `hogwild_generate`'s (temperature, seed, eos_id)."""
-    ids = tokenizer.encode(prompt(row["question"])).ids
+    ids = prompt_ids(tokenizer, prompt(row["question"]))  # a chat model reads it as a user turn, and ends at <|end|>
+    if is_chat_tokenizer(tokenizer):
+        sampling.setdefault("eos_id", tokenizer.token_to_id(END))
     header_ids = [tokenizer.encode(h).ids for h in headers] if headers is not None else None
     result = hogwild_generate(model, ids, workers, max_new_tokens, headers=header_ids,
                               stop=lambda tokens: "\n" in tokenizer.decode(tokens), **sampling)

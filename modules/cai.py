@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from datamodules.chat import END, TAGS, encode, is_chat_tokenizer
+from datamodules.chat import END, is_chat_tokenizer, prompt_ids
 from datamodules.constitution import EMAIL, PHONE, URL, Principle, checkable, has_phrase, phrase_pattern
 from datamodules.preference import Pair, to_pair_text
 from datamodules.tokenizer import EOT_ID
@@ -171,8 +171,8 @@ def to_pairs(records: Sequence[dict[str, Any]], tokenizer: Tokenizer) -> list[Pa
     pairs = []
     for i, record in enumerate(records):
         prompt, chosen, rejected = to_pair_text(record, f"AI-feedback pair {i + 1}")
-        prompt_ids = _prompt_ids(tokenizer, prompt, chat)
-        pairs.append(Pair(prompt_ids, tokenizer.encode(chosen).ids + end, tokenizer.encode(rejected).ids + end))
+        context = prompt_ids(tokenizer, prompt, chat)
+        pairs.append(Pair(context, tokenizer.encode(chosen).ids + end, tokenizer.encode(rejected).ids + end))
     return pairs
 
 
@@ -184,13 +184,6 @@ def checker_agreement(records: Sequence[dict[str, Any]], principles: Sequence[Pr
                 for r in records if r["principle"] in by_name]
     separated = [(c, r) for c, r in verdicts if c != r]
     return (sum(r for _, r in separated) / len(separated) if separated else None), len(separated)
-
-
-def _prompt_ids(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
-    """Ids of `text` as a user turn followed by the assistant's tag (chat), or as plain text."""
-    if not chat:
-        return tokenizer.encode(text).ids
-    return encode(tokenizer, [{"role": "user", "content": text}])[0] + [tokenizer.token_to_id(TAGS["assistant"])]
 
 
 def decoder_generator(model: Decoder, tokenizer: Tokenizer, max_new_tokens: int, chat: bool | None = None,
@@ -209,7 +202,7 @@ def decoder_generator(model: Decoder, tokenizer: Tokenizer, max_new_tokens: int,
     def generate_many(texts: list[str]) -> list[str]:
         out = []
         for start in range(0, len(texts), batch_size):
-            prompts = [_prompt_ids(tokenizer, t, chat)[-room:] for t in texts[start : start + batch_size]]
+            prompts = [prompt_ids(tokenizer, t, chat)[-room:] for t in texts[start : start + batch_size]]
             rows = generate(model, prompts, max_new_tokens, eos_id=stop, seed=None if seed is None else seed + start, **sampling)
             out += [tokenizer.decode([t for t in row if t != stop]) for row in rows]
         return out
@@ -227,7 +220,7 @@ def decoder_logprob(model: Decoder, tokenizer: Tokenizer, chat: bool = False) ->
     @torch.no_grad()
     def score(context: str, continuation: str) -> float:
         cont = tokenizer.encode(continuation).ids
-        ids = (_prompt_ids(tokenizer, context, chat) + cont)[-(block + 1) :]  # the model reads all but the last
+        ids = (prompt_ids(tokenizer, context, chat) + cont)[-(block + 1) :]  # the model reads all but the last
         if not cont or len(cont) >= len(ids):
             raise ValueError(f"a continuation of {len(cont)} tokens needs 1 to {block} tokens and some context")
         logp = model(torch.tensor([ids[:-1]], device=device))[0, :, :vocab].float().log_softmax(-1)  # (T - 1, V)

@@ -164,6 +164,9 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] if i < len(self.chars) else "" for i in ids)
 
+    def token_to_id(self, token: str) -> None:  # no special tokens: not a chat tokenizer
+        return None
+
 
 def test_parallel_sum_rows_answers_and_the_finish_rule() -> None:
     rows = sum_rows(20, seed=1, terms=8)
@@ -186,3 +189,28 @@ def test_parallel_sum_rows_answers_and_the_finish_rule() -> None:
     report = compare(m, tokenizer, rows[:3], workers=(1, 2), max_new_tokens=12, temperature=1.0, seed=0)
     assert set(report) == {1, 2} and all(0 <= r["accuracy"] <= r["finished"] <= 1 for r in report.values())
     assert report[2]["tokens"] == 2 * report[2]["steps"]
+
+
+def test_a_chat_model_reads_the_sum_as_a_user_turn_and_finishes_at_its_end_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chat model answers after <|assistant|> and closes with <|end|>, not a newline: without both, no worker
+    of an SFT model would ever finish a line."""
+    import evaluation.parallel_sum as parallel_sum
+    from datamodules.chat import END, TAGS, add_chat_tokens
+    from datamodules.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["Q: What is 1 + 2?\nA: 3 " * 20], 300)
+    add_chat_tokens(tokenizer)
+    calls = []
+
+    def fake(model, ids, workers, max_new_tokens, **kwargs):
+        calls.append((ids, kwargs))
+        answer = tokenizer.encode(" 3").ids + [tokenizer.token_to_id(END)]
+        return SimpleNamespace(finisher=0, tokens=[answer] * workers, steps=len(answer), total_tokens=workers * len(answer),
+                               seconds=0.0)
+
+    monkeypatch.setattr(parallel_sum, "hogwild_generate", fake)
+    result = solve(None, tokenizer, {"question": "What is 1 + 2?", "answer": "3"}, 2, 8)
+    ids, kwargs = calls[0]
+    assert ids[0] == tokenizer.token_to_id(TAGS["user"]) and ids[-1] == tokenizer.token_to_id(TAGS["assistant"])
+    assert kwargs["eos_id"] == tokenizer.token_to_id(END)
+    assert result["answer"] == "3" and result["correct"] and result["finished"]
