@@ -1,8 +1,13 @@
-"""The inference technique: its config errors stop before any work (the golden run covers it end to end)."""
+"""The inference technique: its config errors stop before any work (the golden run covers it end to end), and
+`benchmarks/inference.py` measures a finished run again with the schemes, draft lengths and repeats it is given."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import torch
 
 from repro.run import main
 
@@ -19,3 +24,30 @@ def test_bad_presets_stop_before_any_run_folder(capsys, tmp_path, override: str,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and fragment in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_finished_run_is_measured_again_with_other_settings_and_full_float32(tmp_path: Path) -> None:
+    from benchmarks import inference as bench
+    from repro import golden, registry
+
+    corpus = golden.write_corpus(tmp_path / "corpus")
+    overrides = [o.format(corpus=corpus, cache=tmp_path / "cache") for o in registry.get("inference").golden_overrides]
+    assert main(["--technique", "inference", "--accelerator", "cpu", "--out", str(tmp_path / "runs"),
+                 *(a for o in overrides for a in ("--set", o))]) == 0
+    run_dir = next((tmp_path / "runs" / "inference").iterdir())
+    out = tmp_path / "again.json"
+    torch.set_float32_matmul_precision("high")  # as the trainer leaves it on a GPU
+    try:
+        with bench.full_float32_matmuls():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert bench.main(["--checkpoint", str(run_dir), "--schemes", "int8", "--gammas", "3", "--repeats", "1",
+                           "--out", str(out)]) == 0
+        assert torch.get_float32_matmul_precision() == "high"  # measured in full float32, then restored
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    result = json.loads(out.read_text())
+    assert [r["scheme"] for r in result["quantization"]] == ["none", "int8"]
+    records = result["speculation"]["records"]
+    assert {r["gamma"] for r in records} == {3} and {r["method"] for r in records} == {"draft model", "EAGLE"}
+    assert all(r["greedy_mismatches"] == 0 for r in records if r["temperature"] == 0.0)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
