@@ -216,15 +216,11 @@ def measure(module: Any, prompts: list[list[int]], calibration: torch.Tensor, he
 def plot(result: dict[str, Any]) -> bytes:
     """Tokens per target pass and speedup against gamma, measured (solid) and Leviathan et al.'s at the measured
     alpha and c (dashed), per drafter and temperature."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from reports.plots import png
+    from reports.plots import figure, png
 
     records = result["speculation"]["records"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = figure(11, 4)
+    axes = fig.subplots(1, 2)
     for (method, temperature), color in zip(dict.fromkeys((r["method"], r["temperature"]) for r in records), "bgrmck"):
         rows = [r for r in records if (r["method"], r["temperature"]) == (method, temperature)]
         gammas = [r["gamma"] for r in rows]
@@ -236,10 +232,7 @@ def plot(result: dict[str, Any]) -> bytes:
     axes[1].axhline(1.0, color="grey", linewidth=0.8)
     axes[1].set(xlabel="draft length gamma", ylabel="speedup over plain decoding", title=f"measured vs Thm. 3.8, {result['device']}")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    data = png(fig, dpi=120)
-    plt.close(fig)
-    return data
+    return png(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

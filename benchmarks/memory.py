@@ -121,13 +121,9 @@ def table(records: list[dict[str, Any]], params: int) -> list[str]:
 
 
 def plot(records: list[dict[str, Any]], title: str) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from reports.plots import figure, png
 
-    from reports.plots import png
-
-    fig = Figure(figsize=(8, 4.5), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(8, 4.5)
     ax = fig.add_subplot()
     for r in records:
         if "error" in r:

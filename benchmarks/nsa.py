@@ -112,14 +112,10 @@ def measure(lengths: list[int], reference_max: int, repeats: int, device: torch.
 
 
 def plot(result: dict[str, Any]) -> bytes:
-    import matplotlib
+    from reports.plots import figure, png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from reports.plots import png
-
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig = figure(11, 4)
+    ax = fig.subplots(1, 2)
     for i, key in enumerate(("fwd_ms", "fwd_bwd_ms")):
         for name in dict.fromkeys(r["attention"] for r in result["records"]):
             points = [(r["tokens"], r[key]) for r in result["records"] if r["attention"] == name and r.get(key)]
@@ -127,10 +123,7 @@ def plot(result: dict[str, Any]) -> bytes:
         ax[i].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per attention layer",
                   title=("forward" if i == 0 else "forward + backward") + f", batch 1, bf16, {result['device']}")
         ax[i].legend()
-    fig.tight_layout()
-    data = png(fig, dpi=120)
-    plt.close(fig)
-    return data
+    return png(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

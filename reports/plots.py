@@ -16,6 +16,13 @@ Series = Sequence[tuple[int, float]]
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#d62728"
 
 
+def figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas (no pyplot state), laid out as every report plot is."""
+    fig = Figure(figsize=(width, height), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def png(fig: Figure, dpi: float | None = None) -> bytes:
     """The figure as PNG bytes (what every report and benchmark plot returns)."""
     buffer = io.BytesIO()
@@ -72,8 +79,7 @@ def loss_curve(
     mean; the validation loss as markers joined by a line. `log_y` is honoured only when every
     finite value is positive. Empty or single-point series still give a valid figure.
     """
-    fig = Figure(figsize=(7.5, 4.5), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(7.5, 4.5)
     ax = fig.add_subplot()
     finite: list[float] = []
 
@@ -123,8 +129,7 @@ def loss_curves(histories: Mapping[str, Mapping[str, Series]], title: str = "Los
     Each run has one colour: its train loss as a line (a centred moving mean past `smooth_after`
     points) and its validation loss as markers.
     """
-    fig = Figure(figsize=(8, 4.8), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(8, 4.8)
     ax = fig.add_subplot()
     colors = [f"C{i % 10}" for i in range(len(histories))]
     drawn = False
@@ -156,8 +161,7 @@ def loss_curves(histories: Mapping[str, Mapping[str, Series]], title: str = "Los
 def grouped_bars(series: Mapping[str, Mapping[str, float]], ylabel: str, title: str) -> bytes:
     """PNG bytes of a grouped bar chart: group (a source) -> bar name (a case) -> value."""
     names = list(dict.fromkeys(name for values in series.values() for name in values))
-    fig = Figure(figsize=(max(6.0, 1.2 * len(names) * max(1, len(series)) ** 0.5 + 2), 4.5), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(max(6.0, 1.2 * len(names) * max(1, len(series)) ** 0.5 + 2), 4.5)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(series))
     for i, (group, values) in enumerate(series.items()):
@@ -181,8 +185,7 @@ def reward_kl(history: Mapping[str, Series], title: str, kl_target: float | None
     Per-iteration series are drawn faint and, past `smooth_after` points, as a centred moving mean;
     validation points (held-out prompts) as markers; the controller's KL target as a dashed line.
     """
-    fig = Figure(figsize=(11, 4.2), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(11, 4.2)
     left, right = fig.subplots(1, 2)
     colors = ("#2ca02c", "#9467bd", "#8c564b")
 
@@ -223,8 +226,7 @@ def frontier_plot(points: Mapping[str, Mapping[str, object]], title: str) -> byt
 
     points: arm name -> {"kind": "DPO" | "PPO" | "base" | ..., "kl", "reward", "reward_se"}.
     """
-    fig = Figure(figsize=(7.5, 4.8), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(7.5, 4.8)
     ax = fig.add_subplot()
     styles = {"DPO": ("#d62728", "o"), "PPO": ("#1f77b4", "s"), "base": ("black", "*")}
     others = iter(("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"))
@@ -254,8 +256,7 @@ def expert_load_heatmap(loads: Mapping[str, Sequence[Sequence[Sequence[float]]]]
     from matplotlib.colors import LogNorm
 
     arms = [name for name, steps in loads.items() if steps]
-    fig = Figure(figsize=(8, 1.2 + 1.6 * max(1, len(arms))), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(8, 1.2 + 1.6 * max(1, len(arms)))
     if not arms:
         fig.add_subplot().text(0.5, 0.5, "no expert loads recorded", ha="center", va="center", color="0.4")
     grids = {}
@@ -294,8 +295,7 @@ def expert_load_heatmap(loads: Mapping[str, Sequence[Sequence[Sequence[float]]]]
 
 def metric_curves(series: Mapping[str, Series], ylabel: str, title: str, smooth: int = 25) -> bytes:
     """PNG bytes of one metric per arm against the step (a centred moving mean over `smooth` steps)."""
-    fig = Figure(figsize=(8, 4.2), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(8, 4.2)
     ax = fig.add_subplot()
     for index, (name, points) in enumerate(series.items()):
         if points:
@@ -313,8 +313,7 @@ def context_curves(series: Mapping[str, Series], ylabel: str, title: str,
                    computed: Mapping[str, Series] | None = None) -> bytes:
     """PNG bytes of one measured value per arm against context length (log-log, markers); `computed` adds,
     per arm, a dashed line of the same value from a formula, to see measurement and theory agree."""
-    fig = Figure(figsize=(8, 4.2), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(8, 4.2)
     ax = fig.add_subplot()
     for index, (name, points) in enumerate(series.items()):
         color = f"C{index % 10}"
