@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from repro.golden import SHRINK
 
@@ -33,3 +35,13 @@ def tiny_overrides(text_corpus: Path, tmp_path: Path) -> list[str]:
         "train.checkpoint_every=4",
         "train.speed_window=2",
     ]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): models this
+    small run faster on one thread, and far steadier on a shared CPU, where a thread pool waits on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

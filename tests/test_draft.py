@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,13 +25,7 @@ from modules.nn.eagle import EagleConfig, EagleHead, fusion_layers
 from modules.speculative import SpeculativeStats, accept_drafts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Models this small run faster on one thread, and far steadier on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(vocab: int = 50, position: str = "learned", n_layer: int = 2, n_embd: int = 32,

@@ -4,7 +4,6 @@ and generate like the float one at a quarter or an eighth of the linear layers' 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,13 +27,7 @@ from modules.quant import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Models this small run faster on one thread, and far steadier on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(vocab_size=67, block_size=32, n_layer=2, n_head=4, n_embd=128, pad_vocab_to=16)
