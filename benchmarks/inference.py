@@ -34,6 +34,7 @@ from modules.draft import draft_speculative_generate, eagle_generate, estimate_a
 from modules.generation import generate
 from modules.nn.decoder import Decoder
 from modules.nn.eagle import EagleHead
+from modules.quant import SCHEMES, TORCHAO_SCHEMES
 from modules.speculative import SpeculativeStats
 
 PROMPTS_FILE = "decode_prompts.json"
@@ -240,15 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="an inference run folder (or a .ckpt in one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--schemes", nargs="+", help="quantization schemes instead of the run's (e.g. add torchao-int8 torchao-int4)")
+    parser.add_argument("--schemes", nargs="+", choices=[*SCHEMES, *TORCHAO_SCHEMES],
+                        help="quantization schemes instead of the run's (e.g. add torchao-int8 torchao-int4)")
     parser.add_argument("--gammas", type=int, nargs="+", help="draft lengths instead of the run's")
     parser.add_argument("--repeats", type=int, help="timing passes over the prompts instead of the run's")
     parser.add_argument("--out", type=Path, help="write the result here as JSON")
     args = parser.parse_args(argv)
+    if args.gammas and min(args.gammas) < 1 or args.repeats is not None and args.repeats < 1:
+        parser.error("--gammas (draft lengths) and --repeats must be at least 1")
     from modules.inference import InferenceModule
     from repro.checkpoints import locate
+    from repro.config import ConfigError
 
-    checkpoint, run_dir = locate(args.checkpoint)
+    try:
+        checkpoint, run_dir = locate(args.checkpoint)
+    except ConfigError as error:
+        parser.error(str(error))
     module = InferenceModule.load_from_checkpoint(checkpoint, map_location=args.device).to(getattr(torch, args.dtype)).eval()
     saved = json.loads((run_dir / PROMPTS_FILE).read_text())
     quant, decode = QuantSettings(**saved["quant"]), DecodeSettings(**saved["decode"])

@@ -38,6 +38,7 @@ from torch import nn
 from modules.nn.decoder import Decoder
 
 SCHEMES = ("int8", "int4", "gptq-int4")
+TORCHAO_SCHEMES = ("torchao-int8", "torchao-int4")  # `torchao_quantize`, on CUDA
 
 
 def storable(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -51,3 +51,17 @@ def test_a_finished_run_is_measured_again_with_other_settings_and_full_float32(t
     assert {r["gamma"] for r in records} == {3} and {r["method"] for r in records} == {"draft model", "EAGLE"}
     assert all(r["greedy_mismatches"] == 0 for r in records if r["temperature"] == 0.0)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--checkpoint", "/nonexistent"], "not a run folder"),
+    (["--checkpoint", "x", "--schemes", "int3"], "invalid choice: 'int3'"),
+    (["--checkpoint", "x", "--gammas", "0"], "must be at least 1"),
+    (["--checkpoint", "x", "--repeats", "0"], "must be at least 1"),
+])
+def test_the_re_measure_refuses_bad_arguments_before_loading_anything(capsys, args: list[str], fragment: str) -> None:
+    from benchmarks import inference as bench
+
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(args)
+    assert exit_.value.code == 2 and fragment in capsys.readouterr().err

@@ -59,9 +59,11 @@ class InferenceConfig:
             raise ValueError(f"decode.gammas={self.decode.gammas}: draft lengths of at least 1")
         if self.decode.prompts < 1 or self.decode.prompt_tokens < 1 or self.decode.new_tokens < 1:
             raise ValueError("decode.prompts, decode.prompt_tokens and decode.new_tokens must be positive")
-        unknown = [s for s in self.quant.schemes if s not in ("int8", "int4", "gptq-int4", "torchao-int8", "torchao-int4")]
+        from modules.quant import SCHEMES, TORCHAO_SCHEMES
+
+        unknown = [s for s in self.quant.schemes if s not in (*SCHEMES, *TORCHAO_SCHEMES)]
         if unknown:
-            raise ValueError(f"quant.schemes: unknown {unknown}; use int8, int4, gptq-int4, torchao-int8 or torchao-int4")
+            raise ValueError(f"quant.schemes: unknown {unknown}; use {', '.join(SCHEMES + TORCHAO_SCHEMES)}")
 
 
 def build(config: InferenceConfig, seed: int, stages: dict[str, Path]) -> tuple[InferenceModule, PretrainDataModule]:
