@@ -21,8 +21,10 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
+    from repro.checkpoints import run_folder_argument
+
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a run folder (or a .ckpt in one)")
+    parser.add_argument("--checkpoint", required=True, type=run_folder_argument, help="a run folder (or a .ckpt in one)")
     parser.add_argument("--arm", default=None, help="one of several models the run trained side by side")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--rows", type=int, default=20)

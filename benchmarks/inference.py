@@ -237,8 +237,10 @@ def plot(result: dict[str, Any]) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from repro.checkpoints import run_folder_argument
+
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="an inference run folder (or a .ckpt in one)")
+    parser.add_argument("--checkpoint", required=True, type=run_folder_argument, help="an inference run folder (or a .ckpt in one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--schemes", nargs="+", choices=[*SCHEMES, *TORCHAO_SCHEMES],
@@ -251,12 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--gammas (draft lengths) and --repeats must be at least 1")
     from modules.inference import InferenceModule
     from repro.checkpoints import locate
-    from repro.config import ConfigError
 
-    try:
-        checkpoint, run_dir = locate(args.checkpoint)
-    except ConfigError as error:
-        parser.error(str(error))
+    checkpoint, run_dir = locate(args.checkpoint)
     module = InferenceModule.load_from_checkpoint(checkpoint, map_location=args.device).to(getattr(torch, args.dtype)).eval()
     saved = json.loads((run_dir / PROMPTS_FILE).read_text())
     quant, decode = QuantSettings(**saved["quant"]), DecodeSettings(**saved["decode"])

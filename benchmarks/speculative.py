@@ -97,8 +97,10 @@ def measure_run(run_dir: Path, device: str = "cpu", temperatures: tuple[float, .
 
 
 def main(argv: list[str] | None = None) -> int:
+    from repro.checkpoints import run_folder_argument
+
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="an MTP run folder (or a .ckpt in one)")
+    parser.add_argument("--checkpoint", required=True, type=run_folder_argument, help="an MTP run folder (or a .ckpt in one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="write the records here as JSON")
     args = parser.parse_args(argv)

@@ -26,6 +26,17 @@ def locate(path: str | Path) -> tuple[Path, Path]:
     raise ConfigError(f"--checkpoint {path}: not a run folder with checkpoints/final.ckpt or last.ckpt")
 
 
+def run_folder_argument(text: str) -> str:
+    """An argparse `type` for `--checkpoint`: the text, once `locate` finds a run there (else a usage error)."""
+    import argparse
+
+    try:
+        locate(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--checkpoint ")) from None
+    return text
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", arm: str | None = None) -> tuple[Decoder, Tokenizer]:
     """The decoder (eval mode, on `device`) and the tokenizer of a run folder or checkpoint.
 

@@ -54,14 +54,17 @@ def test_a_finished_run_is_measured_again_with_other_settings_and_full_float32(t
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--checkpoint", "/nonexistent"], "not a run folder"),
-    (["--checkpoint", "x", "--schemes", "int3"], "invalid choice: 'int3'"),
-    (["--checkpoint", "x", "--gammas", "0"], "must be at least 1"),
-    (["--checkpoint", "x", "--repeats", "0"], "must be at least 1"),
+    (["--checkpoint", "/nonexistent"], "/nonexistent: not a run folder"),
+    (["--schemes", "int3"], "invalid choice: 'int3'"),
+    (["--gammas", "0"], "must be at least 1"),
+    (["--repeats", "0"], "must be at least 1"),
 ])
-def test_the_re_measure_refuses_bad_arguments_before_loading_anything(capsys, args: list[str], fragment: str) -> None:
+def test_the_re_measure_refuses_bad_arguments_before_loading_anything(capsys, tmp_path: Path, args: list[str],
+                                                                      fragment: str) -> None:
     from benchmarks import inference as bench
 
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "final.ckpt").write_bytes(b"")  # a run folder by its shape; nothing loads it
     with pytest.raises(SystemExit) as exit_:
-        bench.main(args)
+        bench.main(["--checkpoint", str(tmp_path), *args] if args[0] != "--checkpoint" else args)
     assert exit_.value.code == 2 and fragment in capsys.readouterr().err
