@@ -151,3 +151,17 @@ def test_decoding_with_a_cache_and_bad_settings_are_refused() -> None:
         DecoderConfig(**{**SMALL, "nsa_block": 5})
     with pytest.raises(ValueError, match="at least 3 blocks"):
         DecoderConfig(**{**SMALL, "nsa_select": 2})
+
+
+def test_the_speed_verdict_compares_the_longest_context_both_were_timed_at() -> None:
+    from benchmarks.nsa import claims
+
+    def rec(tokens: int, attention: str, fwd: float | None, both: float | None) -> dict:
+        return {"tokens": tokens, "attention": attention, "fwd_ms": fwd, "fwd_bwd_ms": both}
+
+    records = [rec(1024, "full (SDPA)", 1.0, 3.0), rec(1024, "NSA (flex)", 4.0, 6.0), rec(1024, "NSA (plain)", 2.0, 9.0),
+               rec(8192, "full (SDPA)", 8.0, 24.0), rec(8192, "NSA (flex)", 2.0, None), rec(16384, "full (SDPA)", 30.0, 90.0)]
+    fwd, both = claims({"records": records})
+    assert fwd["measured"] == 4.0 and fwd["verdict"] == "reproduced" and "8192 tokens" in fwd["metric"]
+    assert both["measured"] == 0.5 and both["verdict"] == "not reproduced" and "1024 tokens" in both["metric"]  # faster NSA path: 6 ms
+    assert [c["verdict"] for c in claims({"records": records[-1:]})] == ["not measured"] * 2
