@@ -1,6 +1,7 @@
 """Serve a trained model over HTTP with an OpenAI-style completions endpoint.
 
     python repro/serve.py --checkpoint RUN_OR_CKPT [--host 127.0.0.1] [--port 8000]
+                          [--max-workers 32] [--backlog 128] [--read-timeout 10]
 
     GET  /health            {"status": "ok"}
     GET  /v1/models         the one model served, with its context length
@@ -8,9 +9,16 @@
                             Server-Sent Events, `data: {chunk}` per token and a last `data: [DONE]`
 
 The standard library's threading HTTP server: each connection gets a thread, and a lock lets one
-request at a time use the model. Requests are checked before any generation; a bad one gets an
-OpenAI-style `{"error": {"message", "type", "param", "code"}}` with a 4xx status, and an error
-inside generation a 500 that is logged; the server keeps serving either way.
+request at a time use the model. At most `max_workers` connections are served at once; a burst
+beyond that is queued, not refused: the server stops accepting until a worker frees up, and the
+waiting connections sit in the listen backlog (`backlog` of them; the kernel caps it at
+net.core.somaxconn), so each is answered late rather than reset or given a 503; a client's own
+timeout bounds its wait. A client that stalls for `read_timeout` seconds while sending its request
+is dropped, and one that sends fewer body bytes than its Content-Length gets a 408.
+
+Requests are checked before any generation; a bad one gets an OpenAI-style
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status, and an error inside generation
+a 500 that is logged; the server keeps serving either way.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import torch
 from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from tokenizers import Tokenizer
 
 from modules.nn import Decoder
@@ -42,15 +51,21 @@ from repro.config import ConfigError
 log = logging.getLogger("repro.serve")
 
 MAX_BODY_BYTES = 1 << 20  # a larger body gets 413
+MAX_WORKERS = 32  # connections served at once; generation is one at a time, so most of them wait on the model
+BACKLOG = 128  # connections the kernel queues while every worker is busy
+READ_TIMEOUT = 10.0  # seconds a client may stall while sending its request (or not read its answer)
 
 
 class Handler(BaseHTTPRequestHandler):
     """One connection: routes a request to the server's `Completions`, answers in JSON or SSE."""
 
     server: _HTTPServer
-    timeout = 60  # seconds a connection may sit idle while the server reads its request
     server_version = "llm-repro"
     ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/completions": "POST"}
+
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout  # the socket's timeout, on every read and write
+        super().setup()
 
     def do_GET(self) -> None:
         self._handle()
@@ -76,8 +91,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._completions()
         except RequestError as err:
             self._send_json(err.status, err.body(), err.headers)
-        except ConnectionError:
-            log.info("%s closed the connection", self.address_string())
+        except (ConnectionError, TimeoutError):
+            log.info("%s closed the connection or stopped reading it", self.address_string())
         except Exception as err:
             log.exception("internal error on %s %s", self.command, self.path)
             error = RequestError(500, f"internal error: {type(err).__name__}: {err}", None, "internal_error")
@@ -103,7 +118,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 for chunk in chunks:
                     self._send_event(json.dumps(chunk))
-            except ConnectionError:  # the client went away: nothing more to send it
+            except (ConnectionError, TimeoutError):  # the client went away: nothing more to send it
                 raise
             except Exception as err:  # the status line is sent: the error goes in the stream
                 log.exception("internal error while streaming")
@@ -122,11 +137,21 @@ class Handler(BaseHTTPRequestHandler):
         if size > limit:
             # read it, so that a client still sending gets the answer rather than a reset connection
             unread = size if size <= 16 * limit else 0
-            while unread > 0 and (chunk := self.rfile.read(min(unread, 1 << 16))):
-                unread -= len(chunk)
+            with contextlib.suppress(TimeoutError):
+                while unread > 0 and (chunk := self.rfile.read(min(unread, 1 << 16))):
+                    unread -= len(chunk)
             raise RequestError(413, f"the body has {length} bytes; at most {limit}", None, "request_too_large")
         try:
-            return json.loads(self.rfile.read(size))
+            body = self.rfile.read(size)
+        except TimeoutError:
+            self.close_connection = True  # the stalled body's bytes may still come: nothing more is read
+            raise RequestError(408, f"the body stalled before its {size} bytes (Content-Length) arrived; "
+                                    f"this server waits {self.server.read_timeout:g} s", None, "request_timeout")
+        if len(body) < size:
+            raise RequestError(400, f"the body ended after {len(body)} of its {size} bytes (Content-Length)", None,
+                               "incomplete_body")
+        try:
+            return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RequestError(400, f"the body is not valid JSON: {err}", None, "invalid_json") from err
 
@@ -156,11 +181,38 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class _HTTPServer(ThreadingHTTPServer):
-    """The listening socket, with what every handler reads."""
+    """The listening socket, with what every handler reads, and a thread per connection for at most
+    `max_workers` connections at once: while that many are served, the accept loop waits and new
+    connections queue in the listen backlog."""
 
-    def __init__(self, address: tuple[str, int], completions: Completions, max_body_bytes: int) -> None:
+    def __init__(self, address: tuple[str, int], completions: Completions, max_body_bytes: int,
+                 max_workers: int, backlog: int, read_timeout: float) -> None:
         self.completions, self.max_body_bytes, self.started = completions, max_body_bytes, int(time.time())
+        self.read_timeout, self.request_queue_size = read_timeout, backlog  # listen(request_queue_size)
+        self._workers = threading.BoundedSemaphore(max_workers)
+        self._stopping = threading.Event()
         super().__init__(address, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        while not self._workers.acquire(timeout=0.1):  # wakes to let shutdown() stop a full server
+            if self._stopping.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else frees the worker
+            self._workers.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._workers.release()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
 
 
 class Server:
@@ -180,9 +232,16 @@ class Server:
         port: int = 8000,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_prompts: int = MAX_PROMPTS,
+        max_workers: int = MAX_WORKERS,
+        backlog: int = BACKLOG,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
+        if max_workers < 1 or backlog < 1 or not read_timeout > 0:
+            raise ValueError(f"max_workers ({max_workers}) and backlog ({backlog}) must be at least 1 and "
+                             f"read_timeout ({read_timeout}) above 0")
         self.completions = Completions(model, tokenizer, model_name, max_prompts)
         self.host, self.port, self.max_body_bytes = host, port, max_body_bytes
+        self.max_workers, self.backlog, self.read_timeout = max_workers, backlog, read_timeout
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -199,7 +258,8 @@ class Server:
 
     def bind(self) -> Server:
         """Open the listening socket (OSError if the address is taken); `port` becomes the bound one."""
-        self._httpd = _HTTPServer((self.host, self.port), self.completions, self.max_body_bytes)
+        self._httpd = _HTTPServer((self.host, self.port), self.completions, self.max_body_bytes, self.max_workers,
+                                  self.backlog, self.read_timeout)
         self.port = self._httpd.server_address[1]
         return self
 
@@ -248,6 +308,13 @@ def parser() -> ArgumentParser:
     p.add_argument("--name", type=str, default=None, help="the model's name in requests; default: the run folder's")
     p.add_argument("--arm", type=str, default=None, help="one of the models a run trained side by side (SFT: full, lora)")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-workers", type=PositiveInt, default=MAX_WORKERS,
+                   help="connections served at once; more are queued (not refused) until one finishes")
+    p.add_argument("--backlog", type=PositiveInt, default=BACKLOG,
+                   help="connections the kernel queues while every worker is busy (capped at net.core.somaxconn)")
+    p.add_argument("--read-timeout", type=PositiveFloat, default=READ_TIMEOUT,
+                   help="seconds a client may stall sending its request or reading the answer; a body "
+                        "shorter than its Content-Length gets 408 after this")
     return p
 
 
@@ -256,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
         server = Server.from_checkpoint(args.checkpoint, args.device, args.arm, args.name, host=args.host,
-                                        port=args.port).bind()
+                                        port=args.port, max_workers=args.max_workers, backlog=args.backlog,
+                                        read_timeout=args.read_timeout).bind()
     except (ConfigError, ArgumentError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

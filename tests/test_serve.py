@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -242,6 +244,91 @@ def test_concurrent_requests_get_their_own_answers(server: Server, model: Decode
     assert texts == [expected[i % 4] for i in range(16)]
 
 
+def workers() -> int:
+    """Connection threads alive now: socketserver names them after their target."""
+    return sum(t.name.endswith("(process_request_thread)") for t in threading.enumerate())
+
+
+def wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_burst_of_200_requests_is_queued_and_all_answered(model: Decoder, tokenizer: Tokenizer) -> None:
+    """200 requests from 50 clients at once, 4 workers: the rest wait in the backlog, none is reset or refused."""
+    expected = generate_text(model, tokenizer, PROMPTS, 1, eos_id=EOT_ID)
+
+    def post(i: int) -> tuple[int, str]:
+        connection = http.client.HTTPConnection(running.host, running.port, timeout=30)
+        try:
+            connection.request("POST", "/v1/completions", json.dumps({"prompt": PROMPTS[i % 4], "max_tokens": 1,
+                                                                      "temperature": 0}))
+            reply = connection.getresponse()
+            return reply.status, json.loads(reply.read())["choices"][0]["text"]
+        finally:
+            connection.close()
+
+    start = time.monotonic()
+    with Server(model, tokenizer, "tiny", port=0, max_workers=4) as running, ThreadPoolExecutor(50) as pool:
+        with running.completions.lock:  # the model is busy: 50 clients connect, 4 workers take them and wait
+            futures = [pool.submit(post, i) for i in range(200)]
+            assert wait_for(lambda: workers() == 4), workers()
+            time.sleep(0.3)
+            assert workers() == 4, "more connection threads than max_workers"
+        answers = [f.result() for f in futures]
+    assert answers == [(200, expected[i % 4]) for i in range(200)]
+    assert time.monotonic() - start < 60
+
+
+def test_the_backlog_holds_connections_while_every_worker_is_busy(model: Decoder, tokenizer: Tokenizer) -> None:
+    """One worker, held by an idle connection: a hundred more connect at once (the kernel would drop the
+    SYNs of those beyond a backlog of 5), are answered in turn, and stop() does not wait for the worker."""
+    with Server(model, tokenizer, "tiny", port=0, max_workers=1, read_timeout=5) as running:
+        clients = []
+        try:
+            for _ in range(100):
+                clients.append(socket.create_connection((running.host, running.port), timeout=0.5))
+            for client in clients:
+                client.settimeout(30)
+                client.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+            for client in clients:
+                assert client.makefile("rb").readline().startswith(b"HTTP/1.0 200"), "answered, not reset"
+            idle = [socket.create_connection((running.host, running.port), timeout=5) for _ in range(2)]
+            clients += idle
+            assert wait_for(lambda: workers() == 1)
+            start = time.monotonic()
+            running.stop()  # its one worker waits on an idle client, its accept loop for that worker
+            assert time.monotonic() - start < 2
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_a_short_body_gets_a_408_within_the_read_timeout(model: Decoder, tokenizer: Tokenizer) -> None:
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    with Server(model, tokenizer, "tiny", port=0, read_timeout=0.5) as running:
+        address = (running.host, running.port)
+        with socket.create_connection(address, timeout=10) as client:
+            client.sendall(head + b'{"prompt": "x"}')  # 15 of its 100 bytes, then nothing
+            start = time.monotonic()
+            reply = http.client.HTTPResponse(client)
+            reply.begin()
+            assert reply.status == 408 and 0.4 < time.monotonic() - start < 3
+            assert json.loads(reply.read())["error"]["code"] == "request_timeout"
+        with socket.create_connection(address, timeout=10) as client:  # the body ends early: 400, at once
+            client.sendall(head + b'{"prompt": "x"}')
+            client.shutdown(socket.SHUT_WR)
+            reply = http.client.HTTPResponse(client)
+            reply.begin()
+            assert reply.status == 400 and json.loads(reply.read())["error"]["code"] == "incomplete_body"
+        with socket.create_connection(address, timeout=10) as client:  # sends nothing: dropped, no answer
+            start = time.monotonic()
+            assert client.recv(1) == b"" and time.monotonic() - start < 3
+        assert request(running.url + "/health") == (200, {"status": "ok"})
+
+
 def test_stop_closes_the_port(model: Decoder, tokenizer: Tokenizer) -> None:
     with Server(model, tokenizer, "tiny", port=0) as running:
         assert running.port != 0 and request(running.url + "/health")[0] == 200
@@ -270,6 +357,8 @@ def test_command_line_loads_a_run_and_serves_it(trained_run: Path, tmp_path: Pat
     """`main` up to its serving loop, which here serves from a thread so that the test can stop it."""
     assert serve.main(["--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+    assert serve.main(["--checkpoint", str(trained_run), "--max-workers", "0"]) == 2
+    assert "max_workers" in capsys.readouterr().err
     started: list[Server] = []
     monkeypatch.setattr(Server, "serve_forever", lambda self: started.append(self.start()))
     assert serve.main(["--checkpoint", str(trained_run), "--port", "0", "--device", "cpu"]) == 0
