@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,13 +18,13 @@ from modules.parallel import TechniqueModule
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr` (GPT-3, Brown et al. 2020)."""
 
-    lr: float = 6e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: float = field(default=6e-4, metadata={"gt": 0})
+    min_lr_ratio: float = field(default=0.1, metadata={"min": 0, "max": 1})
+    warmup_steps: int = field(default=100, metadata={"min": 0})
+    weight_decay: float = field(default=0.1, metadata={"min": 0})
+    beta1: float = field(default=0.9, metadata={"min": 0, "lt": 1})
+    beta2: float = field(default=0.95, metadata={"min": 0, "lt": 1})
+    eps: float = field(default=1e-8, metadata={"gt": 0})
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:

@@ -54,32 +54,52 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     return config
 
 
+def _range_error(value: Any, rule: dict[str, Any]) -> str | None:
+    """What is wrong with `value` under a field's metadata rule, or None. Rules are plain data, so any
+    layer's config dataclass can state them: {"min": 1}, {"gt": 0}, {"min": 0, "lt": 1}, and
+    {"check": f} with f(value) -> error text or None for what a range cannot say."""
+    if value is None:  # a field that admits None means "the default"; its type check is jsonargparse's
+        return None
+    if "check" in rule:
+        return rule["check"](value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None  # a wrong type: jsonargparse names it
+    for name, fails, word in (("min", value.__lt__, ">="), ("gt", value.__le__, ">"), ("max", value.__gt__, "<="), ("lt", value.__ge__, "<")):
+        if name in rule and fails(rule[name]):
+            return f"must be {word} {rule[name]}"
+    return None
+
+
 def _check_keys(cls: type, values: dict[str, Any], prefix: str = "") -> None:
-    """Reject unknown keys with the valid ones listed (jsonargparse does not list them)."""
+    """Reject unknown keys with the valid ones listed (jsonargparse does not list them) and values out of
+    their field's range (`_range_error`), each naming the full key, before any __post_init__ divides by them."""
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
-        if key not in names:
+        if key not in fields:
             where = f"section {prefix.rstrip('.')!r}" if prefix else "the config"
-            raise ConfigError(f"unknown key {prefix + key!r} in {where}.{_suggest(key, names)}")
+            raise ConfigError(f"unknown key {prefix + key!r} in {where}.{_suggest(key, list(fields))}")
         sub = hints[key]
         if dataclasses.is_dataclass(sub):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix + key!r} is a section; set its keys, e.g. {prefix + key}.<key>=...")
             _check_keys(sub, value, prefix + key + ".")
+        elif fields[key].metadata and (problem := _range_error(value, fields[key].metadata)):
+            raise ConfigError(f"{prefix + key}={value}: {problem}")
 
 
-def build_config(cls: type[T], values: dict[str, Any]) -> T:
-    """Validate `values` against the dataclass `cls` (keys and types) and instantiate it."""
-    _check_keys(cls, values)
+def build_config(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    """Validate `values` against the dataclass `cls` (keys, ranges and types) and instantiate it; errors
+    name keys under `prefix` (a prerequisite stage's, `pretrain.`, as `--set` spells them)."""
+    _check_keys(cls, values, prefix)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, "config")
     try:
         namespace = parser.parse_object({"config": values})
         return parser.instantiate(namespace).config
     except Exception as err:  # jsonargparse raises ArgumentError; __post_init__ raises ValueError
-        message = " ".join(str(err).replace('"config.', '"').split())
-        raise ConfigError(message) from None
+        message = " ".join(str(err).replace('"config.', f'"{prefix}').split())
+        raise ConfigError(f"{prefix.rstrip('.')}: {message}" if prefix else message) from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 from argparse import ArgumentError
 
 from jsonargparse import ArgumentParser
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from datamodules.sources import DataFormatError
 from repro import registry
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds > 1:
             return run_seeds(spec, args.seeds, args.out, argv if argv is not None else sys.argv[1:])
         run_dir = run(spec, out=args.out)
-    except (ConfigError, ArgumentError, DataFormatError, FileNotFoundError) as err:
+    except (ConfigError, ArgumentError, DataFormatError, FileNotFoundError, MisconfigurationException) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(f"report: {run_dir / 'report.md'}")

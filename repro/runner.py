@@ -18,7 +18,7 @@ import yaml
 from repro import registry
 from repro.callbacks import History, SpeedMonitor
 from repro.config import ConfigError, apply_overrides, build_config, load_preset
-from repro.trainer import TrainerArgs, build_trainer, check_strategy
+from repro.trainer import TrainerArgs, build_trainer, check_trainer_args
 
 
 @dataclass
@@ -44,13 +44,17 @@ class RunSpec:
         return " ".join(shlex.quote(a) for a in args)
 
 
-def resolve(spec: RunSpec) -> tuple[registry.Technique, Any]:
-    """Look the technique up and build its validated config; raises ConfigError before any work."""
+def resolve(spec: RunSpec, prefix: str = "") -> tuple[registry.Technique, Any]:
+    """Look the technique up and build its validated config, and those of the prerequisite stages it would
+    train (their keys spelt with the stage's name, `sft.train.max_steps`); raises ConfigError before any work."""
     technique = registry.get(spec.technique)
     own = [o for o in spec.overrides if not o.startswith(tuple(f"{name}." for name in technique.requires))]
     values = apply_overrides(load_preset(technique.name, spec.preset), own)
-    check_strategy(spec.trainer)
-    return technique, build_config(technique.config, values)
+    check_trainer_args(spec.trainer)
+    config = build_config(technique.config, values, prefix)
+    for name in technique.requires[1 if spec.init else 0 :]:
+        resolve(stage_spec(name, spec), f"{prefix}{name}.")
+    return technique, config
 
 
 def _shared_key(spec: RunSpec) -> str:
@@ -169,10 +173,15 @@ def run(
     L.seed_everything(spec.seed, workers=True, verbose=False)
     if not technique.trains:
         return _measure_and_report(technique, spec, config, run_dir)
-    module, datamodule = technique.build(config, spec.seed, stages)
-    module.parallel = config.train.plan  # applied in the module's configure_model, once the strategy is set up
-    trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics,
-                            manual=not module.automatic_optimization)
+    try:
+        module, datamodule = technique.build(config, spec.seed, stages)
+        module.parallel = config.train.plan  # applied in the module's configure_model, once the strategy is set up
+        trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics,
+                                manual=not module.automatic_optimization)
+    except BaseException:
+        if shared is None and resume is None:
+            _discard(run_dir)
+        raise
     os.environ[_shared_key(spec)] = str(run_dir)  # for the processes fit launches; gone once this run is done
     try:
         return _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, resume)
@@ -181,13 +190,20 @@ def run(
             os.environ.pop(_shared_key(spec), None)
 
 
+def _discard(run_dir: Path) -> None:
+    """Remove the folder of a run that failed before its first checkpoint: it holds nothing to resume. One with
+    checkpoints stays, whatever failed."""
+    if not (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, resume) -> Path:
     try:
         trainer.fit(module, datamodule, ckpt_path=checkpoint)
     except BaseException:
         # A run that dies before its first checkpoint has nothing to resume: leave no folder behind.
-        if resume is None and trainer.is_global_zero and not (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if resume is None and trainer.is_global_zero:
+            _discard(run_dir)
         raise
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
     if trainer.is_global_zero and hasattr(datamodule, "tokenizer"):

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import fnmatch
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import get_args
 
 import lightning as L
 import torch
+from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy, StrategyRegistry
 
 from modules.nn import Block
 
 from modules.parallel import ParallelPlan
-from repro.config import ConfigError
+from repro.config import ConfigError, _suggest
 from repro.callbacks import History, LossProgressBar, SpeedMonitor
 
 
@@ -22,19 +28,19 @@ from repro.callbacks import History, LossProgressBar, SpeedMonitor
 class TrainConfig:
     """Loop settings shared by every technique (the `train.` section of a preset)."""
 
-    max_steps: int = 1000
-    accumulate: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 1.0
-    val_every: int = 100  # optimizer steps between validations
-    val_batches: int | None = None  # None: the whole validation split
-    checkpoint_every: int = 100  # optimizer steps between `last.ckpt` saves
-    speed_window: int = 10  # optimizer steps per tokens/s measurement
+    max_steps: int = field(default=1000, metadata={"min": 1})
+    accumulate: int = field(default=1, metadata={"min": 1})  # micro-batches per optimizer step
+    grad_clip: float = field(default=1.0, metadata={"min": 0})  # 0: no clipping
+    val_every: int = field(default=100, metadata={"min": 1})  # optimizer steps between validations
+    val_batches: int | None = field(default=None, metadata={"min": 1})  # None: the whole validation split
+    checkpoint_every: int = field(default=100, metadata={"min": 1})  # optimizer steps between `last.ckpt` saves
+    speed_window: int = field(default=10, metadata={"min": 1})  # optimizer steps per tokens/s measurement
     compile: bool = False  # torch.compile the training step
-    peak_tflops: float | None = None  # None: measure the bf16 matmul rate on GPU
+    peak_tflops: float | None = field(default=None, metadata={"gt": 0})  # None: measure the bf16 matmul rate on GPU
     # recompute activations in backward (modules/parallel.py): none, full (every block), every_k (blocks
     # 0, k, 2k, ...), attention (each block's token mixer) or mlp (each block's MLP)
     activation_checkpointing: str = "none"
-    activation_checkpointing_every: int = 2  # k of every_k
+    activation_checkpointing_every: int = field(default=2, metadata={"min": 1})  # k of every_k
 
     def __post_init__(self) -> None:
         ParallelPlan(self.activation_checkpointing, self.activation_checkpointing_every)  # raises on a bad policy
@@ -49,9 +55,51 @@ class EvalConfig:
     """How a run scores its final checkpoint through lm-eval (the `eval.` section of a preset)."""
 
     enabled: bool = True
-    tasks: list[str] | None = None  # None: the technique's own tasks (`Technique.eval_tasks`)
-    limit: int | None = None  # documents per task; None: all of them
-    batch_size: int = 16  # scores move slightly with it (padding), so the report states it
+    # None: the technique's own tasks (`Technique.eval_tasks`)
+    tasks: list[str] | None = field(default=None, metadata={"check": lambda names: unknown_task(names)})
+    limit: int | None = field(default=None, metadata={"min": 1})  # documents per task; None: all of them
+    batch_size: int = field(default=16, metadata={"min": 1})  # scores move slightly with it (padding), so the report states it
+
+
+# a task's, group's or tag's name in lm-eval task YAML: on the key's line, or as the list under it
+_TASK_NAME = re.compile(r"^(?:task|group|tag):[ \t]*([^\s#][^\n#]*)?\n((?:[ \t]+-[^\n]*\n|-[ \t][^\n]*\n)*)", re.M)
+
+
+@cache
+def _task_names(root: Path) -> frozenset[str]:
+    """The task, group and tag names that the YAML under `root` declares, read as text: lm-eval's TaskManager
+    takes 10-15 s to index its 14,000 builtin files, reading their names about 2."""
+    names = set()
+    for path in root.rglob("*.yaml"):
+        for match in _TASK_NAME.finditer(path.read_text(errors="ignore")):
+            line, items = match.group(1), re.findall(r"-[ \t]*([^\n#]+)", match.group(2))
+            items = line.strip().strip("[]").split(",") if line else items
+            names.update(item.strip().strip("'\"") for item in items)
+    return frozenset(names)
+
+
+def unknown_task(names: list[str]) -> str | None:
+    """Why `eval.tasks` names something that is no task, group or tag of the suite (`evaluation/tasks/`) or of
+    lm-eval, or a task file that is not there; None when every name is known. lm-eval's builtin names are read
+    only for a name outside the suite (`repro_*` names are the suite's own)."""
+    import importlib.util
+
+    from evaluation import TASKS_DIR
+
+    if not names:
+        return "give at least one task, or leave eval.tasks unset for the technique's own"
+    ours = _task_names(TASKS_DIR)
+    for name in names:
+        if name.endswith(".yaml"):
+            if not Path(name).is_file():
+                return f"no task file {name}"
+            continue
+        known = ours
+        if not name.startswith("repro_") and not fnmatch.filter(ours, name):
+            known = ours | _task_names(Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks")
+        if not fnmatch.filter(known, name):  # lm-eval takes glob patterns too
+            return f"unknown task {name!r}.{_suggest(name, sorted(ours))[:-1]}, or any lm-eval task."
+    return None
 
 
 @dataclass
@@ -107,8 +155,56 @@ def fit_in_place(trainer: L.Trainer, module: L.LightningModule, datamodule: L.Li
     return module.to(trainer.strategy.root_device)
 
 
-def check_strategy(args: TrainerArgs) -> None:
-    """Refuse, before any work, a strategy this machine cannot run."""
+def _accelerator_error(name: str) -> str | None:
+    """Why `--accelerator name` cannot run here, or None."""
+    known = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+    if name not in known:
+        return f"unknown accelerator.{_suggest(name, known)}"
+    if name == "gpu" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        return "no GPU is visible here; use --accelerator cpu (or auto)"
+    if name not in ("auto", "gpu") and not AcceleratorRegistry[name]["accelerator"].is_available():
+        return f"no {name} device is visible here; use --accelerator cpu (or auto)"
+    return None
+
+
+def _devices_error(args: TrainerArgs) -> str | None:
+    """Why `--devices` is not a count, -1 (all), auto or (on GPUs) a list of indices that exist, or None."""
+    text = str(args.devices).strip()
+    if text == "auto":
+        return None
+    parts = [part.strip() for part in text.strip("[]").split(",")]
+    if not all(re.fullmatch(r"-?\d+", part) for part in parts):
+        return "give a number of devices, -1 for all, auto, or GPU indices such as 0,1"
+    numbers = [int(part) for part in parts]
+    visible = torch.cuda.device_count() if on_gpu(args) else None
+    if len(parts) == 1 and "," not in text and "[" not in text:  # a count
+        if numbers[0] == 0 or numbers[0] < -1:
+            return "give at least 1 device, -1 for all of them, or auto"
+        if visible is not None and numbers[0] > visible:
+            return f"only {visible} GPU(s) visible here"
+        return None
+    if visible is None:
+        return "a list of device indices is for GPUs; on a CPU give a number of processes"
+    if any(n < 0 or n >= visible for n in numbers):
+        return f"GPU indices run from 0 to {visible - 1} here"
+    return None
+
+
+def check_trainer_args(args: TrainerArgs) -> None:
+    """Refuse, before any folder is made, the flags Lightning refuses only once the Trainer is built (with a
+    MisconfigurationException) or once training starts, and a strategy this machine cannot run."""
+    if problem := _accelerator_error(args.accelerator):
+        raise ConfigError(f"--accelerator {args.accelerator}: {problem}")
+    if problem := _devices_error(args):
+        raise ConfigError(f"--devices {args.devices}: {problem}")
+    precisions = ["auto", *get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS)]
+    if str(args.precision) not in precisions:
+        raise ConfigError(f"--precision {args.precision}: unknown precision.{_suggest(str(args.precision), precisions)}")
+    strategies = ["auto", "fsdp2", *StrategyRegistry.available_strategies()]
+    if args.strategy not in strategies:
+        raise ConfigError(f"--strategy {args.strategy}: unknown strategy.{_suggest(args.strategy, strategies)}")
+    if int(args.num_nodes) < 1:
+        raise ConfigError(f"--num-nodes {args.num_nodes}: must be >= 1")
     if args.strategy.startswith("deepspeed") and not on_gpu(args):
         raise ConfigError(f"--strategy {args.strategy}: DeepSpeed runs on CUDA GPUs only (Lightning refuses it on a CPU); "
                           "on a CPU use --strategy ddp or fsdp2")
@@ -158,9 +254,9 @@ def check_manual_optimization(train: TrainConfig, clipping: str, accumulation: s
     """A technique that steps its own optimizers clips and accumulates itself: `train.grad_clip` must be 0
     and `train.accumulate` 1; the errors say, after the setting's name, `clipping` and `accumulation`."""
     if train.grad_clip:
-        raise ValueError(f"train.grad_clip: {clipping}")
+        raise ConfigError(f"train.grad_clip: {clipping}")
     if train.accumulate != 1:
-        raise ValueError(f"train.accumulate: {accumulation}")
+        raise ConfigError(f"train.accumulate: {accumulation}")
 
 
 def build_trainer(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -14,23 +14,23 @@ class DecoderConfig:
     context 1024, LayerNorm, GELU MLP, learned positions, tied embeddings.
     """
 
-    vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int | None = None  # None: multi-head; 1: multi-query; 1 < g < n_head: grouped-query
-    n_embd: int = 768
-    head_size: int | None = None  # width of a head; None: n_embd // n_head (DeepSeek-V3: 128 at width 7168, 128 heads)
+    vocab_size: int = field(default=50257, metadata={"min": 1})
+    block_size: int = field(default=1024, metadata={"min": 1})
+    n_layer: int = field(default=12, metadata={"min": 1})
+    n_head: int = field(default=12, metadata={"min": 1})
+    n_kv_head: int | None = field(default=None, metadata={"min": 1})  # None: multi-head; 1: multi-query; 1 < g < n_head: grouped-query
+    n_embd: int = field(default=768, metadata={"min": 1})
+    head_size: int | None = field(default=None, metadata={"min": 1})  # width of a head; None: n_embd // n_head (DeepSeek-V3: 128 at width 7168, 128 heads)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = 1e-5
+    norm_eps: float = field(default=1e-5, metadata={"gt": 0})
     mlp: Literal["gelu", "swiglu"] = "gelu"
-    mlp_hidden: int | None = None  # None: 4 * n_embd for GELU, 8/3 * n_embd rounded up to 64 for SwiGLU
+    mlp_hidden: int | None = field(default=None, metadata={"min": 1})  # None: 4 * n_embd for GELU, 8/3 * n_embd rounded up to 64 for SwiGLU
     position: Literal["learned", "rope", "none"] = "learned"  # "none": no positional encoding (Jamba's hybrid)
-    rope_base: float = 10000.0
+    rope_base: float = field(default=10000.0, metadata={"gt": 0})
     bias: bool = True
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata={"min": 0, "lt": 1})
     tie_embeddings: bool = True
-    pad_vocab_to: int = 1  # round the embedding table up to a multiple of this (64 keeps matmuls aligned)
+    pad_vocab_to: int = field(default=1, metadata={"min": 1})  # round the embedding table up to a multiple of this (64 keeps matmuls aligned)
     # "mla": DeepSeek-V2's multi-head latent attention (modules/nn/attention.py): keys and values from a
     # joint low-rank latent (the only thing cached, with one shared RoPE key), queries optionally low-rank too
     # "diff": differential attention (Ye et al. 2025): two softmax maps per head, subtracted with a learned lambda
@@ -48,19 +48,19 @@ class DecoderConfig:
     # token mixers, one letter per block, cycled over n_layer: "a" attention, "m" Mamba (modules/nn/mamba.py);
     # "a" is a transformer, "m" pure Mamba, "mmmmammm" Jamba's 1 attention : 7 Mamba (attention 5th of 8)
     layer_pattern: str = "a"
-    mamba_d_state: int = 16  # N, states per channel
-    mamba_d_conv: int = 4  # width of the causal depthwise convolution
-    mamba_expand: int = 2  # inner width = expand * n_embd
+    mamba_d_state: int = field(default=16, metadata={"min": 1})  # N, states per channel
+    mamba_d_conv: int = field(default=4, metadata={"min": 1})  # width of the causal depthwise convolution
+    mamba_expand: int = field(default=2, metadata={"min": 1})  # inner width = expand * n_embd
     mamba_dt_rank: int | None = None  # rank of Delta's projection; None: ceil(n_embd / 16)
-    mamba_chunk: int = 64  # chunk of the parallel scan
+    mamba_chunk: int = field(default=64, metadata={"min": 1})  # chunk of the parallel scan
     mamba_scan: Literal["auto", "parallel", "sequential"] = "auto"  # auto: sequential on a CPU, parallel elsewhere
     # mixture of experts (modules/nn/moe.py): 0 routed experts keeps every block's MLP dense
-    moe_experts: int = 0  # routed experts per MoE layer
+    moe_experts: int = field(default=0, metadata={"min": 0})  # routed experts per MoE layer
     moe_top_k: int = 2  # routed experts per token
-    moe_shared: int = 1  # shared experts, seen by every token
+    moe_shared: int = field(default=1, metadata={"min": 0})  # shared experts, seen by every token
     moe_hidden: int | None = None  # width of one expert; None: hidden_dim / (top_k + shared), the dense MLP's active size
     moe_every: int = 1  # MoE in every k-th block (the k-th, 2k-th, ...); 2 is Jamba's "every other layer"
-    moe_first_dense: int = 0  # the first k blocks keep a dense MLP (DeepSeek-V3: 3)
+    moe_first_dense: int = field(default=0, metadata={"min": 0})  # the first k blocks keep a dense MLP (DeepSeek-V3: 3)
     moe_score: Literal["softmax", "sigmoid"] = "sigmoid"  # affinity (DeepSeekMoE: softmax; DeepSeek-V3: sigmoid)
     moe_balance: Literal["none", "aux", "loss_free", "loss_free_seq"] = "loss_free"
     moe_aux_alpha: float = 0.001  # weight of the auxiliary balance loss ("aux")
