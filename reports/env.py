@@ -22,6 +22,16 @@ def package_version(name: str) -> str:
     return "not installed"
 
 
+def torch_version() -> str:
+    """`torch.__version__`, build tag included (`2.11.0+cu130`, `2.13.0+cpu`): a wheel's metadata may drop the
+    tag (PyPI's CUDA wheels say `2.11.0`), and the tag says which build made the numbers."""
+    try:
+        import torch
+    except ImportError:
+        return package_version("torch")
+    return str(torch.__version__)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,6 +90,7 @@ def collect_env(seed: int, extra: dict[str, Any] | None = None) -> dict[str, Any
         "python": platform.python_version(),
         "platform": platform.platform(),
         **{name: package_version(name) for name in PACKAGES},
+        "torch": torch_version(),
         "cuda": _cuda_version(),
         "device": device_description(),
         "git_commit": git_commit(),

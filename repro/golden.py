@@ -8,7 +8,8 @@ A trajectory is a short run of the technique's default preset shrunk to seconds 
 `golden_overrides` (pretraining's are `SHRINK`; a technique that starts from a pretrained stage
 shrinks that stage with `pretrain.`-prefixed ones), seed 0, on a corpus this module writes from a seeded
 grammar (`write_corpus`), so it depends on neither the network nor the interpreter's standard
-library. It records every step of the technique's `golden_metrics` (the training loss, and for
+library. It always trains on the CPU in float32 (`HARDWARE`), wherever it is run: on a GPU the trainer's
+defaults would pick CUDA and bf16-mixed, whose numbers no CPU golden holds. It records every step of the technique's `golden_metrics` (the training loss, and for
 later techniques their reward, KL, MaxVio, acceptance rate, ...) with the versions that made it.
 `tests/test_golden.py` re-runs each and names the technique, the first step and the metric that
 moved, with both values. On one machine the CPU run is bit-for-bit repeatable; across CPU
@@ -36,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 RTOL, ATOL = 1e-5, 1e-6
 SEED = 0
+HARDWARE = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}  # TrainerArgs of every trajectory
 CORPUS = ["data.source={corpus}", "data.cache_dir={cache}"]  # filled in by `record`
 SHRINK = [  # a 2-layer, 32-wide model; 12 steps of 8 x 32 tokens; no lm-eval, checkpoints only at the end
     "data.vocab_size=300",
@@ -89,13 +91,15 @@ def record(name: str, workdir: Path | None = None) -> dict[str, Any]:
     """Run technique `name`'s golden trajectory; its metrics per step, the command that made it, the versions."""
     from repro.registry import get
     from repro.runner import RunSpec, run
+    from repro.trainer import TrainerArgs
 
     technique = get(name)
     with tempfile.TemporaryDirectory(prefix=f"golden-{name}-") as tmp:
         root = Path(workdir or tmp)
         corpus = write_corpus(root / "corpus")
         overrides = [o.format(corpus=corpus, cache=root / "cache") for o in technique.golden_overrides]
-        run_dir = run(RunSpec(name, technique.default_preset, overrides, seed=SEED), out=root / "runs")
+        spec = RunSpec(name, technique.default_preset, overrides, seed=SEED, trainer=TrainerArgs(**HARDWARE))
+        run_dir = run(spec, out=root / "runs")
         history = json.loads((run_dir / "metrics.json").read_text())["history"]
     missing = [k for k in technique.golden_metrics if not history.get(k)]
     if missing:

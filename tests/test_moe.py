@@ -227,3 +227,37 @@ def test_a_preset_without_experts_is_refused_before_the_run() -> None:
 
     with pytest.raises(ValueError, match="model.moe_experts is 0"):
         MoEConfig(model=DecoderConfig(mlp="swiglu"))
+
+
+def cpu_grouped_mm() -> bool:
+    """Whether this torch runs `torch._grouped_mm` on CPU tensors (recent releases do; it began as CUDA only)."""
+    a, b = torch.ones(4, 16, dtype=torch.bfloat16), torch.ones(2, 16, 16, dtype=torch.bfloat16)
+    try:
+        torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32))
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("path", ["looped", pytest.param("grouped", marks=pytest.mark.skipif(
+    not cpu_grouped_mm(), reason="torch._grouped_mm runs on CUDA only in this torch"))])
+def test_experts_under_bf16_autocast_sum_in_the_tokens_dtype_and_match_float32(path: str, monkeypatch) -> None:
+    """Under autocast the experts' matmuls run in bf16 while the tokens stay float32 (a GPU without the grouped
+    GEMMs, or a CPU): the layer weighs and sums the bf16 rows in float32 (index_add_ refuses a bf16 source into a
+    float32 output) and returns float32, within bf16's precision of the float32 layer, gradients included."""
+    torch.manual_seed(0)
+    moe = MoE(moe_config(n_embd=32, moe_hidden=32))
+    moe.reset_parameters(0.3, 0.3)
+    monkeypatch.setattr(moe, "_grouped_gemm", lambda rows: path == "grouped")
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    out = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = moe(x)
+            chosen = moe.route(x.detach().reshape(-1, 32))[1]
+        out[autocast] = (y, *torch.autograd.grad(y.pow(2).sum(), [x, moe.experts.w_in, moe.router.weight]), chosen)
+    assert torch.equal(out[True][-1], out[False][-1])  # the same experts chosen: bf16 moved no token across a tie
+    assert out[True][0].dtype == torch.float32
+    for name, got, expected in zip(("output", "input grad", "expert grad", "router grad"), out[True], out[False]):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got, expected, rtol=0, atol=3e-2 * scale, msg=f"{path}: {name}")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
-from pydoc_data.topics import topics
 
 from datamodules.pipeline import (
     MOJIBAKE,
@@ -38,12 +39,50 @@ SAME_TOPIC = (
     "worst weeks and release it slowly over the summer. Local farmers support the plan, although some worry "
     "that the reservoirs will cover good grazing land and change the way the river floods the lower fields."
 )
-DENSE = PlantRates(exact_dup=0.2, near_dup=0.2, mojibake=0.1, spam=0.2)  # twice the default: more plants per test
+# Twice the default plants per document, so more plants per test. Near copies edit 1% of the words (the default 2%
+# leaves their 5-gram Jaccard near 0.82, next to the 0.8 threshold, where MinHash's estimate decides by chance).
+DENSE = PlantRates(exact_dup=0.2, near_dup=0.2, mojibake=0.1, spam=0.2, near_edit_fraction=0.01)
 
 
-def language_reference(min_words: int = 150) -> list[Document]:
-    """The Python language reference topics (prose with code examples, in every stdlib) of at least `min_words`."""
-    return [Document(f"topic/{k}", v) for k, v in sorted(topics.items()) if len(v.split()) >= min_words]
+# Made-up prose, the same on every machine (the interpreter's own texts, such as pydoc's language reference, change
+# with its version): pseudo-words of 2-4 syllables between common English words, with quotes, apostrophes and dashes
+# that `make_raw_corpus` sets typographically. It breaks no Gopher rule, and no two documents share a 5-gram.
+SYLLABLES = ("ba be bi bo da de di do fa fe fi fo ga ge gi go ka ke ki ko la le li lo ma me mi mo na ne ni no "
+             "pa pe pi po ra re ri ro sa se si so ta te ti to va ve vi vo za ze zi zo").split()
+GLUE = "the of and to in that with for on by as from a is was it".split()
+_words = random.Random(0)
+VOCABULARY = sorted({"".join(_words.choices(SYLLABLES, k=_words.randint(2, 4))) + _words.choice(["", "n", "s", "r"])
+                     for _ in range(4000)})
+
+
+def made_up_prose(seed: int, paragraphs: int) -> str:
+    """`paragraphs` paragraphs of 3-6 sentences of 8-18 words (about 60 words a paragraph)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(paragraphs):
+        sentences = []
+        for _ in range(rng.randint(3, 6)):
+            words = [rng.choice(GLUE) if rng.random() < 0.35 else rng.choice(VOCABULARY) for _ in range(rng.randint(8, 18))]
+            mark = rng.random()
+            if mark < 0.2:  # a quoted phrase
+                i = rng.randrange(1, len(words) - 3)
+                words[i], words[i + 2] = '"' + words[i], words[i + 2] + '"'
+            elif mark < 0.3:
+                words[rng.randrange(1, len(words))] += "'s"
+            elif mark < 0.4:
+                words.insert(rng.randrange(2, len(words) - 1), "--")
+            text = " ".join(words)
+            sentences.append(text[0].upper() + text[1:] + ".")
+        out.append(" ".join(sentences))
+    return "\n\n".join(out) + "\n"
+
+
+def clean_documents(n: int = 50) -> list[Document]:
+    """`n` made-up documents of 4-8 paragraphs (about 190 to 520 words)."""
+    return [Document(f"doc{d:02d}", made_up_prose(d, random.Random(1000 + d).randint(4, 8))) for d in range(n)]
+
+
+LONG = [made_up_prose(100 + k, 8) for k in range(4)]  # four distinct documents of 300+ words
 
 
 def test_ftfy_repairs_mojibake_and_escapes_but_keeps_curly_quotes() -> None:
@@ -68,20 +107,20 @@ def test_exact_dedup_keeps_the_first_copy_after_normalisation() -> None:
 
 
 def test_minhash_lsh_finds_a_near_duplicate_and_keeps_a_distinct_document() -> None:
-    original = topics["for"]
+    original = LONG[1]
     words = original.split(" ")
-    for i in (40, 90, 150, 220):  # four words of ~400 changed
+    for i in (40, 90, 150, 220):  # four words of 300+ changed
         words[i] = "changed"
     near = " ".join(words)
     jaccard = len(shingles(original) & shingles(near)) / len(shingles(original) | shingles(near))
     assert 0.8 < jaccard < 0.95
-    texts = [topics["while"], original, topics["if"], near, topics["try"]]  # compound statements, distinct texts
+    texts = [LONG[0], original, LONG[2], near, LONG[3]]  # distinct texts of the same words
     assert near_duplicates(texts, PipelineConfig()) == {3: 1}
     assert near_duplicates([PROSE, SAME_TOPIC, PROSE.replace("slowly", "steadily")], PipelineConfig()) == {2: 0}
 
 
 def test_near_duplicate_clusters_keep_their_first_document() -> None:
-    base = topics["for"].split(" ")
+    base = LONG[1].split(" ")
     chain = [" ".join(base[: 300 - 20 * k]) for k in range(3)]  # each is ~90% of the one before
     assert near_duplicates(chain[::-1], PipelineConfig()) == {1: 0, 2: 0}
 
@@ -127,7 +166,7 @@ def test_a_rule_turned_off_removes_nothing() -> None:
 
 
 def test_make_raw_corpus_is_deterministic_and_labels_its_plants() -> None:
-    clean = language_reference()
+    clean = clean_documents()
     raw = make_raw_corpus(clean, seed=3, rates=DENSE)
     assert raw == make_raw_corpus(clean, seed=3, rates=DENSE)
     assert raw != make_raw_corpus(clean, seed=4, rates=DENSE)
@@ -153,8 +192,8 @@ def test_make_raw_corpus_is_deterministic_and_labels_its_plants() -> None:
 
 @pytest.fixture(scope="module")
 def pipeline_run() -> tuple[list[Document], list[Document], dict]:
-    """A raw corpus of 45 language reference topics and 35 plants, through the whole pipeline."""
-    raw = make_raw_corpus(language_reference(), seed=0, rates=DENSE)
+    """A raw corpus of 45 made-up documents and 35 plants, through the whole pipeline."""
+    raw = make_raw_corpus(clean_documents(), seed=0, rates=DENSE)
     kept, stats = run_pipeline(raw)
     return raw, kept, stats
 
@@ -167,11 +206,9 @@ def test_run_pipeline_removes_planted_defects_and_few_clean_documents(pipeline_r
     assert handled / plants >= 0.9
     assert scores["dup-of"]["removed_fraction"] == 1 and scores["spam"]["removed_fraction"] == 1
     assert scores["near-of"]["removed_fraction"] >= 0.8
-    # Dedup never removes a clean document here; Gopher's rules remove reference tables and repeated tracebacks
-    # (5 of 45 topics: formatstrings, integers, operator-summary, raise, string-methods)
+    # the clean documents are prose that breaks no rule and shares no 5-gram with another: nothing removes them
     assert scores["stages"]["exact_dedup"]["precision"] == 1 and scores["stages"]["near_dedup"]["precision"] == 1
-    assert scores["clean"]["removed_by"] == {"quality": scores["clean"]["removed"]}
-    assert scores["clean"]["removed_fraction"] < 0.15
+    assert scores["clean"]["removed"] == 0 and scores["mojibake"]["repaired"] == scores["mojibake"]["docs"]
 
 
 def test_stage_counts_add_up(pipeline_run) -> None:

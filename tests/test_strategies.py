@@ -8,6 +8,7 @@ the same gradients as none; what a machine cannot run is refused before any work
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,18 @@ from repro import golden
 from repro.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
+# What Lightning's launchers leave in the environment of the process that ran them (ddp_spawn sets MASTER_PORT in
+# the parent; the script launcher also LOCAL_RANK, WORLD_SIZE, ...): a run started with them would reuse a port
+# another process may hold by now, or, seeing LOCAL_RANK, take itself for a launched rank and wait for the others.
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE")
+
+
+def run_environment() -> dict[str, str]:
+    """This process's environment without launcher state or run folders of other runs, and one thread per process:
+    each run picks its own free port, and every process (one, or two per rank) runs the same kernels whatever the
+    machine's core count or what else runs beside it (Lightning's DDP would give each rank cores // 2 threads)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("LLM_REPRO_RUN_DIR_")}
+    return {**env, "OMP_NUM_THREADS": "1"}
 
 
 def pretrain(tmp: Path, corpus: Path, name: str, *args: str, batch: int, val_batches: int, technique: str = "pretrain") -> Path:
@@ -31,7 +44,7 @@ def pretrain(tmp: Path, corpus: Path, name: str, *args: str, batch: int, val_bat
     out = tmp / name
     command = [sys.executable, "repro/run.py", "--technique", technique, "--accelerator", "cpu", "--out", str(out), *args]
     command += [item for o in overrides for item in ("--set", o)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=ROOT, env=run_environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     folders = list((out / technique).iterdir())
     assert len(folders) == 1, folders  # every rank wrote into the one folder rank 0 made
@@ -136,16 +149,17 @@ def test_strategies_a_cpu_cannot_run_stop_before_any_work(capsys, tmp_path: Path
 
 
 def test_the_memory_technique_sweeps_policies_in_processes_of_their_own(tmp_path: Path) -> None:
-    """`--technique memory`, shrunk: the run, then two cases (none, full) each in its own process, in the
-    report with their theory; on a CPU the activation claims say why they are not measured."""
+    """`--technique memory`, shrunk, on the CPU whatever the machine has: the run, then two cases (none, full) each in
+    its own process, in the report with their theory; on a CPU the activation claims say why they are not measured."""
     from repro.registry import get
     from repro.runner import RunSpec, run
+    from repro.trainer import TrainerArgs
 
     corpus = golden.write_corpus(tmp_path / "corpus")
     overrides = [o.format(corpus=corpus, cache=tmp_path / "cache") for o in get("memory").golden_overrides]
     overrides = [o for o in overrides if not o.startswith("sweep.")]
     overrides += ["sweep.policies=[none,full]", "sweep.strategies=[auto]", "sweep.steps=2", "sweep.warmup=1"]
-    run_dir = run(RunSpec("memory", "tiny", overrides, seed=0), out=tmp_path / "runs")
+    run_dir = run(RunSpec("memory", "tiny", overrides, seed=0, trainer=TrainerArgs(accelerator="cpu")), out=tmp_path / "runs")
     records = json.loads((run_dir / "memory.json").read_text())
     assert [(r["strategy"], r["checkpointing"]) for r in records] == [("auto", "none"), ("auto", "full")]
     assert all("error" not in r and r["ms_per_step"] > 0 and r["train_loss"] == records[0]["train_loss"] for r in records)

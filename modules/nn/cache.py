@@ -141,6 +141,8 @@ class SlotCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, 1, hs) at the slot of `layer`; return that layer's full buffers."""
-        self.cache.k[layer].index_copy_(2, self.slot, k)
-        self.cache.v[layer].index_copy_(2, self.slot, v)
-        return self.cache.k[layer], self.cache.v[layer]
+        k_buffer, v_buffer = self.cache.k[layer], self.cache.v[layer]
+        # in the buffers' dtype, as `KVCache.update`'s slice assignment casts (autocast may hand bf16 to a float32 cache)
+        k_buffer.index_copy_(2, self.slot, k.to(k_buffer.dtype))
+        v_buffer.index_copy_(2, self.slot, v.to(v_buffer.dtype))
+        return k_buffer, v_buffer

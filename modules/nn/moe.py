@@ -132,7 +132,9 @@ class MoE(nn.Module):
             routed = self.experts.grouped(rows, counts)
         else:
             routed = self.experts.looped(rows, counts.tolist())
-        routed = routed * gates.flatten()[order, None].to(routed.dtype)
+        # under autocast the looped experts return bf16 rows for float32 tokens: weigh and sum them in the
+        # tokens' dtype, as the grouped path returns them (index_add_ takes no source of another dtype)
+        routed = routed.to(flat.dtype) * gates.flatten()[order, None].to(flat.dtype)
         out = torch.zeros_like(flat).index_add_(0, order // self.top_k, routed)
         if self.shared is not None:
             out = out + self.shared.dense(flat)
