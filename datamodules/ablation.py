@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +27,8 @@ from datamodules import pipeline
 from datamodules import tokenizer as bpe
 from datamodules.clean import clean, corpus_hash
 from datamodules.packing import Blocks, build_split
-from datamodules.pretrain import PIPELINE_VERSION, CorpusConfig, PretrainDataModule, cache_root, settings_hash
+from datamodules.pretrain import (PIPELINE_VERSION, CorpusConfig, PretrainDataModule, cache_root, partial_folder, settings_hash,
+                                 sweep_partials)
 from datamodules.sampler import ResumableSampler
 from datamodules.sources import DataFormatError, Document, read_source
 
@@ -115,7 +115,8 @@ def prepare(config: CorpusConfig, settings: AblationDataConfig, block_size: int)
         rank_zero_info(f"ablation corpora {digest[:16]}: cached at {folder}")
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    sweep_partials(folder.parent)
+    partial = partial_folder(folder)
     try:
         raw = pipeline.make_raw_corpus(corpus.train, settings.plant_seed, settings.rates())
         filters = settings.filter_config()

@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from datamodules.sources import DataFormatError, load_table
+from datamodules.sources import DataFormatError, load_records
 
 ROLES = ("system", "user", "assistant")
 TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -105,8 +105,7 @@ def to_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 def read_records(source: str, split: str = "train", cache_dir: Path | None = None) -> list[list[dict[str, str]]]:
     """Conversations from a local .jsonl / .json / .parquet file or `hf:<name>`, through `datasets`."""
-    dataset, name = load_table(source, split, cache_dir, "instruction")
-    return [to_messages(record, f"{name}, record {i + 1}") for i, record in enumerate(dataset)]
+    return [to_messages(record, where) for record, where in load_records(source, split, cache_dir, "instruction")]
 
 
 def verifiable_conversations(

@@ -7,7 +7,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from datamodules.sources import Document
+from datamodules.sources import DataFormatError, Document
 
 TRAILING_SPACE = re.compile(r"[ \t\f\v]+$", re.MULTILINE)
 EXTRA_BLANK_LINES = re.compile(r"\n{4,}")  # 3+ blank lines
@@ -58,7 +58,7 @@ def clean(
             kept.append((Document(doc.id, text), digest))
             total += size
     if len(kept) < 2:
-        raise ValueError(
+        raise DataFormatError(
             f"the corpus has {len(kept)} usable document(s) after cleaning ({stats}); "
             f"a train/validation split needs at least 2 (add documents or lower data.min_doc_chars)"
         )

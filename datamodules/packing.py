@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import torch
 from tokenizers import Tokenizer
 
+from datamodules.sources import DataFormatError
 from datamodules.tokenizer import EOT_ID
 
 ENCODE_BATCH = 64  # documents per `map` call: small enough for a live progress bar, large enough for both cores
@@ -79,7 +80,7 @@ def build_split(
     tokens = tokenize(texts, tokenizer, name)
     ids = stream(tokens)
     if len(ids) < block_size + 1:
-        raise ValueError(
+        raise DataFormatError(
             f"the {name} split has {len(ids)} tokens, fewer than one block of block_size + 1 = {block_size + 1}; "
             f"add documents, raise data.val_fraction, or lower model.block_size"
         )

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from datamodules.sampler import ResumableBatches
-from datamodules.sources import DataFormatError, load_table
+from datamodules.sources import DataFormatError, load_records
 
 SENTIMENT = "sentiment"
 HH_TURN = "\n\nAssistant:"
@@ -174,10 +174,9 @@ def to_pair_text(record: dict[str, Any], where: str) -> tuple[str, str, str]:
 
 def read_pairs(source: str, tokenizer: Tokenizer, split: str = "train", cache_dir: Path | None = None) -> list[Pair]:
     """Tokenized pairs of a local file or hub dataset in the `prompt`/`chosen`/`rejected` or HH layout."""
-    table, name = load_table(source, split, cache_dir, "preference")
     pairs = []
-    for i, record in enumerate(table):
-        prompt, chosen, rejected = to_pair_text(record, f"{name}, record {i + 1}")
+    for record, where in load_records(source, split, cache_dir, "preference"):
+        prompt, chosen, rejected = to_pair_text(record, where)
         pairs.append(Pair(tokenizer.encode(prompt).ids, tokenizer.encode(chosen).ids, tokenizer.encode(rejected).ids))
     return pairs
 

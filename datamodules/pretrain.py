@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,12 @@ from datamodules import tokenizer as bpe
 from datamodules.clean import Corpus, clean, corpus_hash
 from datamodules.packing import Blocks, build_split
 from datamodules.sampler import ResumableBatches
-from datamodules.sources import read_source
+from datamodules.sources import DataFormatError, read_source
 
 PIPELINE_VERSION = 1  # bump when cleaning or packing changes, so old caches are not reused
+# A build folder is `.<folder>.pid<pid>@<host>.<random>.partial` while its builder runs.
+PARTIAL_OWNER = re.compile(r"\.pid(?P<pid>\d+)@(?P<host>.+)\.[^.]+\.partial$")
+STALE_AFTER_S = 24 * 3600  # a build folder whose builder cannot be asked (another host, no pid) untouched this long is dead
 
 
 @dataclass
@@ -83,16 +89,23 @@ def prepare(config: CorpusConfig, block_size: int) -> Path:
     """
     root = cache_root(config)
     documents, note = read_source(config.source, config.text_field, config.hub_split, root)
-    corpus = clean(documents, config.min_doc_chars, config.max_bytes, config.val_fraction)
+    try:
+        corpus = clean(documents, config.min_doc_chars, config.max_bytes, config.val_fraction)
+    except DataFormatError as error:
+        raise DataFormatError(f"data.source {config.source}: {error}") from None
     digest = corpus_hash(corpus)
     folder = root / f"{digest[:16]}-{settings_hash(config, block_size)}"
     if (folder / "meta.json").is_file():
         rank_zero_info(f"corpus {digest[:16]}: cached at {folder}")
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=root))
+    sweep_partials(root)
+    partial = partial_folder(folder)
     try:
-        build(corpus, digest, note, config, block_size, partial)
+        try:
+            build(corpus, digest, note, config, block_size, partial)
+        except DataFormatError as error:  # too little text for a block: say which corpus
+            raise DataFormatError(f"data.source {config.source}: {error}") from None
         try:
             os.replace(partial, folder)
         except OSError:
@@ -102,6 +115,47 @@ def prepare(config: CorpusConfig, block_size: int) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
     rank_zero_info(f"corpus {digest[:16]}: built at {folder}")
     return folder
+
+
+def partial_folder(folder: Path) -> Path:
+    """A new, empty sibling of `folder` to build it in, named for this process so that `sweep_partials` can
+    tell a build in progress from one whose process was killed."""
+    owner = f"pid{os.getpid()}@{socket.gethostname()}"
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.{owner}.", suffix=".partial", dir=folder.parent))
+
+
+def sweep_partials(root: Path) -> list[Path]:
+    """Remove the `.partial` build folders in `root` whose builder is gone; returns them.
+
+    Gone: its process on this host is dead, or (another host's, or an unnamed one) untouched for
+    `STALE_AFTER_S`. A build still running, here or on another host sharing the cache, is left alone.
+    """
+    removed = []
+    for partial in sorted(root.glob(".*.partial")):
+        if partial.is_dir() and _builder_gone(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+    return removed
+
+
+def _builder_gone(partial: Path) -> bool:
+    owner = PARTIAL_OWNER.search(partial.name)
+    if owner and owner["host"] == socket.gethostname():
+        return not _alive(int(owner["pid"]))
+    try:
+        return time.time() - partial.stat().st_mtime > STALE_AFTER_S
+    except FileNotFoundError:  # its builder just finished
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def build(corpus: Corpus, digest: str, note: str, config: CorpusConfig, block_size: int, folder: Path) -> None:
