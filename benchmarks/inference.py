@@ -252,10 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.gammas and min(args.gammas) < 1 or args.repeats is not None and args.repeats < 1:
         parser.error("--gammas (draft lengths) and --repeats must be at least 1")
     from modules.inference import InferenceModule
-    from repro.checkpoints import locate
+    from repro.checkpoints import load_module, locate
+    from repro.config import ConfigError
 
     checkpoint, run_dir = locate(args.checkpoint)
-    module = InferenceModule.load_from_checkpoint(checkpoint, map_location=args.device).to(getattr(torch, args.dtype)).eval()
+    try:
+        module = load_module(InferenceModule, checkpoint, args.device).to(getattr(torch, args.dtype)).eval()
+    except ConfigError as err:  # a checkpoint refused by the weights-only unpickler
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     saved = json.loads((run_dir / PROMPTS_FILE).read_text())
     quant, decode = QuantSettings(**saved["quant"]), DecodeSettings(**saved["decode"])
     quant.schemes = args.schemes or quant.schemes

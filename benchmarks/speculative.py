@@ -88,23 +88,28 @@ def measure_arms(module: Any, prompts: list[list[int]], new_tokens: int, tempera
 def measure_run(run_dir: Path, device: str = "cpu", temperatures: tuple[float, ...] = (0.0, 1.0)) -> list[dict[str, Any]]:
     """`measure_arms` for the MTP run in `run_dir`, on the prompts it saved."""
     from repro import registry
-    from repro.checkpoints import locate
+    from repro.checkpoints import load_module, locate
 
     checkpoint, run_dir = locate(run_dir)
     settings = json.loads((run_dir / PROMPTS_FILE).read_text())
-    module = registry.get("mtp").module.load_from_checkpoint(checkpoint, map_location=device, weights_only=False)
+    module = load_module(registry.get("mtp").module, checkpoint, device)
     return measure_arms(module, settings["prompts"], settings["new_tokens"], temperatures)
 
 
 def main(argv: list[str] | None = None) -> int:
     from repro.checkpoints import run_folder_argument
+    from repro.config import ConfigError
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=run_folder_argument, help="an MTP run folder (or a .ckpt in one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="write the records here as JSON")
     args = parser.parse_args(argv)
-    records = measure_run(Path(args.checkpoint), args.device)
+    try:
+        records = measure_run(Path(args.checkpoint), args.device)
+    except ConfigError as err:  # a checkpoint refused by the weights-only unpickler
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"device": name, "checkpoint": str(args.checkpoint), "records": records}

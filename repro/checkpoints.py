@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
+import lightning as L
 import torch
 from tokenizers import Tokenizer
 
 from modules.nn import Decoder
 from repro import registry
 from repro.config import ConfigError
+
+Module = TypeVar("Module", bound=L.LightningModule)
 
 
 def locate(path: str | Path) -> tuple[Path, Path]:
@@ -37,6 +45,33 @@ def run_folder_argument(text: str) -> str:
     return text
 
 
+@contextmanager
+def weights_only(checkpoint: str | Path) -> Iterator[None]:
+    """Torch's weights-only unpickler refusing `checkpoint` (it names a class or function, which a pickle may
+    call on load) as one ConfigError line: a run folder is shared and downloaded, and loading one never runs it."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise ConfigError(f"{checkpoint}: refused to load: it holds objects other than tensors and plain data "
+                          f"(weights-only loading{f'; it names {named.group(1)}' if named else ''}); "
+                          "a checkpoint is data, and loading one never runs code") from err
+
+
+def check_weights_only(checkpoint: str | Path) -> Path:
+    """`checkpoint`, once torch's weights-only unpickler reads it (its tensors memory-mapped, not read); else ConfigError."""
+    with weights_only(checkpoint):
+        torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return Path(checkpoint)
+
+
+def load_module(module: type[Module], checkpoint: str | Path, device: str | torch.device = "cpu") -> Module:
+    """`module.load_from_checkpoint` through torch's weights-only unpickler: tensors and plain data only
+    (hyperparameters are dicts of primitives); anything else is refused with one ConfigError line."""
+    with weights_only(checkpoint):
+        return module.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", arm: str | None = None) -> tuple[Decoder, Tokenizer]:
     """The decoder (eval mode, on `device`) and the tokenizer of a run folder or checkpoint.
 
@@ -48,7 +83,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", arm: str | 
     if not run_json.is_file() or not tokenizer_json.is_file():
         raise ConfigError(f"{run_dir}: a run folder needs run.json and tokenizer.json beside checkpoints/")
     technique = registry.get(json.loads(run_json.read_text())["technique"])
-    module = technique.module.load_from_checkpoint(checkpoint, map_location=device, weights_only=False)
+    module = load_module(technique.module, checkpoint, device)
     if arm is not None:
         if not hasattr(module, "arm_model"):
             raise ConfigError(f"{run_dir}: a {technique.name} run has one model; drop arm={arm}")

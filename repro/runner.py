@@ -83,16 +83,19 @@ def _load_spec(run_dir: Path) -> RunSpec:
 
 
 def resume_point(path: Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint) for `--resume`, given a run folder or a checkpoint inside one."""
+    """(run folder, checkpoint) for `--resume`, given a run folder or a checkpoint inside one; a checkpoint that
+    holds more than tensors and plain data is refused (ConfigError) before anything runs."""
+    from repro.checkpoints import check_weights_only
+
     path = Path(path)
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise ConfigError(f"--resume {path}: no such checkpoint")
-        return path.parent.parent, path
+        return path.parent.parent, check_weights_only(path)
     checkpoint = path / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         raise ConfigError(f"--resume {path}: no checkpoints/last.ckpt there (the run saved none yet); start it afresh")
-    return path, checkpoint
+    return path, check_weights_only(checkpoint)
 
 
 def stage_spec(name: str, dependent: RunSpec) -> RunSpec:
@@ -106,17 +109,18 @@ def stage_spec(name: str, dependent: RunSpec) -> RunSpec:
 
 
 def init_checkpoint(technique: registry.Technique, init: str) -> Path:
-    """The checkpoint `--init` names for the technique's first prerequisite, checked to be one of its runs."""
+    """The checkpoint `--init` names for the technique's first prerequisite, checked to be one of its runs and to
+    hold only tensors and plain data (else ConfigError, before anything runs)."""
     if not technique.requires:
         raise ConfigError(f"--init: {technique.name} starts from no checkpoint; drop --init")
-    from repro.checkpoints import locate
+    from repro.checkpoints import check_weights_only, locate
 
     checkpoint, run_dir = locate(init)
     made_by = json.loads((run_dir / "run.json").read_text())["technique"] if (run_dir / "run.json").is_file() else None
     if made_by != technique.requires[0]:
         raise ConfigError(f"--init {init}: a {technique.name} run starts from a {technique.requires[0]} run; "
                           f"this one is {made_by or 'not a run folder'}")
-    return checkpoint
+    return check_weights_only(checkpoint)
 
 
 def stage_dir(spec: RunSpec, out: Path) -> Path:
@@ -199,7 +203,7 @@ def _discard(run_dir: Path) -> None:
 
 def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, resume) -> Path:
     try:
-        trainer.fit(module, datamodule, ckpt_path=checkpoint)
+        trainer.fit(module, datamodule, ckpt_path=checkpoint, weights_only=True)  # tensors and plain data only
     except BaseException:
         # A run that dies before its first checkpoint has nothing to resume: leave no folder behind.
         if resume is None and trainer.is_global_zero:

@@ -351,7 +351,7 @@ def test_a_resumed_trainer_sees_exactly_the_remaining_batches(
     whole, datamodule = fit(built.config, tmp_path, max_steps=6, accumulate=accumulate)
     assert datamodule.state_dict() == {"batches_consumed": 6 * accumulate}
     checkpoint = tmp_path / "epoch=0-step=2.ckpt"
-    assert torch.load(checkpoint, weights_only=False)["PretrainDataModule"] == {"batches_consumed": 2 * accumulate}
+    assert torch.load(checkpoint, weights_only=True)["PretrainDataModule"] == {"batches_consumed": 2 * accumulate}
     resumed, datamodule = fit(built.config, tmp_path / "again", max_steps=6, accumulate=accumulate, ckpt=checkpoint)
     assert resumed.seen == whole.seen[2 * accumulate :]
     assert datamodule.state_dict() == {"batches_consumed": 6 * accumulate}

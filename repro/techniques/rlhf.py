@@ -72,7 +72,7 @@ def true_reward_of(tokenizer: Any):
 
 def build(config: RLHFConfig, seed: int, stages: dict[str, Path]) -> tuple[PPOModule, PromptDataModule]:
     from modules.reward import RewardModule
-    from repro.checkpoints import load_model
+    from repro.checkpoints import load_model, load_module
     from repro.config import ConfigError
 
     reward_dir = Path(stages["reward"]).parent.parent
@@ -80,9 +80,9 @@ def build(config: RLHFConfig, seed: int, stages: dict[str, Path]) -> tuple[PPOMo
         raise ConfigError(f"{reward_dir}: no {PREFERENCES}; PPO needs a reward run on the embedded sentiment task "
                           "(reward data.source=sentiment), which keeps its prompts there")
     preferences = json.loads((reward_dir / PREFERENCES).read_text())
+    reward_model = load_module(RewardModule, stages["reward"]).model
     base_dir = base_of(stages)
     base, tokenizer = load_model(base_dir)
-    reward_model = RewardModule.load_from_checkpoint(stages["reward"], map_location="cpu", weights_only=False).model
     # rollouts run the full response length, as the reward stage sampled its pairs: a response cut at the
     # end-of-text token is one the reward model never saw, and its score is an invitation to exploit it
     module = PPOModule(base.config, config.ppo, config.train.max_steps, eos_id=None)

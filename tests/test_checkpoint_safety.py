@@ -1,0 +1,178 @@
+"""A checkpoint is data: every path that loads one refuses a pickle that would run code, in one line, before it runs.
+
+Each test plants a `.ckpt` whose pickle calls `open(marker, "w")` on load (what any code-running pickle does:
+name a callable and its arguments) in a run folder, loads it through one entry point, and asserts the refusal
+and that the marker was never written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import BPE
+
+from repro.config import ConfigError
+from repro.runner import RunSpec
+
+REFUSAL = "refused to load: it holds objects other than tensors and plain data (weights-only loading"
+
+
+class OpensAFile:
+    """Pickles as a call of `open(path, "w")`: the unpickler runs it on load, unless it loads weights only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.path), "w")
+
+
+def planted_run(folder: Path, technique: str, marker: Path) -> Path:
+    """A run folder of `technique` whose final and last checkpoints hold an `OpensAFile`, beside what the
+    loaders read before the checkpoint (run.json, tokenizer.json, the saved prompts)."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps(asdict(RunSpec(technique, "tiny"))))
+    Tokenizer(BPE()).save(str(folder / "tokenizer.json"))
+    (folder / "decode_prompts.json").write_text(json.dumps({"prompts": [[1, 2]], "new_tokens": 1}))
+    (folder / "preference.json").write_text("{}")
+    checkpoint = {"state_dict": {"model.weight": torch.zeros(2)}, "hyper_parameters": {"model": OpensAFile(marker)}}
+    for name in ("final.ckpt", "last.ckpt"):
+        torch.save(checkpoint, folder / "checkpoints" / name)
+    return folder
+
+
+def cli_error(capsys: pytest.CaptureFixture, code: int) -> str:
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def load_model(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from repro.checkpoints import load_model
+
+    with pytest.raises(ConfigError) as err:
+        load_model(run)
+    return str(err.value)
+
+
+def load_model_of_a_ckpt(run: Path, capsys: pytest.CaptureFixture) -> str:
+    return load_model(run / "checkpoints" / "last.ckpt", capsys)
+
+
+def generate(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from repro.generate import main
+
+    return cli_error(capsys, main(["--checkpoint", str(run), "--prompt", "x", "--device", "cpu"]))
+
+
+def evaluate(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from repro.evaluate import main
+
+    return cli_error(capsys, main(["--checkpoint", str(run), "--tasks", "repro_cloze", "--limit", "1", "--device", "cpu"]))
+
+
+def lm_eval_adapter(run: Path, capsys: pytest.CaptureFixture) -> str:
+    """`python -m evaluation --model llm-repro --model_args checkpoint=RUN` builds this adapter."""
+    from evaluation.lm import ReproLM
+
+    with pytest.raises(ConfigError) as err:
+        ReproLM(checkpoint=str(run), device="cpu")
+    return str(err.value)
+
+
+def serve(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from repro.serve import main
+
+    return cli_error(capsys, main(["--checkpoint", str(run), "--device", "cpu", "--port", "0"]))
+
+
+def init(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from repro.run import main
+
+    return cli_error(capsys, main(["--technique", "sft", "--init", str(run), "--out", str(run.parent / "runs")]))
+
+
+def resume(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from repro.run import main
+
+    return cli_error(capsys, main(["--resume", str(run)]))
+
+
+def resume_a_ckpt(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from repro.run import main
+
+    return cli_error(capsys, main(["--resume", str(run / "checkpoints" / "final.ckpt")]))
+
+
+def speculative_benchmark(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from benchmarks.speculative import main
+
+    return cli_error(capsys, main(["--checkpoint", str(run)]))
+
+
+def inference_benchmark(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from benchmarks.inference import main
+
+    return cli_error(capsys, main(["--checkpoint", str(run)]))
+
+
+def rlhf_reward_stage(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from repro.runner import resolve
+    from repro.techniques.rlhf import build
+
+    _, config = resolve(RunSpec("rlhf", "tiny"))
+    with pytest.raises(ConfigError) as err:
+        build(config, 0, {"reward": run / "checkpoints" / "final.ckpt"})
+    return str(err.value)
+
+
+LOADERS: dict[str, tuple[str, Callable[[Path, pytest.CaptureFixture], str]]] = {
+    # name: (the technique whose run the loader expects, the loader)
+    "load_model": ("pretrain", load_model),
+    "load_model a .ckpt": ("pretrain", load_model_of_a_ckpt),
+    "repro/generate.py": ("pretrain", generate),
+    "repro/evaluate.py": ("pretrain", evaluate),
+    "python -m evaluation": ("pretrain", lm_eval_adapter),
+    "repro/serve.py": ("pretrain", serve),
+    "--init": ("pretrain", init),
+    "--resume": ("pretrain", resume),
+    "--resume a .ckpt": ("pretrain", resume_a_ckpt),
+    "benchmarks.speculative": ("mtp", speculative_benchmark),
+    "benchmarks.inference": ("inference", inference_benchmark),
+    "rlhf's reward stage": ("reward", rlhf_reward_stage),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(loader: str, tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "ran"
+    technique, load = LOADERS[loader]
+    run = planted_run(tmp_path / "run", technique, marker)
+    message = load(run, capsys)
+    assert REFUSAL in message and "\n" not in message
+    assert str(run) in message and ".ckpt" in message  # names the file it refused
+    assert not marker.exists()  # the pickle's call never ran
+    assert not (tmp_path / "runs").exists()  # --init refused before making a run folder
+
+
+def test_the_refusal_names_what_the_pickle_would_call(tmp_path: Path) -> None:
+    from repro.checkpoints import check_weights_only
+
+    run = planted_run(tmp_path / "run", "pretrain", tmp_path / "ran")
+    with pytest.raises(ConfigError, match=r"it names (io|builtins)\.open"):
+        check_weights_only(run / "checkpoints" / "final.ckpt")
+
+
+def test_tensors_and_plain_data_pass(tmp_path: Path) -> None:
+    from repro.checkpoints import check_weights_only
+
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"model": {"n_layer": 2}}, "curves": [(1, 0.5)]}, path)
+    assert check_weights_only(path) == path
