@@ -78,9 +78,10 @@ class ResumableBatches:
     def state_dict(self) -> dict[str, int]:
         """Train batches this rank has consumed.
 
-        `processed` counts a batch once its training step ran, and `ModelCheckpoint` saves in
+        `processed` counts a batch once its training step ran, and the run's checkpoint saves in
         `on_train_batch_end`, after that count but before `completed` moves (Lightning 2.6
-        `training_epoch_loop.advance`). `total` spans the whole run, resumes included.
+        `training_epoch_loop.advance`), or at the end of the validation that follows the batch, after
+        both moved (`repro.callbacks.StepCheckpoint`). `total` spans the whole run, resumes included.
         """
         if self.trainer is None:
             return {"batches_consumed": self.batches_consumed}

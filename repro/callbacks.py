@@ -1,13 +1,17 @@
-"""Callbacks every run gets: speed (tokens/s, MFU, memory) and a resumable metric history."""
+"""Callbacks every run gets: speed (tokens/s, MFU, memory), a resumable metric history, its checkpoints and the
+random state they carry."""
 
 from __future__ import annotations
 
+import random
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from repro.hardware import matmul_tflops, peak_memory_bytes
 
@@ -150,3 +154,74 @@ class LossProgressBar(TQDMProgressBar):
         history = next((c for c in trainer.callbacks if isinstance(c, History)), None)
         loss = history.latest("train/loss") if history else None
         return {"loss": f"{loss:.4f}", **items} if loss is not None else items
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every` optimizer steps; at a step that also validates (a multiple of `val_every`),
+    saved once that validation has ended, so the checkpoint holds its point in `History`.
+
+    Lightning's ModelCheckpoint saves at train-batch end, before the validation that follows the same batch; a
+    run resumed from there counts that validation as done and skips it, so its history loses the point. A
+    checkpoint written at validation end resumes with the next batch, the validation not run twice.
+    """
+
+    def __init__(self, dirpath: Path, every: int, val_every: int) -> None:
+        super().__init__(dirpath=dirpath, every_n_train_steps=every, save_top_k=0, save_last=True)
+        self.val_every = val_every
+        self._after_validation = False
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        due = step % self._every_n_train_steps == 0 and step != self._last_global_step_saved
+        if due and step % self.val_every == 0 and trainer.enable_validation:
+            self._after_validation = True  # this batch's validation runs next; save at its end
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._after_validation and not self._should_skip_saving_checkpoint(trainer):
+            self._after_validation = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+
+class RandomState(L.Callback):
+    """The process's random generators (torch's CPU and CUDA ones, Python's `random`, NumPy's), saved in each
+    checkpoint and put back just before a resumed run trains its first batch.
+
+    A technique that draws from them while training (PPO's minibatch order, dropout) would otherwise go on from
+    the run's seed, not from where the checkpoint left them. Put back at that batch, not when the checkpoint
+    loads: in between, Lightning makes the data loaders' iterators, each drawing a seed from torch's generator.
+    Lightning keeps rank 0's callback state, so every rank gets rank 0's generators back.
+    """
+
+    def __init__(self) -> None:
+        self._restored: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain data only, so the checkpoint still loads weights-only."""
+        _, keys, pos, has_gauss, gauss = np.random.get_state()  # Mersenne Twister: 624 words and a position
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._restored is None:
+            return
+        state, self._restored = self._restored, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        random.setstate(state["python"])
+        keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

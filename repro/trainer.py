@@ -14,14 +14,13 @@ import lightning as L
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
 from lightning.pytorch.accelerators import AcceleratorRegistry
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy, StrategyRegistry
 
 from modules.nn import Block
 
 from modules.parallel import ParallelPlan
 from repro.config import ConfigError, _suggest
-from repro.callbacks import History, LossProgressBar, SpeedMonitor
+from repro.callbacks import History, LossProgressBar, RandomState, SpeedMonitor, StepCheckpoint
 
 
 @dataclass
@@ -267,9 +266,8 @@ def build_trainer(
     `val_metrics` (each validation) go in the history."""
     batches = train.max_steps * train.accumulate
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on a GPU
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", every_n_train_steps=train.checkpoint_every, save_top_k=0, save_last=True
-    )
+    # saved after a validation of the same step, so a resumed run keeps that validation's point
+    checkpoint = StepCheckpoint(run_dir / "checkpoints", train.checkpoint_every, min(train.val_every, train.max_steps))
     return L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -289,6 +287,7 @@ def build_trainer(
             SpeedMonitor(train.speed_window, train.peak_tflops),
             History(step_keys=tuple(step_metrics), val_keys=tuple(val_metrics)),
             LossProgressBar(refresh_rate=10 if on_gpu(args) else 1),  # each refresh waits for the GPU
+            RandomState(),
             checkpoint,
             *callbacks,
         ],
