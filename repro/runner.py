@@ -209,7 +209,7 @@ def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_di
         if resume is None and trainer.is_global_zero:
             _discard(run_dir)
         raise
-    trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt", weights_only=False)  # the full state: --resume and fine-tuning read it
     if trainer.is_global_zero and hasattr(datamodule, "tokenizer"):
         datamodule.tokenizer.save(str(run_dir / "tokenizer.json"))  # the run folder stands alone for inference
     # Lightning's teardown moved the module to the host (DeepSpeed stage 3's partitioned weights too): back first

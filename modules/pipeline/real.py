@@ -180,7 +180,7 @@ def run_pipeline(config: DecoderConfig, stages: int = 2, micro_batches: int = 4,
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_worker, args=(stages, _free_port(), config, list(schedules), micro_batches, idx, targets,
                                           steps, warmup, out), nprocs=stages, start_method="spawn")
-        ranks = [torch.load(Path(out) / f"rank{rank}.pt") for rank in range(stages)]
+        ranks = [torch.load(Path(out) / f"rank{rank}.pt", weights_only=True) for rank in range(stages)]
     return {"idx": idx, "targets": targets, "micro_batches": micro_batches, "ranks": ranks}
 
 
