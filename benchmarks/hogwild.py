@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from evaluation.parallel_sum import compare, sum_rows
     from repro.checkpoints import load_model
+    from repro.config import ConfigError
 
-    model, tokenizer = load_model(args.checkpoint, args.device, args.arm)
+    try:
+        model, tokenizer = load_model(args.checkpoint, args.device, args.arm)
+    except ConfigError as err:  # a checkpoint refused by the weights-only unpickler, or an unknown arm
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     rows = sum_rows(args.rows, terms=args.terms)
     with torch.inference_mode():
         result = compare(model, tokenizer, rows, args.workers, args.max_new_tokens)

@@ -13,7 +13,8 @@ defaults would pick CUDA and bf16-mixed, whose numbers no CPU golden holds. It r
 later techniques their reward, KL, MaxVio, acceptance rate, ...) with the versions that made it.
 `tests/test_golden.py` re-runs each and names the technique, the first step and the metric that
 moved, with both values. On one machine the CPU run is bit-for-bit repeatable; across CPU
-generations float32 kernels may differ in the last bits, hence the tolerance, far below any
+generations and vendors float32 kernels may differ in the last bits (1.9e-5 relative on rlhf's ppo/score
+from the recording machine to an AMD EPYC), hence the tolerance, far below any
 change a code edit makes (a factor of 1.01 on a loss is a relative change of 1e-2).
 """
 
@@ -35,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
-RTOL, ATOL = 1e-5, 1e-6
+RTOL, ATOL = 1e-4, 1e-6  # rlhf's ppo/score moved 1.9e-5 from the recording CPU to an AMD EPYC
 SEED = 0
 HARDWARE = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}  # TrainerArgs of every trajectory
 CORPUS = ["data.source={corpus}", "data.cache_dir={cache}"]  # filled in by `record`

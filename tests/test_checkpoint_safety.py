@@ -8,6 +8,7 @@ and that the marker was never written.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -87,6 +88,29 @@ def lm_eval_adapter(run: Path, capsys: pytest.CaptureFixture) -> str:
     return str(err.value)
 
 
+def lm_eval_command_line(run: Path, capsys: pytest.CaptureFixture) -> str:
+    """`python -m evaluation` itself: lm-eval's argument parsing, then the adapter's refusal as one line."""
+    from evaluation.__main__ import main
+
+    argv = sys.argv
+    sys.argv = ["evaluation", "--model", "llm-repro", "--model_args", f"checkpoint={run}", "--device", "cpu",
+                "--tasks", "repro_cloze", "--include_path", "evaluation/tasks", "--limit", "1"]
+    try:
+        code = main()
+    finally:
+        sys.argv = argv
+    assert code == 2
+    err = capsys.readouterr().err  # lm-eval logs its own INFO lines to stderr before the model loads
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def hogwild_benchmark(run: Path, capsys: pytest.CaptureFixture) -> str:
+    from benchmarks.hogwild import main
+
+    return cli_error(capsys, main(["--checkpoint", str(run), "--rows", "1"]))
+
+
 def serve(run: Path, capsys: pytest.CaptureFixture) -> str:
     from repro.serve import main
 
@@ -140,12 +164,14 @@ LOADERS: dict[str, tuple[str, Callable[[Path, pytest.CaptureFixture], str]]] = {
     "repro/generate.py": ("pretrain", generate),
     "repro/evaluate.py": ("pretrain", evaluate),
     "python -m evaluation": ("pretrain", lm_eval_adapter),
+    "python -m evaluation (command line)": ("pretrain", lm_eval_command_line),
     "repro/serve.py": ("pretrain", serve),
     "--init": ("pretrain", init),
     "--resume": ("pretrain", resume),
     "--resume a .ckpt": ("pretrain", resume_a_ckpt),
     "benchmarks.speculative": ("mtp", speculative_benchmark),
     "benchmarks.inference": ("inference", inference_benchmark),
+    "benchmarks.hogwild": ("pretrain", hogwild_benchmark),
     "rlhf's reward stage": ("reward", rlhf_reward_stage),
 }
 

@@ -138,9 +138,10 @@ def test_loglikelihood_rolling_sums_disjoint_windows(run_dir: Path) -> None:
     got = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in texts]))
     for ids, value in zip(tokens, got):
         assert value == pytest.approx(rolling_reference(lm.model, ids, window), abs=1e-4)
-    # a text that fits one window is the continuation of an empty context
+    # a text that fits one window is the continuation of an empty context (scored in another batch
+    # shape, so float32 kernels round differently: 2.3e-5 apart on an AMD EPYC, hence the reference's 1e-4)
     [(short, _)] = lm.loglikelihood(requests("loglikelihood", [("", texts[1])]))
-    assert got[1] == pytest.approx(short, abs=1e-5)
+    assert got[1] == pytest.approx(short, abs=1e-4)
     # and a longer max_length reads more context: the windows change the score
     wide = ReproLM(str(run_dir), device="cpu", batch_size=4)
     wide.model = lm.model
