@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import lightning as L
 
     from reports.claims import ClaimResult
+    from repro.trainer import TrainConfig
 
 
 @dataclass
@@ -31,12 +32,29 @@ class Findings:
 
 
 @dataclass(frozen=True)
+class Fit:
+    """A model a technique trains besides its main one (a PPO arm beside DPO's, SL-CAI, RL-CAI), declared so that the
+    runner trains it as it trains the main model (`repro.runner.train_fit`): through `build_trainer`, so `--strategy`,
+    `--devices`, `--precision`, checkpoints (`fits/<name>/checkpoints/`), `--resume`, the history and the progress bar
+    reach it. `module` and `datamodule` are built when the fit starts, after the run's seed is set again."""
+
+    name: str
+    module: Callable[[], "L.LightningModule"]
+    datamodule: Callable[[], "L.LightningDataModule"]
+    train: "TrainConfig"
+    step_metrics: tuple[str, ...] = ("train/loss",)
+    val_metrics: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Technique:
     """Everything the runner needs to know about one technique.
 
     build(config, seed, stages) -> (LightningModule, LightningDataModule), where stages maps each
         technique in `requires` to the final checkpoint of its run (trained first, or reused)
-    findings(config, final_metrics, module, datamodule, speed_records) -> Findings: the
+    fits(config, module, datamodule, seed) -> [Fit]: the further models its run trains once the main one is
+        trained (every rank trains each, in order); findings then gets them as `fits`, name -> trained module
+    findings(config, final_metrics, module, datamodule, speed_records[, fits]) -> Findings: the
         technique's own metrics and its claim checks, computed from the finished run; final_metrics
         holds the last validation's metrics and the lm-eval scores as `eval/<task>/<metric>`
     """
@@ -47,6 +65,7 @@ class Technique:
     module: type["L.LightningModule"] | None = None  # its checkpoints load with module.load_from_checkpoint; `.model` is the Decoder
     build: Callable[[Any, int, dict[str, Path]], tuple["L.LightningModule", "L.LightningDataModule"]] | None = None
     findings: Callable[..., "Findings"] | None = None
+    fits: Callable[[Any, "L.LightningModule", "L.LightningDataModule", int], list[Fit]] | None = None
     # a technique that trains nothing (a simulator, a calculator) measures instead: measure(config, seed, run_dir)
     # -> Findings, and the runner writes its report as a training run's; golden trajectories and train-step
     # benchmarks are for the techniques that train
@@ -67,6 +86,8 @@ class Technique:
     # settings that shorten a run's setup without changing what one training step computes (fewer
     # sampled prompts, say; never a shape): benchmark cases and their prerequisite stages use them
     quick: tuple[str, ...] = ()
+    # False: its run trains in one process only, and more (--devices, --num-nodes) is refused before any work
+    distributed: bool = True
 
     def __post_init__(self) -> None:
         if (self.measure is None) == (self.build is None or self.findings is None or self.module is None):

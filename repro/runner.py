@@ -51,6 +51,9 @@ def resolve(spec: RunSpec, prefix: str = "") -> tuple[registry.Technique, Any]:
     own = [o for o in spec.overrides if not o.startswith(tuple(f"{name}." for name in technique.requires))]
     values = apply_overrides(load_preset(technique.name, spec.preset), own)
     check_trainer_args(spec.trainer)
+    if not technique.distributed and (str(spec.trainer.devices) not in ("1", "auto") or int(spec.trainer.num_nodes) != 1):
+        raise ConfigError(f"--devices {spec.trainer.devices} --num-nodes {spec.trainer.num_nodes}: {technique.name} runs in "
+                          "one process (its generation steps between fits are not shared over ranks); drop them")
     config = build_config(technique.config, values, prefix)
     for name in technique.requires[1 if spec.init else 0 :]:
         resolve(stage_spec(name, spec), f"{prefix}{name}.")
@@ -137,10 +140,11 @@ def stage_checkpoint(spec: RunSpec, out: Path) -> Path:
     run_dir = stage_dir(spec, out)
     final = run_dir / "checkpoints" / "final.ckpt"
     if not final.is_file():
-        if _shared_key(spec) in os.environ:  # another rank of that stage's run, launched by its rank 0
-            run(spec, out=out, run_dir=run_dir)
-        elif (run_dir / "checkpoints" / "last.ckpt").is_file():
+        # every rank sees the same: the processes a fit launches reach here before rank 0 can train a step with them
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():
             run(resume=run_dir, out=out)
+        elif _shared_key(spec) in os.environ:  # another rank of that stage's run, launched by its rank 0
+            run(spec, out=out, run_dir=run_dir)
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             run(spec, out=out, run_dir=run_dir)
@@ -160,9 +164,7 @@ def run(
         run_dir, checkpoint = resume_point(resume)
         spec = _load_spec(run_dir)
     technique, config = resolve(spec)
-    stages = {name: stage_checkpoint(stage_spec(name, spec), out) for name in technique.requires[1 if spec.init else 0 :]}
-    if spec.init:
-        stages = {technique.requires[0]: init_checkpoint(technique, spec.init), **stages}
+    init = {technique.requires[0]: init_checkpoint(technique, spec.init)} if spec.init else {}
     shared = os.environ.get(_shared_key(spec))
     if shared is not None:  # a process Lightning launched for another rank of this run: rank 0 made the folder
         run_dir = Path(shared)
@@ -171,24 +173,25 @@ def run(
         run_dir.mkdir(parents=True)
         (run_dir / "run.json").write_text(json.dumps(asdict(spec), indent=2))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
-        if stages:  # the checkpoints this run started from
-            (run_dir / "stages.json").write_text(json.dumps({k: str(v) for k, v in stages.items()}, indent=2))
-
-    L.seed_everything(spec.seed, workers=True, verbose=False)
-    if not technique.trains:
-        return _measure_and_report(technique, spec, config, run_dir)
+    # Set before any stage trains: the processes a multi-process fit launches (at the command's first fit, a stage's
+    # maybe) re-run the command, and find through it the folder of this run and of each stage rank 0 has begun.
+    os.environ[_shared_key(spec)] = str(run_dir)
     try:
+        stages = {**init, **{name: stage_checkpoint(stage_spec(name, spec), out) for name in technique.requires[len(init):]}}
+        if stages and shared is None and resume is None:  # the checkpoints this run started from
+            (run_dir / "stages.json").write_text(json.dumps({k: str(v) for k, v in stages.items()}, indent=2))
+        L.seed_everything(spec.seed, workers=True, verbose=False)
+        if not technique.trains:
+            return _measure_and_report(technique, spec, config, run_dir)
         module, datamodule = technique.build(config, spec.seed, stages)
         module.parallel = config.train.plan  # applied in the module's configure_model, once the strategy is set up
         trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics,
                                 manual=not module.automatic_optimization)
+        return _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint)
     except BaseException:
-        if shared is None and resume is None:
+        if shared is None and resume is None:  # rank 0 of a fresh run: a folder with no checkpoint holds nothing to resume
             _discard(run_dir)
         raise
-    os.environ[_shared_key(spec)] = str(run_dir)  # for the processes fit launches; gone once this run is done
-    try:
-        return _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, resume)
     finally:
         if shared is None:
             os.environ.pop(_shared_key(spec), None)
@@ -201,25 +204,47 @@ def _discard(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, resume) -> Path:
-    try:
-        trainer.fit(module, datamodule, ckpt_path=checkpoint, weights_only=True)  # tensors and plain data only
-    except BaseException:
-        # A run that dies before its first checkpoint has nothing to resume: leave no folder behind.
-        if resume is None and trainer.is_global_zero:
-            _discard(run_dir)
-        raise
+def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint) -> Path:
+    trainer.fit(module, datamodule, ckpt_path=checkpoint, weights_only=True)  # tensors and plain data only
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt", weights_only=False)  # the full state: --resume and fine-tuning read it
     if trainer.is_global_zero and hasattr(datamodule, "tokenizer"):
         datamodule.tokenizer.save(str(run_dir / "tokenizer.json"))  # the run folder stands alone for inference
     # Lightning's teardown moved the module to the host (DeepSpeed stage 3's partitioned weights too): back first
     module.to(trainer.strategy.root_device)
     final = {k: float(v) for k, v in trainer.validate(module, datamodule, verbose=False)[0].items()}
+    # every rank trains the technique's further models, in the order it declares them
+    declared = technique.fits(config, module, datamodule, spec.seed) if technique.fits is not None else []
+    fits = {fit.name: train_fit(fit, run_dir, spec) for fit in declared}
 
     if trainer.is_global_zero:
         evaluation = _evaluate(run_dir, config, trainer)
-        _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation)
+        _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation, fits)
     return run_dir
+
+
+def train_fit(fit: registry.Fit, run_dir: Path, spec: RunSpec | None = None) -> L.LightningModule:
+    """Train a model a technique declares besides its main one (`registry.Fit`) as the main one is trained: the run's
+    seed, `build_trainer` with the run's trainer flags, checkpoints and history under `fits/<name>/`. One that finished
+    in an earlier attempt of the run is restored from its final.ckpt, one cut short resumes from its last.ckpt. Every
+    rank of a multi-process run calls it, in the same order; returns the trained module on the run's device."""
+    spec = spec or _load_spec(run_dir)
+    fit_dir = run_dir / "fits" / fit.name
+    saved = fit_dir / "checkpoints"
+    L.seed_everything(spec.seed, workers=True, verbose=False)
+    module, datamodule = fit.module(), fit.datamodule()
+    module.parallel = fit.train.plan
+    trainer = build_trainer(fit.train, spec.trainer, fit_dir, [], fit.step_metrics, fit.val_metrics,
+                            manual=not module.automatic_optimization)
+    final = saved / "final.ckpt"
+    start = final if final.is_file() else saved / "last.ckpt" if (saved / "last.ckpt").is_file() else None
+    trainer.fit(module, datamodule, ckpt_path=start, weights_only=True)
+    if start != final:
+        trainer.save_checkpoint(final, weights_only=False)
+    if trainer.is_global_zero:
+        history = next(c for c in trainer.callbacks if isinstance(c, History)).series
+        (fit_dir / "history.json").write_text(json.dumps({"strategy": type(trainer.strategy).__name__,
+                                                          "world_size": trainer.world_size, "history": history}, indent=1))
+    return module.to(trainer.strategy.root_device)
 
 
 def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: Any, run_dir: Path) -> Path:
@@ -227,11 +252,7 @@ def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: An
     from reports.env import collect_env
     from reports.writer import write_report
 
-    try:
-        findings = technique.measure(config, spec.seed, run_dir)
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no half-written folder
-        raise
+    findings = technique.measure(config, spec.seed, run_dir)
     write_report(run_dir, technique=technique.name, title=f"{technique.name}: {technique.summary} (preset {spec.preset}, "
                  f"seed {spec.seed})", command=spec.command(), config=asdict(config), env=collect_env(spec.seed, asdict(spec.trainer)),
                  history={}, metrics=findings.metrics, claims=findings.claims, notes=findings.notes, sections=findings.sections)
@@ -257,7 +278,7 @@ def _evaluate(run_dir: Path, config: Any, trainer: L.Trainer) -> dict | None:
     }
 
 
-def _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation) -> None:
+def _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation, fits) -> None:
     from reports.env import collect_env
     from reports.writer import write_report
 
@@ -268,10 +289,14 @@ def _report(run_dir, technique, spec, config, trainer, module, datamodule, final
     # Lightning's teardown after fit and validate leaves the module on the CPU: a technique's own measurements
     # (decoding, sampling, arms' lm-eval) belong on the device the run trained on
     module.to(trainer.strategy.root_device)
-    findings = technique.findings(config, {**final, **scores}, module, datamodule, speed)
-    env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer)})
+    findings = technique.findings(config, {**final, **scores}, module, datamodule, speed, **({"fits": fits} if technique.fits else {}))
+    env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer),
+                                  "world_size": trainer.world_size})  # the processes that trained it, whatever was asked
     if speed:
         history = {**history, "perf/tokens_per_s": [(r["step"], r["tokens_per_s"]) for r in speed]}
+    for name in fits:  # each further model's own history, its keys under its name
+        saved = json.loads((run_dir / "fits" / name / "history.json").read_text())["history"]
+        history |= {f"{name}/{key}": series for key, series in saved.items()}
     write_report(
         run_dir,
         technique=technique.name,

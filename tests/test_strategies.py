@@ -18,7 +18,7 @@ import torch
 
 from modules.nn import Decoder, DecoderConfig
 from modules.parallel import POLICIES, ParallelPlan, checkpoint_activations, shard
-from repro import golden
+from repro import golden, registry
 from repro.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +41,11 @@ def pretrain(tmp: Path, corpus: Path, name: str, *args: str, batch: int, val_bat
                  "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "optim.warmup_steps=2", "optim.lr=1e-2",
                  "train.max_steps=8", "train.val_every=4", "train.checkpoint_every=8", "train.speed_window=4",
                  "eval.enabled=false", f"data.batch_size={batch}", f"train.val_batches={val_batches}"]
+    return run_technique(tmp, name, technique, overrides, *args)
+
+
+def run_technique(tmp: Path, name: str, technique: str, overrides: list[str], *args: str) -> Path:
+    """`repro/run.py --technique <technique>` on the CPU in a process of its own; its run folder."""
     out = tmp / name
     command = [sys.executable, "repro/run.py", "--technique", technique, "--accelerator", "cpu", "--out", str(out), *args]
     command += [item for o in overrides for item in ("--set", o)]
@@ -78,6 +83,23 @@ def test_one_device_ddp_and_fsdp2_train_the_same_model(tmp_path: Path) -> None:
             # while a step taken the wrong way moves it by 1e-2.
             assert ((got - value).norm() / value.norm()).item() < 1e-4, f"{name}: {key}"
             torch.testing.assert_close(got, value, rtol=0, atol=1e-4, msg=f"{name}: {key}")
+
+
+def test_dpo_trains_its_dpo_and_ppo_arms_under_ddp(tmp_path: Path) -> None:
+    """`--technique dpo --strategy ddp --devices 2`: the DPO arms (the main fit) and the PPO arm the technique declares
+    (a `registry.Fit`) both train in two processes, with their checkpoints, and the PPO arm makes its frontier point."""
+    corpus = golden.write_corpus(tmp_path / "corpus")
+    overrides = [o.format(corpus=corpus, cache=tmp_path / "cache") for o in registry.get("dpo").golden_overrides]
+    overrides += ["frontier.kl_targets=[2]", "frontier.ppo_steps=2", "frontier.ppo_batch_size=4", "frontier.ppo.response_tokens=8",
+                  "frontier.ppo.minibatch_size=4"]
+    run_dir = run_technique(tmp_path, "ddp", "dpo", overrides, "--strategy", "ddp", "--devices", "2")
+    assert json.loads((run_dir / "env.json").read_text())["world_size"] == 2  # the DPO arms
+    arm = json.loads((run_dir / "fits" / "ppo-kl2" / "history.json").read_text())
+    assert (arm["strategy"], arm["world_size"]) == ("DDPStrategy", 2)  # the PPO arm
+    assert [step for step, _ in arm["history"]["train/loss"]] == [1, 2]
+    assert (run_dir / "fits" / "ppo-kl2" / "checkpoints" / "final.ckpt").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "frontier/ppo-kl2/true_reward" in metrics["metrics"] and "ppo-kl2/train/loss" in metrics["history"]
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])

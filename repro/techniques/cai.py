@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from repro.registry import Findings, Technique, register
-from repro.trainer import fit_in_place
+from repro.registry import Findings, Fit, Technique, register
 
 SOURCE = "Constitutional AI (Bai et al. 2022), Fig. 2-3"
 SAMPLES_SHOWN = 3  # critique-revision chains shown in the report
@@ -104,19 +103,23 @@ def chat_model_stage(config: CAIConfig, seed: int, run_dir: Path) -> Path:
     return stage_checkpoint(spec, run_dir.parent.parent).parent.parent
 
 
-def _trainer(steps: int, device: str, precision: str) -> Any:
-    import lightning as L
+def _train(run_dir: Path, name: str, module: Any, datamodule: Any, steps: int) -> Any:
+    """Train SL-CAI or RL-CAI as the runner trains any model (`repro.runner.train_fit`: the run's seed, precision and
+    accelerator, checkpoints under fits/<name>/, a resumed run reusing what it finished), in one process, with one
+    validation batch at the end."""
+    from repro.runner import _load_spec, train_fit
+    from repro.trainer import TrainConfig
 
-    return L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                     enable_model_summary=False, enable_progress_bar=False, accelerator=device, devices=1,
-                     precision=precision, num_sanity_val_steps=0)
+    spec = _load_spec(run_dir)
+    spec = replace(spec, trainer=replace(spec.trainer, devices=1))  # `distributed=False`: auto takes one device too
+    train = TrainConfig(max_steps=steps, grad_clip=0.0, val_every=steps, val_batches=1, checkpoint_every=steps,
+                        speed_window=max(1, min(10, steps)))
+    return train_fit(Fit(name, lambda: module, lambda: datamodule, train, val_metrics=("val/loss",)), run_dir, spec)
 
 
-def sl_cai(chat_model: Any, tokenizer: Any, source: Path, settings: SLSettings, seed: int, device: str, precision: str) -> tuple[Any, dict]:
+def sl_cai(chat_model: Any, tokenizer: Any, source: Path, settings: SLSettings, seed: int, run_dir: Path) -> tuple[Any, dict]:
     """(SL-CAI decoder, its data stats): the chat model's full weights fine-tuned on the chat records in `source`
     (responses only), with SFT's module and data (the LoRA arm off; the chat tokens are already in the vocabulary)."""
-    import lightning as L
-
     from datamodules.sft import SFTDataConfig, SFTDataModule
     from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
 
@@ -134,8 +137,7 @@ def sl_cai(chat_model: Any, tokenizer: Any, source: Path, settings: SLSettings, 
     optim = SFTOptimConfig(lr=settings.lr, warmup_steps=min(10, settings.steps // 5))
     module = SFTModule(chat_model.config, optim, settings.steps, LoraSettings(enabled=False))
     module.model.load_state_dict(chat_model.state_dict())
-    L.seed_everything(seed, verbose=False)
-    fit_in_place(_trainer(settings.steps, device, precision), module, datamodule)
+    module = _train(run_dir, "sl-cai", module, datamodule, settings.steps)
     return module.model.eval(), datamodule.stats | {"batch_size": data.batch_size, "trained": 1}
 
 
@@ -149,12 +151,9 @@ def _fit(pair: Any, max_len: int) -> Any:
     return pair
 
 
-def rl_cai(policy: Any, tokenizer: Any, records: list[dict], settings: RLSettings, seed: int, device: str,
-           precision: str) -> tuple[Any, dict]:
+def rl_cai(policy: Any, tokenizer: Any, records: list[dict], settings: RLSettings, seed: int, run_dir: Path) -> tuple[Any, dict]:
     """(RL-CAI decoder, its data stats): DPO (one arm) from `policy` on the AI-labelled `records`, `policy` the reference
     (its log-probs cached on the pairs by the dpo technique's `with_reference`)."""
-    import lightning as L
-
     from datamodules.chat import END
     from datamodules.preference import PreferenceDataConfig, PreferenceDataModule
     from modules.cai import to_pairs
@@ -175,8 +174,7 @@ def rl_cai(policy: Any, tokenizer: Any, records: list[dict], settings: RLSetting
                       warmup_steps=min(10, settings.steps // 5))
     module = DPOModule(policy.config, dpo, settings.steps)
     module.init_from(policy)
-    L.seed_everything(seed, verbose=False)
-    fit_in_place(_trainer(settings.steps, device, precision), module, datamodule)
+    module = _train(run_dir, "rl-cai", module, datamodule, settings.steps)
     return module.arm_model().eval(), datamodule.stats | {"batch_size": batch, "trained": 1}
 
 
@@ -226,11 +224,11 @@ def measure(config: CAIConfig, seed: int, run_dir: Path) -> Findings:
     from modules.cai import build_preference_pairs, build_sl_data, checker_agreement, critique_revise_batch, decoder_generator
     from repro.checkpoints import load_model
     from repro.runner import _load_spec
-    from repro.trainer import on_gpu, resolve_precision
+    from repro.trainer import on_gpu
 
     s = config.cai
     args = _load_spec(run_dir).trainer
-    device, precision = ("cuda" if on_gpu(args) else "cpu"), resolve_precision(args)
+    device = "cuda" if on_gpu(args) else "cpu"
     principles = load_constitution(s.constitution)
     sft_dir = chat_model_stage(config, seed, run_dir)
     chat, tokenizer = load_model(sft_dir, device, arm="full")
@@ -244,7 +242,7 @@ def measure(config: CAIConfig, seed: int, run_dir: Path) -> Findings:
     rows = build_sl_data(texts, chains)
     source = run_dir / "sl_cai.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sl_model, sl_stats = sl_cai(chat, tokenizer, source, s.sl, seed, device, precision)
+    sl_model, sl_stats = sl_cai(chat, tokenizer, source, s.sl, seed, run_dir)
 
     # RL-CAI: two samples of SL-CAI per prompt, labelled by the judge's answer to the principle's question
     sample = lambda offset: decoder_generator(sl_model, tokenizer, s.max_new_tokens, temperature=s.rl.temperature,
@@ -254,7 +252,7 @@ def measure(config: CAIConfig, seed: int, run_dir: Path) -> Findings:
                                      random.Random(f"cai-feedback-{seed}"), s.rl.min_margin)
     (run_dir / "rl_cai_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     agreement, separated = checker_agreement(records, principles)
-    rl_model, rl_stats = rl_cai(sl_model, tokenizer, records, s.rl, seed, device, precision)
+    rl_model, rl_stats = rl_cai(sl_model, tokenizer, records, s.rl, seed, run_dir)
 
     # the same held-out prompts, greedy, for every model
     results, held_responses, helpful = {}, {}, {}
@@ -353,5 +351,6 @@ register(
         config=CAIConfig,
         measure=measure,
         aliases=("constitutional-ai",),
+        distributed=False,
     )
 )

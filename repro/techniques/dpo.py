@@ -26,10 +26,11 @@ from modules.dpo import DPOModule, DPOSettings, reference_logps
 from modules.ppo import PPOConfig, PPOModule
 from reports.claims import check_above, check_below, not_measured
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Findings, Technique, register
+from repro.checkpoints import load_model
+from repro.registry import Findings, Fit, Technique, register
 from repro.techniques.reward import ACCURACY, PREFERENCES, base_of
 from repro.techniques.rlhf import SAMPLES, true_reward_of
-from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization, fit_in_place
+from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
 SOURCE = "DPO (Rafailov et al. 2023), Fig. 2 left"
 
@@ -93,7 +94,6 @@ def with_reference(datamodule: PreferenceDataModule, base: Any, batch: int = 256
 def build(config: DPOConfig, seed: int, stages: dict[str, Path]) -> tuple[DPOModule, PreferenceDataModule]:
     import random
 
-    from repro.checkpoints import load_model
     from repro.config import ConfigError
 
     reward_dir = Path(stages["reward"]).parent.parent
@@ -141,25 +141,32 @@ def undominated(dpo: list[dict[str, float]], ppo: list[dict[str, float]]) -> lis
     return [p for p in ppo if not any(d["kl"] <= p["kl"] and d["reward"] >= p["reward"] for d in dpo)]
 
 
-def _train_ppo(config: DPOConfig, module: DPOModule, datamodule: PreferenceDataModule, target: float, seed: int) -> PPOModule:
-    import lightning as L
-
+def ppo_arms(config: DPOConfig, module: DPOModule, datamodule: PreferenceDataModule, seed: int) -> list[Fit]:
+    """One PPO arm per KL target, each from the base against the true reward on the reward stage's prompts, trained by
+    the runner after the DPO arms."""
     f = config.frontier
-    base = module.reference_model
-    ppo = PPOModule(base.config, replace(f.ppo, kl_target=target), f.ppo_steps, eos_id=None)
-    ppo.init_from(base, None)
-    ppo.true_reward = true_reward_of(datamodule.tokenizer)
+    if datamodule.preferences is None:  # pairs from a file or the hub: no prompts to roll out, no true reward
+        return []
     prompts = datamodule.preferences["prompts"]
-    L.seed_everything(seed, verbose=False)
-    trainer = L.Trainer(max_steps=f.ppo_steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        enable_model_summary=False, accelerator=module.device.type, devices=1, num_sanity_val_steps=0)
-    return fit_in_place(trainer, ppo, PromptDataModule(prompts["train"], prompts["held_out"][:1], f.ppo_batch_size, seed))
+    held_out = prompts["held_out"][: config.data.eval_prompts]  # one validation batch at the end, shared over the ranks
+    train = replace(config.train, max_steps=f.ppo_steps, val_every=f.ppo_steps, val_batches=1)
+
+    def arm(target: float) -> PPOModule:
+        base = load_model(module.base_dir)[0]
+        ppo = PPOModule(base.config, replace(f.ppo, kl_target=target), f.ppo_steps, eos_id=None)
+        ppo.init_from(base, None)
+        ppo.true_reward = true_reward_of(datamodule.tokenizer)
+        return ppo
+
+    return [Fit(f"ppo-kl{target:g}", module=lambda target=target: arm(target),
+                datamodule=lambda: PromptDataModule(prompts["train"], held_out, f.ppo_batch_size, seed),
+                train=train, step_metrics=("train/loss", "ppo/kl", "ppo/true_reward"), val_metrics=("val/kl", "val/true_reward"))
+            for target in f.kl_targets]
 
 
 def findings(config: DPOConfig, final: dict[str, float], module: DPOModule, datamodule: PreferenceDataModule,
-             speed: list[dict[str, float]]) -> Findings:
+             speed: list[dict[str, float]], fits: dict[str, PPOModule]) -> Findings:
     from reports.plots import frontier_plot
-    from repro.checkpoints import load_model
 
     module.reference_model = load_model(module.base_dir, device=module.device)[0]
     evaluator = PPOModule(module.reference_model.config, PPOConfig(reward="true", response_tokens=config.frontier.ppo.response_tokens),
@@ -176,7 +183,7 @@ def findings(config: DPOConfig, final: dict[str, float], module: DPOModule, data
             points[arm.name] = _point(evaluator.evaluate_prompts(prompts, 30_000, SAMPLES, policy=module.arm_model(arm.name)))
             points[arm.name] |= {"kind": kind_of(arm), "beta": arm.beta, "loss": arm.loss, "lora": arm.lora}
         for target in config.frontier.kl_targets:
-            ppo = _train_ppo(config, module, datamodule, target, seed=0)
+            ppo = fits[f"ppo-kl{target:g}"]
             points[f"ppo-kl{target:g}"] = _point(evaluator.evaluate_prompts(prompts, 30_000, SAMPLES, policy=ppo.model))
             points[f"ppo-kl{target:g}"] |= {"kind": "PPO", "kl_target": target}
     # implicit-reward accuracy and log-prob drift on held-out pairs, per arm
@@ -261,6 +268,7 @@ register(
         config=DPOConfig,
         module=DPOModule,
         build=build,
+        fits=ppo_arms,
         findings=findings,
         requires=("reward",),
         eval_tasks=("repro_corpus_ppl",),
