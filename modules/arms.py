@@ -7,6 +7,9 @@ batch, times each arm, and keeps each arm's main loss per step and per validatio
 A subclass says what an arm is (`build_arm`), what it minimises (`arm_loss`), what validation
 measures (`arm_metrics`), and may act after each arm's step (`after_step`).
 
+`step_arm` is the one manual optimizer step of the suite: every module that updates several
+optimizers (or one optimizer several times) per batch steps through it.
+
 `DecoderArms` is the common case: each arm a decoder pretrained on packed blocks, the config of
 the arm (`arm_config`) a variant of one base config, mixture-of-experts layers balanced as
 their config says.
@@ -18,13 +21,51 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
+import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.moe import max_violation, update_biases
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
 from modules.parallel import TechniqueModule
+
+
+def arm_optimizers(module: L.LightningModule) -> list[tuple[LightningOptimizer, LRScheduler | None]]:
+    """A manually optimised module's optimizers (Lightning's wrappers), each with its per-step scheduler
+    (None for all where it configured none), in `configure_optimizers`' order."""
+    optimizers, schedulers = module.optimizers(), module.lr_schedulers()
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+    if schedulers is None:
+        return [(opt, None) for opt in optimizers]
+    schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+    return list(zip(optimizers, schedulers, strict=True))
+
+
+def step_arm(module: L.LightningModule, optimizer: LightningOptimizer, loss: torch.Tensor, grad_clip: float,
+             counts: bool, scheduler: LRScheduler | None = None) -> None:
+    """One update under manual optimisation: zero `optimizer`'s gradients, backpropagate `loss`, clip their
+    norm to `grad_clip` (0: no clipping), step, then step `scheduler` (a per-step schedule) if given.
+
+    Every `step()` of Lightning's wrapped optimizer counts one `trainer.global_step`, the count that
+    max_steps, checkpoints, validation and logging run on. A training step that updates several arms
+    (or one optimizer several times, PPO's minibatches) steps through the wrapper exactly once, the
+    update marked `counts`, so that global_step counts batches, not arms x batches; every other
+    update steps the torch optimizer the wrapper holds (`optimizer.optimizer`). That raw step skips
+    what the precision plugin adds around a step (16-mixed's gradient scaler).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    module.manual_backward(loss)
+    if grad_clip > 0:
+        module.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+    if counts:
+        optimizer.step()
+    else:
+        optimizer.optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
 def key(name: str) -> str:
@@ -129,20 +170,11 @@ class ArmsModule(TechniqueModule):
             torch.cuda.synchronize(self.device)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        for index, (arm, opt, sched) in enumerate(zip(self.arms, optimizers, schedulers)):
+        for index, (arm, (opt, sched)) in enumerate(zip(self.arms, arm_optimizers(self), strict=True)):
             self._sync()
             start = time.perf_counter()
             loss, main, logs = self.arm_loss(arm, batch)
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if self.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-            # the first arm's step is the run's step (global_step counts batches, not arms x batches)
-            opt.step() if index == 0 else opt.optimizer.step()
-            sched.step()
+            step_arm(self, opt, loss, self.grad_clip, counts=index == 0, scheduler=sched)  # the first arm's step counts
             self.after_step(arm)
             self._sync()
             self.arm_seconds[arm.name] += time.perf_counter() - start

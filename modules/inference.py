@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
+from modules.arms import arm_optimizers, step_arm
 from modules.nn.eagle import EagleConfig, EagleHead, fusion_layers
 from modules.parallel import TechniqueModule
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
@@ -88,15 +89,8 @@ class InferenceModule(TechniqueModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         losses = self.drafter_losses(batch)
-        for index, (name, optimizer, schedule) in enumerate(zip(DRAFTERS, self.optimizers(), self.lr_schedulers())):
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(losses[name])
-            if self.settings.grad_clip > 0:
-                self.clip_gradients(optimizer, gradient_clip_val=self.settings.grad_clip, gradient_clip_algorithm="norm")
-            # the draft's step is the run's step: the head steps the optimizer Lightning wraps, so that
-            # global_step (max_steps, checkpoints, logging) counts batches, not drafters x batches
-            optimizer.step() if index == 0 else optimizer.optimizer.step()
-            schedule.step()
+        for name, (optimizer, schedule) in zip(DRAFTERS, arm_optimizers(self), strict=True):
+            step_arm(self, optimizer, losses[name], self.settings.grad_clip, counts=name == "draft", scheduler=schedule)
         self.log_dict({f"train/{name}_loss": loss.detach() for name, loss in losses.items()})
         self.log("train/loss", losses["draft"].detach())
 

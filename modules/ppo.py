@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
+from modules.arms import step_arm
 from modules.reward import RewardModel
 from modules.parallel import TechniqueModule
 
@@ -287,13 +288,8 @@ class PPOModule(TechniqueModule):
             m = mask[rows]
             pg, clip_frac, approx_kl = policy_loss(logp, rollout["logp"][rows], advantages[rows], m, c.clip)
             vf, _ = value_loss(values, rollout["values"][rows], returns[rows], m, c.value_clip)
-            loss = pg + c.vf_coef * vf
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if c.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=c.grad_clip, gradient_clip_algorithm="norm")
-            # one global step per PPO iteration: the wrapped step (which counts) closes the iteration
-            opt.step() if update == len(minibatches) - 1 else opt.optimizer.step()
+            # one global step per PPO iteration: the last minibatch's update counts
+            step_arm(self, opt, pg + c.vf_coef * vf, c.grad_clip, counts=update == len(minibatches) - 1)
             with torch.no_grad():
                 probs = logits.float().softmax(-1)
                 entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)

@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from datamodules.chat import IGNORE
+from modules.arms import arm_optimizers, step_arm
 from modules.nn import Decoder, DecoderConfig
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
 from modules.parallel import TechniqueModule
@@ -169,20 +170,10 @@ class SFTModule(TechniqueModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids, labels = batch["ids"], batch["labels"]
-        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        for (arm, model), opt, sched in zip(self.arms.items(), optimizers, schedulers):
+        for (arm, model), (opt, sched) in zip(self.arms.items(), arm_optimizers(self), strict=True):
             start = time.perf_counter()
             loss = response_loss(model, ids[:, :-1], labels[:, 1:])
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if self.optim.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
-            # the full arm's step is the run's step: the LoRA arm steps the optimizer Lightning wraps,
-            # so that global_step (max_steps, checkpoints, logging) counts batches, not arms x batches
-            opt.step() if arm == "full" else opt.optimizer.step()
-            sched.step()
+            step_arm(self, opt, loss, self.optim.grad_clip, counts=arm == "full", scheduler=sched)  # the full arm's step counts
             if ids.is_cuda:
                 torch.cuda.synchronize(ids.device)
             self.seconds[arm] += time.perf_counter() - start
