@@ -100,20 +100,28 @@ class ConfigArm:
 
 
 class ArmsModule(TechniqueModule):
-    """Base of multi-arm techniques; `self.arms` has `.name`; `model` is the first arm's decoder."""
+    """Base of multi-arm techniques; `self.arms` has `.name`; `model` is the first arm's decoder.
+
+    `optim` is every arm's AdamW and schedule (warmup, cosine to `min_lr_ratio`); `grad_clip` (0: none)
+    clips each arm's gradient norm.
+    """
+
+    # the attribute holding the arms' decoders (a ModuleDict keyed by `key(name)`), so the prefix of their
+    # state_dict keys: a subclass whose checkpoints predate this base keeps its own name
+    decoders_attr = "decoders"
 
     def __init__(self, arms: list[Any], optim: OptimConfig, max_steps: int, grad_clip: float) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.arms, self.optim, self.max_steps, self.grad_clip = arms, optim, max_steps, grad_clip
-        self.decoders = torch.nn.ModuleDict()
+        setattr(self, self.decoders_attr, torch.nn.ModuleDict())  # filled arm by arm: `build_arm` sees the earlier ones
         self.extras = torch.nn.ModuleDict()  # per arm, trained modules beside its decoder (MTP heads)
         for arm in arms:
             decoder, extra = self.build_arm(arm)
-            self.decoders[key(arm.name)] = decoder
+            self._decoders()[key(arm.name)] = decoder
             if extra is not None:
                 self.extras[key(arm.name)] = extra
-        self.model = self.decoders[key(arms[0].name)]
+        self.model = self.decoder(arms[0].name)
         self.val_metrics = torch.nn.ModuleDict()  # "<arm>__<metric>" -> MeanMetric, made on first use
         self.arm_seconds = {a.name: 0.0 for a in arms}  # training time per arm (forward, backward, step)
         # per arm: (step, main loss) of every training step and every validation, for the report's curves
@@ -134,11 +142,27 @@ class ArmsModule(TechniqueModule):
     def after_step(self, arm: Any) -> None:
         """Called after each optimizer step of `arm`."""
 
+    def arm_optimizer(self, arm: Any) -> torch.optim.Optimizer:
+        """AdamW over the arm's decoder and extra modules, weight decay on matrices only."""
+        o = self.optim
+        params = list(self.decoder(arm.name).parameters())
+        extra = self.extra(arm.name)
+        params += list(extra.parameters()) if extra is not None else []
+        return torch.optim.AdamW(decay_groups(params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+    def val_summary(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The run's headline validation values from the first arm's (`values`, by `arm_metrics` name)."""
+        return {"val/loss": values["loss"], "val/ppl": values["loss"].exp()}
+
     # shared machinery
+    def _decoders(self) -> torch.nn.ModuleDict:
+        return getattr(self, self.decoders_attr)
+
     def decoder(self, name: str) -> Decoder:
-        if key(name) not in self.decoders:
+        decoders = self._decoders()
+        if key(name) not in decoders:
             raise ValueError(f"no arm {name!r}; this run has {', '.join(a.name for a in self.arms)}")
-        return self.decoders[key(name)]
+        return decoders[key(name)]
 
     def extra(self, name: str) -> torch.nn.Module | None:
         self.decoder(name)
@@ -195,25 +219,22 @@ class ArmsModule(TechniqueModule):
         for index, arm in enumerate(self.arms):
             values = {}
             for slot, metric in self.val_metrics.items():
-                arm_key, name = slot.split("__", 1)
+                arm_key, name = slot.rsplit("__", 1)  # metric names are the code's; an arm's name may hold "__"
                 if arm_key == key(arm.name) and metric.update_called:
-                    values[f"val/{arm.name}/{name}"] = metric.compute()
+                    values[name] = metric.compute()
                     metric.reset()
-            self.log_dict(values)
-            loss = values.get(f"val/{arm.name}/loss")
+            self.log_dict({f"val/{arm.name}/{name}": value for name, value in values.items()})
+            loss = values.get("loss")
             if loss is not None and not self.trainer.sanity_checking:
                 self.curves[arm.name]["val/loss"].append((self.global_step, float(loss)))
             if index == 0 and loss is not None:
-                self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
+                self.log_dict(self.val_summary(values), prog_bar=True)
 
     def configure_optimizers(self) -> tuple[list, list]:
         o = self.optim
         optimizers, schedulers = [], []
         for arm in self.arms:
-            params = list(self.decoder(arm.name).parameters())
-            extra = self.extra(arm.name)
-            params += list(extra.parameters()) if extra is not None else []
-            opt = torch.optim.AdamW(decay_groups(params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            opt = self.arm_optimizer(arm)
             optimizers.append(opt)
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: warmup_cosine(step, o.warmup_steps, self.max_steps, o.min_lr_ratio))

@@ -80,3 +80,25 @@ def test_gradient_norm_is_clipped_before_the_step() -> None:
         # SGD at lr 0.1 moves by 0.1 x the gradient, whose norm is clipped to 1e-3
         assert moved.norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-4)
 
+
+def test_dpo_arms_keep_their_checkpoint_keys_and_headline_metrics() -> None:
+    """DPO's arms are an ArmsModule's: their weights stay under policies.<arm> (and model., the first arm),
+    and validation's headline is loss and accuracy."""
+    from modules.dpo import DPOModule, DPOSettings
+
+    config = {"vocab_size": 32, "block_size": 12, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    arms = [{"name": "dpo-b0.1", "loss": "dpo"}, {"name": "ipo", "loss": "ipo", "lora": True}]
+    module = DPOModule(config, DPOSettings(arms=arms), max_steps=2)
+    assert {k.split(".")[0] for k in module.state_dict()} == {"policies", "model"}
+    assert {k.split(".")[1] for k in module.state_dict() if k.startswith("policies.")} == {"dpo-b0_1", "ipo"}
+    logged: dict[str, torch.Tensor] = {}
+    module.log_dict = lambda values, **_: logged.update(values)
+    torch.manual_seed(0)
+    batch = {"ids": torch.randint(1, 32, (4, 10)), "last": torch.tensor([9, 8, 9, 7]), "prompt_len": torch.tensor([3, 3, 4, 4])}
+    batch["ref_logps"] = torch.zeros(4)
+    module.trainer = L.Trainer(logger=False, accelerator="cpu")  # on_validation_epoch_end reads sanity_checking
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+        module.on_validation_epoch_end()
+    assert set(logged) == {"val/dpo-b0.1/loss", "val/dpo-b0.1/accuracy", "val/ipo/loss", "val/ipo/accuracy", "val/loss", "val/accuracy"}
+    torch.testing.assert_close(logged["val/loss"], logged["val/dpo-b0.1/loss"])
