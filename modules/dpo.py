@@ -21,6 +21,7 @@ optionally LoRA) from the same base on the same batches, each with its own AdamW
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,11 +135,16 @@ class DPOSettings:
 
 
 class DPOModule(ArmsModule):
-    """Batches from `collate_pairs` with `ref_logps`; `model` is the first arm's decoder (for lm-eval and generation)."""
+    """Batches from `collate_pairs` with `ref_logps`; `model` is the first arm's decoder (for lm-eval and generation).
+
+    `base_dir` and `reward_dir` name the runs the base policy and the pairs came from, for the report;
+    they are not hyperparameters (a checkpoint rebuilds its module without them).
+    """
 
     decoders_attr = "policies"  # DPO's checkpoints hold policies.<arm>.*
 
-    def __init__(self, model: dict[str, Any] | DecoderConfig, dpo: dict[str, Any] | DPOSettings, max_steps: int) -> None:
+    def __init__(self, model: dict[str, Any] | DecoderConfig, dpo: dict[str, Any] | DPOSettings, max_steps: int,
+                 base_dir: Path | None = None, reward_dir: Path | None = None) -> None:
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         dpo = asdict(dpo) if isinstance(dpo, DPOSettings) else dict(dpo)
         self.settings, self.config = DPOSettings(**dpo), DecoderConfig(**model)
@@ -148,6 +154,7 @@ class DPOModule(ArmsModule):
                             beta1=0.9, beta2=0.95)
         super().__init__([Arm(**a) for a in s.arms], optim, max_steps, s.grad_clip)
         self.save_hyperparameters({"model": model, "dpo": dpo, "max_steps": max_steps})
+        self.base_dir, self.reward_dir = base_dir, reward_dir
 
     def build_arm(self, arm: Arm) -> tuple[Decoder, None]:
         decoder = Decoder(self.config)

@@ -11,14 +11,15 @@ measured after training (`repro/techniques/inference.py`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from modules.nn import Decoder, DecoderConfig
 from modules.arms import arm_optimizers, step_arm
+from modules.nn import Decoder, DecoderConfig
 from modules.nn.eagle import EagleConfig, EagleHead, fusion_layers
 from modules.parallel import TechniqueModule
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
@@ -60,7 +61,7 @@ class InferenceModule(TechniqueModule):
     loss is `val/eagle_loss`)."""
 
     def __init__(self, model: DecoderConfig | dict, optim: OptimConfig | dict, drafters: DrafterSettings | dict,
-                 max_steps: int) -> None:
+                 max_steps: int, base_dir: Path | None = None) -> None:
         super().__init__()
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         optim = asdict(optim) if isinstance(optim, OptimConfig) else dict(optim)
@@ -73,6 +74,7 @@ class InferenceModule(TechniqueModule):
         self.draft = Decoder(self.settings.draft_config(self.target.config))
         self.eagle = EagleHead(self.target.config, self.settings.eagle_config(self.target.config))
         self.val_loss = torch.nn.ModuleDict({name: MeanMetric() for name in DRAFTERS})
+        self.base_dir = base_dir  # the target's pretrain run (its tokenizer, for the report's scores); not a hyperparameter
 
     @property
     def model(self) -> Decoder:

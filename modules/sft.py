@@ -115,7 +115,8 @@ class SFTModule(TechniqueModule):
     """Batches {"ids", "labels"} (B, T); next-token loss on labels != IGNORE, for each arm."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | SFTOptimConfig, max_steps: int,
-                 lora: dict[str, Any] | LoraSettings | None = None, new_tokens: list[int] | None = None) -> None:
+                 lora: dict[str, Any] | LoraSettings | None = None, new_tokens: list[int] | None = None,
+                 base_dir: Path | None = None) -> None:
         super().__init__()
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         optim = asdict(optim) if isinstance(optim, SFTOptimConfig) else dict(optim)
@@ -141,6 +142,7 @@ class SFTModule(TechniqueModule):
         self.arms = {"full": self.model, **({"lora": self.lora_model} if self.lora_model is not None else {})}
         self.val_loss = torch.nn.ModuleDict({arm: MeanMetric() for arm in self.arms})
         self.seconds = dict.fromkeys(self.arms, 0.0)  # training time of each arm, forward + backward + step
+        self.base_dir = base_dir  # the pretrain run both arms start from, for the report's base scores; not a hyperparameter
 
     def init_from_base(self, base: Decoder, new_rows: dict[int, list[int]]) -> None:
         """Both arms start from `base`'s weights; each id in `new_rows` (a token the base lacks) starts as the
