@@ -7,6 +7,9 @@ batch, times each arm, and keeps each arm's main loss per step and per validatio
 A subclass says what an arm is (`build_arm`), what it minimises (`arm_loss`), what validation
 measures (`arm_metrics`), and may act after each arm's step (`after_step`).
 
+`step_arm` is the one manual optimizer step of the suite: every module that updates several
+optimizers (or one optimizer several times) per batch steps through it.
+
 `DecoderArms` is the common case: each arm a decoder pretrained on packed blocks, the config of
 the arm (`arm_config`) a variant of one base config, mixture-of-experts layers balanced as
 their config says.
@@ -18,13 +21,51 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
+import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.moe import max_violation, update_biases
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
 from modules.parallel import TechniqueModule
+
+
+def arm_optimizers(module: L.LightningModule) -> list[tuple[LightningOptimizer, LRScheduler | None]]:
+    """A manually optimised module's optimizers (Lightning's wrappers), each with its per-step scheduler
+    (None for all where it configured none), in `configure_optimizers`' order."""
+    optimizers, schedulers = module.optimizers(), module.lr_schedulers()
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+    if schedulers is None:
+        return [(opt, None) for opt in optimizers]
+    schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+    return list(zip(optimizers, schedulers, strict=True))
+
+
+def step_arm(module: L.LightningModule, optimizer: LightningOptimizer, loss: torch.Tensor, grad_clip: float,
+             counts: bool, scheduler: LRScheduler | None = None) -> None:
+    """One update under manual optimisation: zero `optimizer`'s gradients, backpropagate `loss`, clip their
+    norm to `grad_clip` (0: no clipping), step, then step `scheduler` (a per-step schedule) if given.
+
+    Every `step()` of Lightning's wrapped optimizer counts one `trainer.global_step`, the count that
+    max_steps, checkpoints, validation and logging run on. A training step that updates several arms
+    (or one optimizer several times, PPO's minibatches) steps through the wrapper exactly once, the
+    update marked `counts`, so that global_step counts batches, not arms x batches; every other
+    update steps the torch optimizer the wrapper holds (`optimizer.optimizer`). That raw step skips
+    what the precision plugin adds around a step (16-mixed's gradient scaler).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    module.manual_backward(loss)
+    if grad_clip > 0:
+        module.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+    if counts:
+        optimizer.step()
+    else:
+        optimizer.optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
 def key(name: str) -> str:
@@ -59,20 +100,28 @@ class ConfigArm:
 
 
 class ArmsModule(TechniqueModule):
-    """Base of multi-arm techniques; `self.arms` has `.name`; `model` is the first arm's decoder."""
+    """Base of multi-arm techniques; `self.arms` has `.name`; `model` is the first arm's decoder.
+
+    `optim` is every arm's AdamW and schedule (warmup, cosine to `min_lr_ratio`); `grad_clip` (0: none)
+    clips each arm's gradient norm.
+    """
+
+    # the attribute holding the arms' decoders (a ModuleDict keyed by `key(name)`), so the prefix of their
+    # state_dict keys: a subclass whose checkpoints predate this base keeps its own name
+    decoders_attr = "decoders"
 
     def __init__(self, arms: list[Any], optim: OptimConfig, max_steps: int, grad_clip: float) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.arms, self.optim, self.max_steps, self.grad_clip = arms, optim, max_steps, grad_clip
-        self.decoders = torch.nn.ModuleDict()
+        setattr(self, self.decoders_attr, torch.nn.ModuleDict())  # filled arm by arm: `build_arm` sees the earlier ones
         self.extras = torch.nn.ModuleDict()  # per arm, trained modules beside its decoder (MTP heads)
         for arm in arms:
             decoder, extra = self.build_arm(arm)
-            self.decoders[key(arm.name)] = decoder
+            self._decoders()[key(arm.name)] = decoder
             if extra is not None:
                 self.extras[key(arm.name)] = extra
-        self.model = self.decoders[key(arms[0].name)]
+        self.model = self.decoder(arms[0].name)
         self.val_metrics = torch.nn.ModuleDict()  # "<arm>__<metric>" -> MeanMetric, made on first use
         self.arm_seconds = {a.name: 0.0 for a in arms}  # training time per arm (forward, backward, step)
         # per arm: (step, main loss) of every training step and every validation, for the report's curves
@@ -93,11 +142,27 @@ class ArmsModule(TechniqueModule):
     def after_step(self, arm: Any) -> None:
         """Called after each optimizer step of `arm`."""
 
+    def arm_optimizer(self, arm: Any) -> torch.optim.Optimizer:
+        """AdamW over the arm's decoder and extra modules, weight decay on matrices only."""
+        o = self.optim
+        params = list(self.decoder(arm.name).parameters())
+        extra = self.extra(arm.name)
+        params += list(extra.parameters()) if extra is not None else []
+        return torch.optim.AdamW(decay_groups(params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+    def val_summary(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The run's headline validation values from the first arm's (`values`, by `arm_metrics` name)."""
+        return {"val/loss": values["loss"], "val/ppl": values["loss"].exp()}
+
     # shared machinery
+    def _decoders(self) -> torch.nn.ModuleDict:
+        return getattr(self, self.decoders_attr)
+
     def decoder(self, name: str) -> Decoder:
-        if key(name) not in self.decoders:
+        decoders = self._decoders()
+        if key(name) not in decoders:
             raise ValueError(f"no arm {name!r}; this run has {', '.join(a.name for a in self.arms)}")
-        return self.decoders[key(name)]
+        return decoders[key(name)]
 
     def extra(self, name: str) -> torch.nn.Module | None:
         self.decoder(name)
@@ -129,20 +194,11 @@ class ArmsModule(TechniqueModule):
             torch.cuda.synchronize(self.device)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        for index, (arm, opt, sched) in enumerate(zip(self.arms, optimizers, schedulers)):
+        for index, (arm, (opt, sched)) in enumerate(zip(self.arms, arm_optimizers(self), strict=True)):
             self._sync()
             start = time.perf_counter()
             loss, main, logs = self.arm_loss(arm, batch)
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if self.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-            # the first arm's step is the run's step (global_step counts batches, not arms x batches)
-            opt.step() if index == 0 else opt.optimizer.step()
-            sched.step()
+            step_arm(self, opt, loss, self.grad_clip, counts=index == 0, scheduler=sched)  # the first arm's step counts
             self.after_step(arm)
             self._sync()
             self.arm_seconds[arm.name] += time.perf_counter() - start
@@ -163,25 +219,22 @@ class ArmsModule(TechniqueModule):
         for index, arm in enumerate(self.arms):
             values = {}
             for slot, metric in self.val_metrics.items():
-                arm_key, name = slot.split("__", 1)
+                arm_key, name = slot.rsplit("__", 1)  # metric names are the code's; an arm's name may hold "__"
                 if arm_key == key(arm.name) and metric.update_called:
-                    values[f"val/{arm.name}/{name}"] = metric.compute()
+                    values[name] = metric.compute()
                     metric.reset()
-            self.log_dict(values)
-            loss = values.get(f"val/{arm.name}/loss")
+            self.log_dict({f"val/{arm.name}/{name}": value for name, value in values.items()})
+            loss = values.get("loss")
             if loss is not None and not self.trainer.sanity_checking:
                 self.curves[arm.name]["val/loss"].append((self.global_step, float(loss)))
             if index == 0 and loss is not None:
-                self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
+                self.log_dict(self.val_summary(values), prog_bar=True)
 
     def configure_optimizers(self) -> tuple[list, list]:
         o = self.optim
         optimizers, schedulers = [], []
         for arm in self.arms:
-            params = list(self.decoder(arm.name).parameters())
-            extra = self.extra(arm.name)
-            params += list(extra.parameters()) if extra is not None else []
-            opt = torch.optim.AdamW(decay_groups(params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            opt = self.arm_optimizer(arm)
             optimizers.append(opt)
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: warmup_cosine(step, o.warmup_steps, self.max_steps, o.min_lr_ratio))

@@ -14,23 +14,24 @@ Each loss is a pure function of sequence log-probabilities of the chosen and the
 The reference's log-probabilities are computed once per pair before training and travel with the
 batch (`ref_logps`): the reference never changes, so a frozen copy would recompute the same numbers
 every epoch and hold another model in memory. `DPOModule` trains several arms (a loss and its beta,
-optionally LoRA) from the same base on the same batches, each with its own AdamW.
+optionally LoRA) from the same base on the same batches, each with its own AdamW: an `ArmsModule`
+(`modules/arms.py`) whose arms are policies.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
 
-from modules.arms import check_arm_names, key
+from modules.arms import ArmsModule, check_arm_names
 from modules.nn import Decoder, DecoderConfig
 from modules.ppo import response_logprobs
+from modules.pretrain import OptimConfig
 from modules.sft import LoraSettings, with_lora
-from modules.parallel import TechniqueModule
 
 LOSSES = ("dpo", "ipo", "simpo")
 
@@ -133,30 +134,42 @@ class DPOSettings:
         self.arms = [asdict(a) for a in arms]
 
 
-class DPOModule(TechniqueModule):
-    """Batches from `collate_pairs` with `ref_logps`; `model` is the first arm's decoder (for lm-eval and generation)."""
+class DPOModule(ArmsModule):
+    """Batches from `collate_pairs` with `ref_logps`; `model` is the first arm's decoder (for lm-eval and generation).
 
-    def __init__(self, model: dict[str, Any] | DecoderConfig, dpo: dict[str, Any] | DPOSettings, max_steps: int) -> None:
-        super().__init__()
+    `base_dir` and `reward_dir` name the runs the base policy and the pairs came from, for the report;
+    they are not hyperparameters (a checkpoint rebuilds its module without them).
+    """
+
+    decoders_attr = "policies"  # DPO's checkpoints hold policies.<arm>.*
+
+    def __init__(self, model: dict[str, Any] | DecoderConfig, dpo: dict[str, Any] | DPOSettings, max_steps: int,
+                 base_dir: Path | None = None, reward_dir: Path | None = None) -> None:
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         dpo = asdict(dpo) if isinstance(dpo, DPOSettings) else dict(dpo)
+        self.settings, self.config = DPOSettings(**dpo), DecoderConfig(**model)
+        s = self.settings
+        # every arm's schedule: warmup, then cosine to a tenth of its rate; its AdamW is `arm_optimizer`'s
+        optim = OptimConfig(lr=s.lr, min_lr_ratio=0.1, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
+                            beta1=0.9, beta2=0.95)
+        super().__init__([Arm(**a) for a in s.arms], optim, max_steps, s.grad_clip)
         self.save_hyperparameters({"model": model, "dpo": dpo, "max_steps": max_steps})
-        self.automatic_optimization = False
-        self.settings, self.max_steps = DPOSettings(**dpo), max_steps
-        self.arms = [Arm(**a) for a in self.settings.arms]
-        config = DecoderConfig(**model)
-        # module names cannot hold ".": arms are keyed by `key(name)`
-        self.policies = torch.nn.ModuleDict(
-            {key(arm.name): with_lora(Decoder(config), self.settings.lora) if arm.lora else Decoder(config) for arm in self.arms})
-        self.model = self.policies[key(self.arms[0].name)]
-        self.val_loss = torch.nn.ModuleDict({key(arm.name): MeanMetric() for arm in self.arms})
-        self.val_accuracy = torch.nn.ModuleDict({key(arm.name): MeanMetric() for arm in self.arms})
+        self.base_dir, self.reward_dir = base_dir, reward_dir
+
+    def build_arm(self, arm: Arm) -> tuple[Decoder, None]:
+        decoder = Decoder(self.config)
+        return (with_lora(decoder, self.settings.lora) if arm.lora else decoder), None
+
+    def arm_optimizer(self, arm: Arm) -> torch.optim.Optimizer:
+        """AdamW over the arm's trained parameters (LoRA arms: the adapters, at `lora_lr`), one weight decay for all."""
+        o = self.optim
+        params = [p for p in self.decoder(arm.name).parameters() if p.requires_grad]
+        lr = self.settings.lora_lr if arm.lora else o.lr
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
 
     def policy(self, name: str) -> Decoder:
         """The decoder of the arm named `name` (trained form: LoRA arms keep their adapters)."""
-        if key(name) not in self.policies:
-            raise ValueError(f"no arm {name!r}; this run has {', '.join(a.name for a in self.arms)}")
-        return self.policies[key(name)]
+        return self.decoder(name)
 
     def init_from(self, base: Decoder) -> None:
         state = base.state_dict()
@@ -191,50 +204,14 @@ class DPOModule(TechniqueModule):
                  "logp_chosen": chosen.mean(), "logp_rejected": rejected.mean()}
         return loss, {k: v.detach() for k, v in stats.items()}
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        for index, (arm, opt, sched) in enumerate(zip(self.arms, optimizers, schedulers)):
-            loss, stats = self._arm_terms(arm, batch)
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if self.settings.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.settings.grad_clip, gradient_clip_algorithm="norm")
-            # the first arm's step is the run's step (global_step counts batches, not arms x batches)
-            opt.step() if index == 0 else opt.optimizer.step()
-            sched.step()
-            self.log_dict({f"{arm.name}/loss": loss.detach(), **{f"{arm.name}/{k}": v for k, v in stats.items()}})
-            if index == 0:
-                self.log("train/loss", loss.detach())
+    def arm_loss(self, arm: Arm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        loss, stats = self._arm_terms(arm, batch)
+        return loss, loss, stats
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def arm_metrics(self, arm: Arm, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
         pairs = batch["ids"].shape[0] // 2
-        for arm in self.arms:
-            loss, stats = self._arm_terms(arm, batch)
-            self.val_loss[key(arm.name)].update(loss, weight=pairs)
-            self.val_accuracy[key(arm.name)].update(stats["accuracy"], weight=pairs)
+        loss, stats = self._arm_terms(arm, batch)
+        return {"loss": (loss, pairs), "accuracy": (stats["accuracy"], pairs)}
 
-    def on_validation_epoch_end(self) -> None:
-        for index, arm in enumerate(self.arms):
-            loss, accuracy = self.val_loss[key(arm.name)].compute(), self.val_accuracy[key(arm.name)].compute()
-            self.val_loss[key(arm.name)].reset()
-            self.val_accuracy[key(arm.name)].reset()
-            self.log_dict({f"val/{arm.name}/loss": loss, f"val/{arm.name}/accuracy": accuracy})
-            if index == 0:
-                self.log_dict({"val/loss": loss, "val/accuracy": accuracy}, prog_bar=True)
-
-    def configure_optimizers(self) -> tuple[list, list]:
-        from torch.optim.lr_scheduler import LambdaLR
-
-        from modules.pretrain import warmup_cosine
-
-        s = self.settings
-        optimizers, schedulers = [], []
-        for arm in self.arms:
-            params = [p for p in self.policy(arm.name).parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=s.lora_lr if arm.lora else s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95))
-            optimizers.append(opt)
-            schedule = LambdaLR(opt, lambda step: warmup_cosine(step, s.warmup_steps, self.max_steps, 0.1))
-            schedulers.append({"scheduler": schedule, "interval": "step"})
-        return optimizers, schedulers
+    def val_summary(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"val/loss": values["loss"], "val/accuracy": values["accuracy"]}

@@ -11,12 +11,14 @@ measured after training (`repro/techniques/inference.py`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from modules.arms import arm_optimizers, step_arm
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.eagle import EagleConfig, EagleHead, fusion_layers
 from modules.parallel import TechniqueModule
@@ -59,7 +61,7 @@ class InferenceModule(TechniqueModule):
     loss is `val/eagle_loss`)."""
 
     def __init__(self, model: DecoderConfig | dict, optim: OptimConfig | dict, drafters: DrafterSettings | dict,
-                 max_steps: int) -> None:
+                 max_steps: int, base_dir: Path | None = None) -> None:
         super().__init__()
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         optim = asdict(optim) if isinstance(optim, OptimConfig) else dict(optim)
@@ -72,6 +74,7 @@ class InferenceModule(TechniqueModule):
         self.draft = Decoder(self.settings.draft_config(self.target.config))
         self.eagle = EagleHead(self.target.config, self.settings.eagle_config(self.target.config))
         self.val_loss = torch.nn.ModuleDict({name: MeanMetric() for name in DRAFTERS})
+        self.base_dir = base_dir  # the target's pretrain run (its tokenizer, for the report's scores); not a hyperparameter
 
     @property
     def model(self) -> Decoder:
@@ -88,15 +91,8 @@ class InferenceModule(TechniqueModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         losses = self.drafter_losses(batch)
-        for index, (name, optimizer, schedule) in enumerate(zip(DRAFTERS, self.optimizers(), self.lr_schedulers())):
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(losses[name])
-            if self.settings.grad_clip > 0:
-                self.clip_gradients(optimizer, gradient_clip_val=self.settings.grad_clip, gradient_clip_algorithm="norm")
-            # the draft's step is the run's step: the head steps the optimizer Lightning wraps, so that
-            # global_step (max_steps, checkpoints, logging) counts batches, not drafters x batches
-            optimizer.step() if index == 0 else optimizer.optimizer.step()
-            schedule.step()
+        for name, (optimizer, schedule) in zip(DRAFTERS, arm_optimizers(self), strict=True):
+            step_arm(self, optimizer, losses[name], self.settings.grad_clip, counts=name == "draft", scheduler=schedule)
         self.log_dict({f"train/{name}_loss": loss.detach() for name, loss in losses.items()})
         self.log("train/loss", losses["draft"].detach())
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from modules.arms import step_arm
 from modules.nn import Decoder, DecoderConfig
 from modules.reward import RewardModel
 from modules.parallel import TechniqueModule
@@ -178,7 +180,8 @@ class PPOModule(TechniqueModule):
     """Batches {"prompt" (B, P)} of equal-length prompts; `model` is the policy decoder (for lm-eval and generation)."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, ppo: dict[str, Any] | PPOConfig, max_steps: int,
-                 eos_id: int | None = None) -> None:
+                 eos_id: int | None = None, true_reward: Callable[[list[list[int]]], list[float]] | None = None,
+                 base_dir: Path | None = None, reward_dir: Path | None = None) -> None:
         super().__init__()
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         ppo = asdict(ppo) if isinstance(ppo, PPOConfig) else dict(ppo)
@@ -190,7 +193,9 @@ class PPOModule(TechniqueModule):
         self.model = self.policy.decoder
         self.reference = Decoder(config).requires_grad_(False)
         self.reward_model = RewardModel(config).requires_grad_(False) if self.ppo.reward == "model" else None
-        self.true_reward: Callable[[list[list[int]]], list[float]] | None = None  # set by the technique: token rows -> rewards
+        self.true_reward = true_reward  # token rows -> ground-truth rewards (for ppo.reward=true, and to report)
+        # the runs the policy and the reward model came from, for the report; like `true_reward`, not hyperparameters
+        self.base_dir, self.reward_dir = base_dir, reward_dir
         self.register_buffer("kl_coef", torch.tensor(self.ppo.init_kl_coef, dtype=torch.float64))
         # the reward model's score is used as (score - shift) / scale: set by `normalize_scores` so that the
         # reference policy's samples score 0 +- 1 and the KL coefficient is in units of that spread
@@ -287,13 +292,8 @@ class PPOModule(TechniqueModule):
             m = mask[rows]
             pg, clip_frac, approx_kl = policy_loss(logp, rollout["logp"][rows], advantages[rows], m, c.clip)
             vf, _ = value_loss(values, rollout["values"][rows], returns[rows], m, c.value_clip)
-            loss = pg + c.vf_coef * vf
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if c.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=c.grad_clip, gradient_clip_algorithm="norm")
-            # one global step per PPO iteration: the wrapped step (which counts) closes the iteration
-            opt.step() if update == len(minibatches) - 1 else opt.optimizer.step()
+            # one global step per PPO iteration: the last minibatch's update counts
+            step_arm(self, opt, pg + c.vf_coef * vf, c.grad_clip, counts=update == len(minibatches) - 1)
             with torch.no_grad():
                 probs = logits.float().softmax(-1)
                 entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)

@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from datamodules.chat import IGNORE
+from modules.arms import arm_optimizers, step_arm
 from modules.nn import Decoder, DecoderConfig
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
 from modules.parallel import TechniqueModule
@@ -114,7 +115,8 @@ class SFTModule(TechniqueModule):
     """Batches {"ids", "labels"} (B, T); next-token loss on labels != IGNORE, for each arm."""
 
     def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | SFTOptimConfig, max_steps: int,
-                 lora: dict[str, Any] | LoraSettings | None = None, new_tokens: list[int] | None = None) -> None:
+                 lora: dict[str, Any] | LoraSettings | None = None, new_tokens: list[int] | None = None,
+                 base_dir: Path | None = None) -> None:
         super().__init__()
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         optim = asdict(optim) if isinstance(optim, SFTOptimConfig) else dict(optim)
@@ -140,6 +142,7 @@ class SFTModule(TechniqueModule):
         self.arms = {"full": self.model, **({"lora": self.lora_model} if self.lora_model is not None else {})}
         self.val_loss = torch.nn.ModuleDict({arm: MeanMetric() for arm in self.arms})
         self.seconds = dict.fromkeys(self.arms, 0.0)  # training time of each arm, forward + backward + step
+        self.base_dir = base_dir  # the pretrain run both arms start from, for the report's base scores; not a hyperparameter
 
     def init_from_base(self, base: Decoder, new_rows: dict[int, list[int]]) -> None:
         """Both arms start from `base`'s weights; each id in `new_rows` (a token the base lacks) starts as the
@@ -169,20 +172,10 @@ class SFTModule(TechniqueModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids, labels = batch["ids"], batch["labels"]
-        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        for (arm, model), opt, sched in zip(self.arms.items(), optimizers, schedulers):
+        for (arm, model), (opt, sched) in zip(self.arms.items(), arm_optimizers(self), strict=True):
             start = time.perf_counter()
             loss = response_loss(model, ids[:, :-1], labels[:, 1:])
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if self.optim.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
-            # the full arm's step is the run's step: the LoRA arm steps the optimizer Lightning wraps,
-            # so that global_step (max_steps, checkpoints, logging) counts batches, not arms x batches
-            opt.step() if arm == "full" else opt.optimizer.step()
-            sched.step()
+            step_arm(self, opt, loss, self.optim.grad_clip, counts=arm == "full", scheduler=sched)  # the full arm's step counts
             if ids.is_cuda:
                 torch.cuda.synchronize(ids.device)
             self.seconds[arm] += time.perf_counter() - start

@@ -202,3 +202,27 @@ def test_tensors_and_plain_data_pass(tmp_path: Path) -> None:
     path = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"model": {"n_layer": 2}}, "curves": [(1, 0.5)]}, path)
     assert check_weights_only(path) == path
+
+
+def test_run_context_given_to_a_constructor_stays_out_of_the_hyperparameters(tmp_path: Path) -> None:
+    """Where a base run lives and the true reward (a function) are constructor arguments, not hyperparameters:
+    a Path or a callable among the saved hyperparameters would make every checkpoint refuse weights-only loading."""
+    from modules.dpo import DPOModule, DPOSettings
+    from modules.inference import InferenceModule
+    from modules.ppo import PPOConfig, PPOModule
+    from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
+
+    config = {"vocab_size": 32, "block_size": 12, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    runs = {"base_dir": tmp_path / "base", "reward_dir": tmp_path / "reward"}
+    modules = {
+        "dpo": DPOModule(config, DPOSettings(), 1, **runs),
+        "ppo": PPOModule(config, PPOConfig(reward="true"), 1, true_reward=lambda rows: [0.0] * len(rows), **runs),
+        "sft": SFTModule(config, SFTOptimConfig(), 1, LoraSettings(enabled=False), base_dir=runs["base_dir"]),
+        "inference": InferenceModule(config, {}, {}, 1, base_dir=runs["base_dir"]),
+    }
+    for name, module in modules.items():
+        assert module.base_dir == runs["base_dir"], name
+        assert not {"base_dir", "reward_dir", "true_reward"} & set(module.hparams), name
+        torch.save({"hyper_parameters": dict(module.hparams)}, tmp_path / f"{name}.ckpt")
+        assert torch.load(tmp_path / f"{name}.ckpt", weights_only=True)["hyper_parameters"] == dict(module.hparams), name
+    assert modules["ppo"].true_reward([[1], [2]]) == [0.0, 0.0] and modules["ppo"].reward_dir == runs["reward_dir"]

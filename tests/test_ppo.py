@@ -100,9 +100,8 @@ def test_ppo_raises_a_reward_it_is_given() -> None:
     L.seed_everything(0, verbose=False)
     config = DecoderConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, vocab_size=8)
     ppo = PPOConfig(reward="true", response_tokens=6, epochs=2, minibatch_size=16, kl_target=None, init_kl_coef=0.01, lr=3e-3)
-    module = PPOModule(config, ppo, max_steps=25)
+    module = PPOModule(config, ppo, max_steps=25, true_reward=lambda rows: [sum(t == 3 for t in row) / len(row) for row in rows])
     module.init_from(module.model, None)  # the reference is the starting policy
-    module.true_reward = lambda rows: [sum(t == 3 for t in row) / len(row) for row in rows]
     prompts = [[1, 2, 4, 5][i % 4 :] + [1, 2, 4, 5][: i % 4] for i in range(32)]
     data = PromptDataModule(prompts, prompts[:8], batch_size=32)
     before = module.evaluate_prompts(torch.tensor(prompts[:8]), seed=1)

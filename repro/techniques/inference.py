@@ -77,9 +77,8 @@ def build(config: InferenceConfig, seed: int, stages: dict[str, Path]) -> tuple[
     if needed > base.config.block_size:
         raise ValueError(f"decode.prompt_tokens + decode.new_tokens + the longest draft ({needed}) exceed the target's "
                          f"block_size {base.config.block_size}")
-    module = InferenceModule(base.config, config.optim, config.drafters, config.train.max_steps)
+    module = InferenceModule(base.config, config.optim, config.drafters, config.train.max_steps, base_dir=base_dir)
     module.init_from(base)
-    module.base_dir = base_dir
     corpus = yaml.safe_load((base_dir / "config.yaml").read_text())["data"]
     data = CorpusConfig(**{**corpus, "batch_size": config.data.batch_size})
     return module, PretrainDataModule(data, block_size=base.config.block_size, seed=seed)

@@ -85,13 +85,12 @@ def build(config: RLHFConfig, seed: int, stages: dict[str, Path]) -> tuple[PPOMo
     base, tokenizer = load_model(base_dir)
     # rollouts run the full response length, as the reward stage sampled its pairs: a response cut at the
     # end-of-text token is one the reward model never saw, and its score is an invitation to exploit it
-    module = PPOModule(base.config, config.ppo, config.train.max_steps, eos_id=None)
+    module = PPOModule(base.config, config.ppo, config.train.max_steps, eos_id=None, true_reward=true_reward_of(tokenizer),
+                       base_dir=base_dir, reward_dir=reward_dir)
     module.init_from(base, reward_model)
     train_prompts = preferences["prompts"]["train"]
     k = len(preferences["samples_train"]["responses"]) // len(train_prompts)
     module.normalize_scores([p + r for p, r in zip((p for p in train_prompts for _ in range(k)), preferences["samples_train"]["responses"])])
-    module.true_reward = true_reward_of(tokenizer)
-    module.base_dir, module.reward_dir = base_dir, reward_dir
     prompts = preferences["prompts"]
     datamodule = PromptDataModule(prompts["train"], prompts["held_out"][: config.data.eval_prompts], config.data.batch_size, seed)
     datamodule.tokenizer = tokenizer

@@ -58,10 +58,9 @@ def build(config: SFTConfig, seed: int, stages: dict[str, Path]) -> tuple[SFTMod
     base, tokenizer = load_model(base_dir)
     chat_ids = add_chat_tokens(tokenizer)
     module = SFTModule(replace(base.config, vocab_size=tokenizer.get_vocab_size()), config.optim, config.train.max_steps,
-                       config.lora, new_tokens=sorted(chat_ids.values()))
+                       config.lora, new_tokens=sorted(chat_ids.values()), base_dir=base_dir)
     sources = {chat_ids[token]: [EOT_ID] if word == EOT else tokenizer.encode(word).ids for token, word in INIT_FROM.items()}
     module.init_from_base(base, sources)
-    module.base_dir = base_dir
     # a conversation of n tokens trains on n - 1 positions: at most block_size + 1 tokens fit the base
     data = replace(config.data, max_len=min(config.data.max_len, base.config.block_size + 1))
     return module, SFTDataModule(data, tokenizer, seed)
