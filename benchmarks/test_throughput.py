@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.throughput import lightning_loop, plain_loop, preset_model
-from repro.hardware import matmul_tflops
+from measurement.hardware import matmul_tflops
 
 CASES = [
     pytest.param("tiny", "cpu", 16, False, id="tiny-cpu-b16"),

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from repro.hardware import matmul_tflops, peak_memory_bytes
+from measurement.hardware import matmul_tflops, peak_memory_bytes
 
 
 def batch_tokens(module: L.LightningModule, batch: Any) -> int:

@@ -309,7 +309,7 @@ def hybrid_arms_start_at_equal_size_and_log_vocab() -> None:
 def memory_zero_bytes_follow_the_paper() -> None:
     """ZeRO (Rajbhandari et al. 2020, Sec. 5.1) with K = 12: 16 bytes per parameter unsharded; stage 1
     4 + 12/N, stage 2 2 + 14/N, stage 3 16/N; on one device every stage keeps all 16."""
-    from benchmarks.memory import zero_bytes_per_param
+    from measurement.memory import zero_bytes_per_param
 
     for n in (1, 8, 64):
         assert zero_bytes_per_param("ddp", n) == 16

@@ -72,7 +72,7 @@ class DualPipeConfig:
 
 
 def measure(config: DualPipeConfig, seed: int, run_dir: Path) -> Findings:
-    from benchmarks.dualpipe import real_table
+    from measurement.dualpipe import real_table
     from modules.pipeline.real import compare, tiny_config
     from modules.pipeline.schedules import METHODS, REPORTED, Timing, build, formula_holds, reported_bubble, reported_memory
     from modules.pipeline.timeline import table2, timeline_png

@@ -4,7 +4,7 @@ Arms pretrain side by side on the same batches at equal parameters (`modules/hyb
 transformer, pure Mamba and Jamba's 1 attention : 7 Mamba pattern (the `jamba` preset adds the
 pattern with MoE every other layer). The report compares their validation loss and lm-eval scores,
 and, for each arm's architecture, the decoding cache's bytes and decode tokens/s against context
-length (`benchmarks/hybrid.py`): computed from the config and measured.
+length (`measurement/hybrid.py`): computed from the config and measured.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def findings(config: HybridConfig, final: dict[str, float], module: HybridModule
              speed: list[dict[str, float]]) -> Findings:
     import torch
 
-    from benchmarks.hybrid import measure_arms, show
+    from measurement.hybrid import measure_arms, show
     from modules.nn.cache import cache_bytes
     from reports.plots import context_curves, loss_curves
     from repro.arm_findings import arm_metrics

@@ -2,7 +2,7 @@
 
 The run starts from the `pretrain` stage of the same preset (trained once and reused; `--init` names
 another pretrain run). It trains a small draft decoder and an EAGLE head for the frozen target on the
-target's corpus (`modules/inference.py`), then measures (`benchmarks/inference.py`), at batch 1:
+target's corpus (`modules/inference.py`), then measures (`measurement/inference.py`), at batch 1:
 
 - weight-only int8, int4 and GPTQ int4 of the target (`modules/quant.py`): weight bytes, held-out
   loss, lm-eval's corpus perplexity and decode tokens/s, next to the unquantized target;
@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.inference import PROMPTS_FILE, DecodeSettings, QuantSettings
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
+from measurement.inference import PROMPTS_FILE, DecodeSettings, QuantSettings
 from modules.inference import DrafterSettings, InferenceModule
 from modules.pretrain import OptimConfig
 from reports.claims import check_above, check_below, not_measured
@@ -99,7 +99,7 @@ def _inputs(config: InferenceConfig, datamodule: PretrainDataModule) -> dict[str
 
 def findings(config: InferenceConfig, final: dict[str, float], module: InferenceModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from benchmarks.inference import measure, plot
+    from measurement.inference import measure, plot
     from repro.checkpoints import load_model
     from repro.evaluate import evaluate_model
 

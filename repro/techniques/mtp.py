@@ -75,7 +75,7 @@ def _prompts(datamodule: PretrainDataModule, decode: DecodeConfig) -> list[list[
 
 def findings(config: MTPConfig, final: dict[str, float], module: MTPModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from benchmarks.speculative import PROMPTS_FILE, measure_arms
+    from measurement.speculative import PROMPTS_FILE, measure_arms
     from reports.plots import loss_curves
     from repro.arm_findings import arm_metrics
     from repro.evaluate import arm_scores
