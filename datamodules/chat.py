@@ -21,6 +21,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from datamodules.sources import DataFormatError, load_records
+from datamodules.verifiable import GENERATORS, prompt
 
 ROLES = ("system", "user", "assistant")
 TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -113,8 +114,6 @@ def verifiable_conversations(
 ) -> dict[str, list[list[dict[str, str]]]]:
     """Training conversations for the verifiable task families, `n` per family, none of whose questions
     is among `held_out`'s (the evaluation rows): the user asks "Q: <question>\\nA:", the assistant answers."""
-    from evaluation.verifiable import GENERATORS, prompt
-
     out = {}
     for family in families:
         if family not in GENERATORS or family == "arithmetic_mc":

@@ -33,12 +33,12 @@ import yaml
 from datamodules.clean import clean, corpus_hash
 from datamodules.pretrain import CorpusConfig, cache_root
 from datamodules.sources import read_source
+from datamodules.verifiable import GENERATORS, HELD_OUT_ROWS, HELD_OUT_SEED, verifiable_rows
 from evaluation.corpus_tasks import cloze_passages, perplexity_documents
-from evaluation.verifiable import GENERATORS
 
 BUILD_VERSION = 1  # bump when any row would change, so cached folders are rebuilt
-DEFAULT_SEED = 0
-ROWS = 200  # rows per cloze and verifiable task
+DEFAULT_SEED = HELD_OUT_SEED  # the verifiable rows SFT's data leaves out are this seed's
+ROWS = HELD_OUT_ROWS  # rows per cloze and verifiable task
 
 
 class _NoMetadataHint(logging.Filter):
@@ -53,11 +53,6 @@ class _NoMetadataHint(logging.Filter):
 _task_logger = logging.getLogger("lm_eval.api.task")
 if not any(isinstance(f, _NoMetadataHint) for f in _task_logger.filters):
     _task_logger.addFilter(_NoMetadataHint())
-
-
-def verifiable_rows(name: str, seed: int = DEFAULT_SEED, n: int = ROWS) -> list[dict]:
-    """The rows of `repro_verifiable_<name>`: a function of the seed alone (SFT trains on none of them)."""
-    return GENERATORS[name](n, seed)
 
 
 def task_rows(texts: Sequence[str], seed: int = DEFAULT_SEED, n: int = ROWS) -> dict[str, list[dict]]:

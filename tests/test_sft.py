@@ -173,7 +173,7 @@ def test_run_scores_base_full_and_lora_and_reports_claims(sft_run) -> None:
 
 
 def test_fine_tuned_model_is_prompted_through_its_chat_template(sft_run) -> None:
-    from evaluation.verifiable import prompt
+    from datamodules.verifiable import prompt
     from repro.evaluate import evaluate
 
     results = evaluate(sft_run, ["repro_verifiable_copy"], limit=2, batch_size=2, device="cpu", arm="lora")
