@@ -22,12 +22,12 @@ from tokenizers import Tokenizer
 
 from datamodules.sources import DataFormatError, load_records
 from datamodules.verifiable import GENERATORS, prompt
+from modules.nn.decoder import IGNORE
 
 ROLES = ("system", "user", "assistant")
 TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"
 SPECIAL = (*TAGS.values(), END)
-IGNORE = -100  # label of a token the loss skips (F.cross_entropy's ignore_index)
 # What each new token's embedding starts from: the mean of these words' token embeddings in the base
 # (the end of a turn starts as the base's end of a document, which it already predicts).
 INIT_FROM = {"<|system|>": "system", "<|user|>": "user", "<|assistant|>": "assistant", END: "<|endoftext|>"}

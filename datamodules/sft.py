@@ -19,10 +19,11 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from datamodules.chat import END, IGNORE, add_chat_tokens, encode, is_chat_tokenizer, read_records, verifiable_conversations
+from datamodules.chat import END, add_chat_tokens, encode, is_chat_tokenizer, read_records, verifiable_conversations
 from datamodules.sampler import ResumableBatches
 from datamodules.sources import DataFormatError
 from datamodules.verifiable import GENERATORS, verifiable_rows
+from modules.nn.decoder import IGNORE
 
 VERIFIABLE = "verifiable"
 FAMILIES = ["copy", "reverse", "sort", "count_letter", "arithmetic"]

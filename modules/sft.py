@@ -22,8 +22,8 @@ from peft import LoraConfig, LoraModel, get_peft_model_state_dict, set_peft_mode
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from datamodules.chat import IGNORE
 from modules.nn import Decoder, DecoderConfig
+from modules.nn.decoder import IGNORE
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
 from modules.parallel import TechniqueModule
 

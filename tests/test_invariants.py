@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from modules.nn import Decoder, DecoderConfig
-from datamodules.chat import IGNORE
+from modules.nn.decoder import IGNORE
 from modules.pretrain import OptimConfig, PretrainModule, warmup_cosine
 from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
 from repro.registry import techniques
@@ -468,7 +468,7 @@ def cai_feedback_is_order_free_and_sl_rows_supervise_the_revision() -> None:
     from datamodules.chat import END, add_chat_tokens, encode
     from datamodules.constitution import load_constitution
     from datamodules.tokenizer import train_bpe
-    from modules.cai import CritiqueStep, ai_feedback, build_sl_data, decoder_logprob
+    from datamodules.cai import CritiqueStep, ai_feedback, build_sl_data, decoder_logprob
 
     principle = load_constitution()[0]
     tokenizer = train_bpe(["Human: repeat the words apple river. Assistant: apple river (A) (B) " * 40], 300)

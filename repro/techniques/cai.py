@@ -157,7 +157,7 @@ def rl_cai(policy: Any, tokenizer: Any, records: list[dict], settings: RLSetting
 
     from datamodules.chat import END
     from datamodules.preference import PreferenceDataConfig, PreferenceDataModule
-    from modules.cai import to_pairs
+    from datamodules.cai import to_pairs
     from modules.dpo import DPOModule, DPOSettings
     from repro.techniques.dpo import with_reference
 
@@ -203,7 +203,7 @@ def _suite_model(name: str, like: Any) -> tuple[Any, Any] | None:
 
 
 def _critic(name: str | None, model: Any, tokenizer: Any, max_new_tokens: int, temperature: float, seed: int) -> Any:
-    from modules.cai import decoder_generator, hf_generator
+    from datamodules.cai import decoder_generator, hf_generator
 
     suite = _suite_model(name, model) if name is not None else (model, tokenizer)
     if suite is None:
@@ -214,7 +214,7 @@ def _critic(name: str | None, model: Any, tokenizer: Any, max_new_tokens: int, t
 
 def _judge(name: str | None, model: Any, tokenizer: Any) -> Any:
     from datamodules.chat import is_chat_tokenizer
-    from modules.cai import decoder_logprob, hf_logprob
+    from datamodules.cai import decoder_logprob, hf_logprob
 
     suite = _suite_model(name, model) if name is not None else (model, tokenizer)
     return hf_logprob(name) if suite is None else decoder_logprob(*suite, chat=is_chat_tokenizer(suite[1]))
@@ -223,7 +223,7 @@ def _judge(name: str | None, model: Any, tokenizer: Any) -> Any:
 def measure(config: CAIConfig, seed: int, run_dir: Path) -> Findings:
     from datamodules.constitution import ANY, checkable, load_constitution
     from datamodules.red_team import ORDINARY, helpfulness, split
-    from modules.cai import build_preference_pairs, build_sl_data, checker_agreement, critique_revise_batch, decoder_generator
+    from datamodules.cai import build_preference_pairs, build_sl_data, checker_agreement, critique_revise_batch, decoder_generator
     from repro.checkpoints import load_model
     from repro.runner import _load_spec
     from repro.trainer import on_gpu, resolve_precision
