@@ -29,12 +29,14 @@ from typing import Any
 
 import datasets
 import yaml
+from jsonargparse import ArgumentParser
 
 from datamodules.clean import clean, corpus_hash
 from datamodules.pretrain import CorpusConfig, cache_root
 from datamodules.sources import read_source
 from datamodules.verifiable import GENERATORS, HELD_OUT_ROWS, HELD_OUT_SEED, verifiable_rows
 from evaluation.corpus_tasks import cloze_passages, perplexity_documents
+from repro.checkpoints import locate
 
 BUILD_VERSION = 1  # bump when any row would change, so cached folders are rebuilt
 DEFAULT_SEED = HELD_OUT_SEED  # the verifiable rows SFT's data leaves out are this seed's
@@ -99,8 +101,6 @@ def held_out_texts(corpus: CorpusConfig) -> tuple[list[str], str]:
 def corpus_of_run(checkpoint: str | Path) -> CorpusConfig:
     """The `data.` settings of the run holding `checkpoint` (default corpus if the run names none); for a
     run that started from other runs (`stages.json`), its base's corpus."""
-    from repro.checkpoints import locate  # repro imports the technique registry; only needed here
-
     _, run_dir = locate(checkpoint)
     stages = run_dir / "stages.json"
     if stages.is_file():  # a model trained from another run: the corpus of its base (through every stage)
@@ -145,8 +145,6 @@ def load(data_file: str, data_dir: str | None = None, checkpoint: str | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import ArgumentParser
-
     p = ArgumentParser(prog="python -m evaluation.build_tasks", description=__doc__)
     p.add_argument("--out", type=str, required=True, help="folder to write the task JSONL into")
     p.add_argument("--checkpoint", type=str, default=None, help="use the held-out documents of this run's corpus")

@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from modules.arms import check_arm_names, key
 from modules.nn import Decoder, DecoderConfig
 from modules.ppo import response_logprobs
-from modules.sft import LoraSettings, with_lora
+from modules.pretrain import warmup_cosine
+from modules.sft import LoraSettings, merged, with_lora
 from modules.parallel import TechniqueModule
 
 LOSSES = ("dpo", "ipo", "simpo")
@@ -172,8 +174,6 @@ class DPOModule(TechniqueModule):
         return int(batch["ids"].numel()) * len(self.arms)
 
     def arm_model(self, arm: str | None = None) -> Decoder:
-        from modules.sft import merged
-
         name = arm or self.arms[0].name
         policy = self.policy(name)
         return merged(policy) if any(a.lora for a in self.arms if a.name == name) else policy.eval()
@@ -225,10 +225,6 @@ class DPOModule(TechniqueModule):
                 self.log_dict({"val/loss": loss, "val/accuracy": accuracy}, prog_bar=True)
 
     def configure_optimizers(self) -> tuple[list, list]:
-        from torch.optim.lr_scheduler import LambdaLR
-
-        from modules.pretrain import warmup_cosine
-
         s = self.settings
         optimizers, schedulers = [], []
         for arm in self.arms:

@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from datamodules.preference import SENTIMENT, Pair, PreferenceDataConfig, PreferenceDataModule, PromptDataModule, collate_pairs, read_pairs
 from datamodules.tokenizer import EOT_ID
-from modules.dpo import DPOModule, DPOSettings, reference_logps
+from modules.dpo import DPOModule, DPOSettings, reference_logps, sequence_logps
 from modules.ppo import PPOConfig, PPOModule
 from reports.claims import check_above, check_below, not_measured
+from reports.plots import frontier_plot
+from repro.checkpoints import load_model
+from repro.config import ConfigError
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.techniques.reward import ACCURACY, PREFERENCES, base_of
@@ -91,11 +96,6 @@ def with_reference(datamodule: PreferenceDataModule, base: Any, batch: int = 256
 
 
 def build(config: DPOConfig, seed: int, stages: dict[str, Path]) -> tuple[DPOModule, PreferenceDataModule]:
-    import random
-
-    from repro.checkpoints import load_model
-    from repro.config import ConfigError
-
     reward_dir = Path(stages["reward"]).parent.parent
     base_dir = base_of(stages)
     base, tokenizer = load_model(base_dir)
@@ -142,8 +142,6 @@ def undominated(dpo: list[dict[str, float]], ppo: list[dict[str, float]]) -> lis
 
 
 def _train_ppo(config: DPOConfig, module: DPOModule, datamodule: PreferenceDataModule, target: float, seed: int) -> PPOModule:
-    import lightning as L
-
     f = config.frontier
     base = module.reference_model
     ppo = PPOModule(base.config, replace(f.ppo, kl_target=target), f.ppo_steps, eos_id=None)
@@ -158,9 +156,6 @@ def _train_ppo(config: DPOConfig, module: DPOModule, datamodule: PreferenceDataM
 
 def findings(config: DPOConfig, final: dict[str, float], module: DPOModule, datamodule: PreferenceDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from reports.plots import frontier_plot
-    from repro.checkpoints import load_model
-
     module.reference_model = load_model(module.base_dir, device=module.device)[0]
     evaluator = PPOModule(module.reference_model.config, PPOConfig(reward="true", response_tokens=config.frontier.ppo.response_tokens),
                           1, eos_id=None).to(module.device)
@@ -239,8 +234,6 @@ def findings(config: DPOConfig, final: dict[str, float], module: DPOModule, data
 @torch.no_grad()
 def _logp_drift(module: DPOModule, datamodule: PreferenceDataModule) -> dict[str, tuple[float, float]]:
     """Per arm, mean (log pi - log ref) over held-out pairs for the chosen and the rejected responses."""
-    from modules.dpo import sequence_logps
-
     out = {}
     batch = collate_pairs(datamodule.val_set.pairs, datamodule.pad_id)
     batch = {k: v.to(module.device) for k, v in batch.items()}

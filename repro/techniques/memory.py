@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.pretrain import PretrainDataModule
+from measurement.memory import activation_saving, plot, sweep, table
 from modules.parallel import POLICIES
 from modules.pretrain import PretrainModule
 from reports.claims import check_above, check_below, not_measured
@@ -53,8 +54,6 @@ class MemoryConfig(PretrainConfig):
 
 def findings(config: MemoryConfig, final: dict[str, float], module: PretrainModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from measurement.memory import activation_saving, plot, sweep, table
-
     run_dir = Path(module.trainer.default_root_dir)
     spec = json.loads((run_dir / "run.json").read_text())
     s = config.sweep

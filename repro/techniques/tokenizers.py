@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datamodules.pretrain import cache_root
+from datamodules.sources import read_source
+from measurement.tokenizers import compare, split, table
 from reports.claims import ClaimResult, check_above
+from reports.plots import grouped_bars
 from repro.registry import Findings, Technique, register
 
 SOURCE = "Sennrich et al. 2016 (BPE); Schuster & Nakajima 2012, BERT (WordPiece); Kudo 2018 (Unigram, SentencePiece)"
@@ -49,11 +53,6 @@ class TokenizersConfig:
 
 
 def measure(config: TokenizersConfig, seed: int, run_dir: Path) -> Findings:
-    from measurement.tokenizers import compare, split, table
-    from datamodules.pretrain import cache_root
-    from datamodules.sources import read_source
-    from reports.plots import grouped_bars
-
     c = config.corpus
     documents, note = read_source(c.source, c.text_field, "train", cache_root(c))
     train, test = split([d.text for d in documents], c.max_bytes)
