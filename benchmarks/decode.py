@@ -38,6 +38,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -259,13 +261,10 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> int:
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
     """ms per decode step against sequence length, one panel per batch size, one line per mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.2), squeeze=False)
+    fig = Figure(figsize=(6 * len(batches), 4.2))
+    FigureCanvasAgg(fig)  # drawn off screen, without pyplot's global state
+    axes = fig.subplots(1, len(batches), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         for row in (r for r in rows if r["batch"] == batch):
             ax.plot(row["seq_len"], row["step_ms"], label=f"{row['mode']} ({row['tokens_per_s']:,.0f} tok/s)", lw=1.2)
@@ -278,7 +277,6 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def markdown(meta: dict, prefill: list[dict], decode: list[dict], failed: list[dict]) -> str:

@@ -21,20 +21,10 @@ if __package__ in (None, ""):
 
 import torch
 
+from measurement.dualpipe import real_table
 from modules.pipeline.real import compare, tiny_config
 from modules.pipeline.schedules import METHODS, Timing, build
 from modules.pipeline.timeline import table2, timeline_png
-
-
-def real_table(records: list[dict]) -> list[str]:
-    """Markdown lines: one row per schedule, measured beside simulated."""
-    lines = ["| Schedule | PP | M | F / B / W ms | step ms measured | step ms simulated | idle measured | idle simulated |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['schedule']} | {r['pp']} | {r['micro_batches']} | {r['F_ms']:.2f} / {r['B_ms']:.2f} / "
-                     f"{r['W_ms']:.2f} | {r['measured_step_ms']:.1f} | {r['simulated_step_ms']:.1f} | "
-                     f"{r['measured_idle']} | {r['simulated_idle']} |")
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

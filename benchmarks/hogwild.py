@@ -19,10 +19,12 @@ if __package__ in (None, ""):
 
 import torch
 
+from evaluation.parallel_sum import compare, sum_rows
+from repro.checkpoints import load_model, run_folder_argument
+from repro.config import ConfigError
+
 
 def main(argv: list[str] | None = None) -> int:
-    from repro.checkpoints import run_folder_argument
-
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=run_folder_argument, help="a run folder (or a .ckpt in one)")
     parser.add_argument("--arm", default=None, help="one of several models the run trained side by side")
@@ -33,9 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    from evaluation.parallel_sum import compare, sum_rows
-    from repro.checkpoints import load_model
-    from repro.config import ConfigError
 
     try:
         model, tokenizer = load_model(args.checkpoint, args.device, args.arm)

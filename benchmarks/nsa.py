@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from argparse import ArgumentParser
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,12 @@ if __package__ in (None, ""):
 
 import torch
 
+import modules.nn.nsa as nsa
 from modules.nn.attention import CausalSelfAttention
 from modules.nn.config import DecoderConfig
 from modules.nn.nsa import NativeSparseAttention
+from reports.claims import check_above
+from reports.plots import figure, png
 
 
 def config(length: int, attention: str) -> DecoderConfig:
@@ -58,8 +62,7 @@ def agreement(device: torch.device, length: int = 1024) -> dict[str, Any]:
     difference, the norm of the gradient difference over all parameters relative to the gradient's, and the
     same per parameter. Per parameter, compress_k.bias stands out: its exact gradient is zero (it adds q . b
     to every compressed score of a query, which the softmax ignores), so both paths give rounding noise."""
-    import modules.nn.nsa as nsa
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # optional: torch >= 2.5
 
     torch.manual_seed(0)
     layer = NativeSparseAttention(config(length, "nsa")).to(device)
@@ -115,10 +118,6 @@ def measure(lengths: list[int], reference_max: int, repeats: int, device: torch.
 def claims(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The paper's speed claim, forward and forward + backward, at the longest context where full attention and
     some NSA path were both timed: full attention's ms over the faster NSA path's, reproduced above 1."""
-    from dataclasses import asdict
-
-    from reports.claims import check_above
-
     out = []
     for key, paper in (("fwd_ms", "9.0x forward at 64k (Fig. 6)"), ("fwd_bwd_ms", "6.0x forward + backward at 64k (Fig. 6)")):
         timed = {(r["tokens"], r["attention"]): r[key] for r in result["records"] if r.get(key)}
@@ -134,8 +133,6 @@ def claims(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot(result: dict[str, Any]) -> bytes:
-    from reports.plots import figure, png
-
     fig = figure(11, 4)
     ax = fig.subplots(1, 2)
     for i, key in enumerate(("fwd_ms", "fwd_bwd_ms")):

@@ -21,6 +21,8 @@ from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
 
+from reports.plots import metric_curves
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,8 +75,6 @@ def table(records: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(records: list[dict[str, Any]], title: str) -> bytes:
-    from reports.plots import metric_curves
-
     curves = {f"{r['strategy']} x{r['devices']}": [tuple(p) for p in r["val_curve"]] for r in records if "error" not in r}
     return metric_curves(curves, "validation loss", title, smooth=1)
 

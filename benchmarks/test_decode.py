@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from benchmarks.decode import bandwidth_bound, build_model, copy_bandwidth, decode_speed, prefill_speed
+from measurement.hardware import peak_memory_bytes
 from modules.nn import Decoder
-from repro.hardware import peak_memory_bytes
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 SETUPS = [  # preset, device, batch

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from benchmarks.throughput import lightning_loop, plain_loop, preset_model
-from repro.hardware import matmul_tflops
+from measurement.hardware import matmul_tflops
+from modules.nn import Decoder
 
 CASES = [
     pytest.param("tiny", "cpu", 16, False, id="tiny-cpu-b16"),
@@ -31,8 +32,6 @@ def test_pretrain_step(benchmark, loop, preset: str, device: str, batch: int, co
     steps = 30 if device == "cuda" else 10
     result = benchmark.pedantic(loop, args=(cfg, batch, dev, compile), kwargs={"steps": steps}, rounds=1, iterations=1)
     if dev.type == "cuda":
-        from modules.nn import Decoder
-
         result["mfu"] = result["tokens_per_s"] * Decoder(cfg).flops_per_token() / (matmul_tflops(dev) * 1e12)
     benchmark.extra_info.update(result)
     assert result["tokens_per_s"] > 0

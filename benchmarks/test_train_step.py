@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from benchmarks.train_step import time_train_step
-from repro.hardware import matmul_tflops
+from measurement.hardware import matmul_tflops
 from repro.registry import techniques
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -26,8 +26,8 @@ import lightning as L
 import torch
 
 from benchmarks.calibration import calibration_block
+from measurement.hardware import peak_memory_bytes
 from repro.callbacks import batch_tokens
-from repro.hardware import peak_memory_bytes
 from repro.runner import RunSpec, resolve, stage_checkpoint, stage_spec
 from repro.trainer import TrainerArgs, build_trainer, resolve_precision
 

@@ -21,12 +21,13 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from datamodules.sources import DataFormatError, load_records
+from datamodules.verifiable import GENERATORS, prompt
+from modules.nn.decoder import IGNORE
 
 ROLES = ("system", "user", "assistant")
 TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"
 SPECIAL = (*TAGS.values(), END)
-IGNORE = -100  # label of a token the loss skips (F.cross_entropy's ignore_index)
 # What each new token's embedding starts from: the mean of these words' token embeddings in the base
 # (the end of a turn starts as the base's end of a document, which it already predicts).
 INIT_FROM = {"<|system|>": "system", "<|user|>": "user", "<|assistant|>": "assistant", END: "<|endoftext|>"}
@@ -113,8 +114,6 @@ def verifiable_conversations(
 ) -> dict[str, list[list[dict[str, str]]]]:
     """Training conversations for the verifiable task families, `n` per family, none of whose questions
     is among `held_out`'s (the evaluation rows): the user asks "Q: <question>\\nA:", the assistant answers."""
-    from evaluation.verifiable import GENERATORS, prompt
-
     out = {}
     for family in families:
         if family not in GENERATORS or family == "arithmetic_mc":

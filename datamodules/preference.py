@@ -24,11 +24,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from rich.progress import track
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from datamodules.sampler import ResumableBatches
 from datamodules.sources import DataFormatError, load_records
+from modules.generation import generate
 
 SENTIMENT = "sentiment"
 HH_TURN = "\n\nAssistant:"
@@ -109,15 +111,11 @@ def split_prompts(prompts: list[list[int]], n_train: int, n_held_out: int) -> tu
 def sample_responses(model: Any, prompts: list[list[int]], config: PreferenceDataConfig, seed: int,
                      batch: int = 256, progress: bool = False) -> list[list[int]]:
     """`samples_per_prompt` sampled continuations of each prompt, prompt-major: row i * k + j is prompt i's j-th."""
-    from modules.generation import generate
-
     k = config.samples_per_prompt
     flat = [p for p in prompts for _ in range(k)]
     out: list[list[int]] = []
     starts = range(0, len(flat), batch)
     if progress:
-        from rich.progress import track
-
         starts = track(starts, description=f"sampling {len(flat)} continuations")
     with torch.no_grad():
         for i, start in enumerate(starts):

@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from evaluation.verifiable import GENERATORS, WORDS, prompt
+from datamodules.verifiable import GENERATORS, WORDS, prompt
 
 ORDINARY = "ordinary"
 # The instructions a payload comes with: the first two are tasks the suite's SFT data teaches.

@@ -3,7 +3,7 @@
 Each conversation is one row, right-padded to the longest row of its batch: a causal model never
 attends to padding on its right, and padding's labels are IGNORE, so rows never see each other and
 a batch trains exactly on its responses. The embedded default is the verifiable task family
-(`evaluation/verifiable.py`), generated with a training seed and with every question that the
+(`datamodules/verifiable.py`), generated with a training seed and with every question that the
 held-out evaluation rows contain removed, so training and evaluation share no prompt.
 """
 
@@ -19,9 +19,11 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from datamodules.chat import END, IGNORE, add_chat_tokens, encode, is_chat_tokenizer, read_records, verifiable_conversations
+from datamodules.chat import END, add_chat_tokens, encode, is_chat_tokenizer, read_records, verifiable_conversations
 from datamodules.sampler import ResumableBatches
 from datamodules.sources import DataFormatError
+from datamodules.verifiable import GENERATORS, verifiable_rows
+from modules.nn.decoder import IGNORE
 
 VERIFIABLE = "verifiable"
 FAMILIES = ["copy", "reverse", "sort", "count_letter", "arithmetic"]
@@ -50,9 +52,6 @@ class SFTDataConfig:
 
 def held_out_rows(families: list[str]) -> dict[str, list[dict]]:
     """The evaluation rows of each verifiable family, as `evaluation.build_tasks` writes them."""
-    from evaluation.build_tasks import verifiable_rows
-    from evaluation.verifiable import GENERATORS
-
     return {family: verifiable_rows(family) for family in families if family in GENERATORS}
 
 

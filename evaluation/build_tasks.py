@@ -29,16 +29,18 @@ from typing import Any
 
 import datasets
 import yaml
+from jsonargparse import ArgumentParser
 
 from datamodules.clean import clean, corpus_hash
 from datamodules.pretrain import CorpusConfig, cache_root
 from datamodules.sources import read_source
+from datamodules.verifiable import GENERATORS, HELD_OUT_ROWS, HELD_OUT_SEED, verifiable_rows
 from evaluation.corpus_tasks import cloze_passages, perplexity_documents
-from evaluation.verifiable import GENERATORS
+from repro.checkpoints import locate
 
 BUILD_VERSION = 1  # bump when any row would change, so cached folders are rebuilt
-DEFAULT_SEED = 0
-ROWS = 200  # rows per cloze and verifiable task
+DEFAULT_SEED = HELD_OUT_SEED  # the verifiable rows SFT's data leaves out are this seed's
+ROWS = HELD_OUT_ROWS  # rows per cloze and verifiable task
 
 
 class _NoMetadataHint(logging.Filter):
@@ -53,11 +55,6 @@ class _NoMetadataHint(logging.Filter):
 _task_logger = logging.getLogger("lm_eval.api.task")
 if not any(isinstance(f, _NoMetadataHint) for f in _task_logger.filters):
     _task_logger.addFilter(_NoMetadataHint())
-
-
-def verifiable_rows(name: str, seed: int = DEFAULT_SEED, n: int = ROWS) -> list[dict]:
-    """The rows of `repro_verifiable_<name>`: a function of the seed alone (SFT trains on none of them)."""
-    return GENERATORS[name](n, seed)
 
 
 def task_rows(texts: Sequence[str], seed: int = DEFAULT_SEED, n: int = ROWS) -> dict[str, list[dict]]:
@@ -104,8 +101,6 @@ def held_out_texts(corpus: CorpusConfig) -> tuple[list[str], str]:
 def corpus_of_run(checkpoint: str | Path) -> CorpusConfig:
     """The `data.` settings of the run holding `checkpoint` (default corpus if the run names none); for a
     run that started from other runs (`stages.json`), its base's corpus."""
-    from repro.checkpoints import locate  # repro imports the technique registry; only needed here
-
     _, run_dir = locate(checkpoint)
     stages = run_dir / "stages.json"
     if stages.is_file():  # a model trained from another run: the corpus of its base (through every stage)
@@ -150,8 +145,6 @@ def load(data_file: str, data_dir: str | None = None, checkpoint: str | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import ArgumentParser
-
     p = ArgumentParser(prog="python -m evaluation.build_tasks", description=__doc__)
     p.add_argument("--out", type=str, required=True, help="folder to write the task JSONL into")
     p.add_argument("--checkpoint", type=str, default=None, help="use the held-out documents of this run's corpus")

@@ -20,7 +20,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from datamodules.chat import END, is_chat_tokenizer, prompt_ids
-from evaluation.verifiable import prompt
+from datamodules.verifiable import prompt
 from modules.hogwild import hogwild_generate
 from modules.nn.decoder import Decoder
 

@@ -31,7 +31,7 @@ from modules.arms import ArmsModule, check_arm_names
 from modules.nn import Decoder, DecoderConfig
 from modules.ppo import response_logprobs
 from modules.pretrain import OptimConfig
-from modules.sft import LoraSettings, with_lora
+from modules.sft import LoraSettings, merged, with_lora
 
 LOSSES = ("dpo", "ipo", "simpo")
 
@@ -185,8 +185,6 @@ class DPOModule(ArmsModule):
         return int(batch["ids"].numel()) * len(self.arms)
 
     def arm_model(self, arm: str | None = None) -> Decoder:
-        from modules.sft import merged
-
         name = arm or self.arms[0].name
         policy = self.policy(name)
         return merged(policy) if any(a.lora for a in self.arms if a.name == name) else policy.eval()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from modules.nn import Decoder
 from modules.nn.moe import MoE
@@ -38,8 +39,6 @@ class ParallelPlan:
 
 
 def _wrap(module: nn.Module) -> nn.Module:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     if isinstance(module, MoE) or any(isinstance(m, MoE) for m in module.modules()):
         raise ValueError("activation checkpointing would run a mixture of experts' router twice and count its expert "
                          "loads twice (the loss-free bias update reads them): checkpoint the attention only "
@@ -78,6 +77,7 @@ def shard(module: nn.Module, mesh: Any) -> None:
     parameters outside any decoder (a value head, MTP modules) would be neither sharded nor
     averaged: refused, which also keeps out the techniques that call `hidden` or `features` directly.
     """
+    # optional: FSDP2's public home, not in every torch the suite allows; only --strategy fsdp2 shards
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     covered = {id(p) for decoder in decoders(module) for p in decoder.parameters()}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from modules.arms import step_arm
+from modules.generation import generate
 from modules.nn import Decoder, DecoderConfig
 from modules.reward import RewardModel
 from modules.parallel import TechniqueModule
@@ -231,8 +232,6 @@ class PPOModule(TechniqueModule):
     def rollout(self, prompts: torch.Tensor, seed: int, repeat: int = 1, policy: Decoder | None = None) -> dict[str, torch.Tensor]:
         """Sampled continuations of `prompts` (each `repeat` times) with their log-probs, reference log-probs and
         values; `policy` samples and scores instead of the trained one (values are then zero)."""
-        from modules.generation import generate
-
         prompts = prompts.repeat_interleave(repeat, 0)
         B, P = prompts.shape
         self.policy.eval()

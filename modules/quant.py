@@ -394,7 +394,7 @@ def torchao_quantize(decoder: Decoder, scheme: str, group_size: int = 128) -> De
     if scheme not in ("int8", "int4"):
         raise ValueError(f"torchao_quantize supports schemes int8 and int4; got {scheme!r}")
     try:
-        import torchao.quantization as tq
+        import torchao.quantization as tq  # optional: torchao is no dependency of the suite
     except ImportError as error:
         raise ImportError("torchao_quantize needs torchao, which is not installed: pip install torchao "
                           "(or use quantize(), the pure-PyTorch reference)") from error

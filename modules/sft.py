@@ -11,6 +11,7 @@ cross-entropy over response tokens only: labels are IGNORE elsewhere (`datamodul
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,12 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, LoraModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from datamodules.chat import IGNORE
 from modules.arms import arm_optimizers, step_arm
 from modules.nn import Decoder, DecoderConfig
+from modules.nn.decoder import IGNORE
 from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
 from modules.parallel import TechniqueModule
 
@@ -64,8 +66,6 @@ def with_lora(model: Decoder, settings: LoraSettings) -> Decoder:
 
 def merged(model: Decoder) -> Decoder:
     """A plain decoder whose weights are `model`'s with its LoRA adapters merged in (W + B A alpha / r)."""
-    from peft.tuners.lora import LoraLayer
-
     work = copy.deepcopy(model)
     for module in work.modules():
         if isinstance(module, LoraLayer):
@@ -78,8 +78,6 @@ def merged(model: Decoder) -> Decoder:
 
 def save_adapter(model: Decoder, settings: LoraSettings, folder: Path) -> Path:
     """The adapter weights (peft's state dict) and their settings, into `folder`."""
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(get_peft_model_state_dict(model), folder / "adapter.pt")
     (folder / "adapter.json").write_text(json.dumps(asdict(settings), indent=2))
@@ -88,8 +86,6 @@ def save_adapter(model: Decoder, settings: LoraSettings, folder: Path) -> Path:
 
 def load_adapter(base: Decoder, folder: Path) -> Decoder:
     """`base` (plain weights) with the adapter saved in `folder` injected and loaded."""
-    import json
-
     settings = LoraSettings(**json.loads((folder / "adapter.json").read_text()))
     model = with_lora(base, settings)
     set_peft_model_state_dict(model, torch.load(folder / "adapter.pt", weights_only=True))

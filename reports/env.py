@@ -26,7 +26,7 @@ def torch_version() -> str:
     """`torch.__version__`, build tag included (`2.11.0+cu130`, `2.13.0+cpu`): a wheel's metadata may drop the
     tag (PyPI's CUDA wheels say `2.11.0`), and the tag says which build made the numbers."""
     try:
-        import torch
+        import torch  # optional: the environment is described on a machine without torch too
     except ImportError:
         return package_version("torch")
     return str(torch.__version__)
@@ -44,7 +44,7 @@ def _cpu_model() -> str:
 
 def _cuda_version() -> str:
     try:
-        import torch
+        import torch  # optional: the environment is described on a machine without torch too
     except ImportError:
         return "none"
     return torch.version.cuda or "none"
@@ -53,7 +53,7 @@ def _cuda_version() -> str:
 def device_description() -> str:
     """CUDA device name and count when CUDA is available, else the CPU model and core count."""
     try:
-        import torch
+        import torch  # optional: the environment is described on a machine without torch too
 
         if torch.cuda.is_available():
             count = torch.cuda.device_count()

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, StrMethodFormatter
 
@@ -253,8 +254,6 @@ def expert_load_heatmap(loads: Mapping[str, Sequence[Sequence[Sequence[float]]]]
     expert's share of the slots relative to an even split (1 = balanced), averaged over layers, on
     one log colour scale for every panel, so a collapsed router shows as a few bright rows.
     """
-    from matplotlib.colors import LogNorm
-
     arms = [name for name, steps in loads.items() if steps]
     fig = figure(8, 1.2 + 1.6 * max(1, len(arms)))
     if not arms:

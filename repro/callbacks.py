@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from repro.hardware import matmul_tflops, peak_memory_bytes
+from measurement.hardware import matmul_tflops, peak_memory_bytes
+from repro.checkpoints import MODULE_CLASS, class_path
 
 
 def batch_tokens(module: L.LightningModule, batch: Any) -> int:
@@ -158,7 +159,8 @@ class LossProgressBar(TQDMProgressBar):
 
 class StepCheckpoint(ModelCheckpoint):
     """`last.ckpt` every `every` optimizer steps; at a step that also validates (a multiple of `val_every`),
-    saved once that validation has ended, so the checkpoint holds its point in `History`.
+    saved once that validation has ended, so the checkpoint holds its point in `History`. Every checkpoint the
+    trainer saves (the final one too) names the module class that loads it (`repro.checkpoints.MODULE_CLASS`).
 
     Lightning's ModelCheckpoint saves at train-batch end, before the validation that follows the same batch; a
     run resumed from there counts that validation as done and skips it, so its history loses the point. A
@@ -187,6 +189,9 @@ class StepCheckpoint(ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[MODULE_CLASS] = class_path(type(pl_module))
 
 
 class RandomState(L.Callback):

@@ -1,7 +1,15 @@
-"""Load what a run wrote, for inference and evaluation: the model and its tokenizer."""
+"""Load what a run wrote, for inference and evaluation: the model and its tokenizer.
+
+A checkpoint names the LightningModule class that loads it (`MODULE_CLASS`, written by the trainer's checkpoint
+callback), so loading needs no technique registry: the loader sits below evaluation, the techniques and the runner
+(notes/layers.md). Only a class of the suite's own `modules` package is imported. A checkpoint written before
+checkpoints named their class is loaded by its run's technique (`run.json`), through `BEFORE_NAMING`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import pickle
 import re
@@ -15,10 +23,30 @@ import torch
 from tokenizers import Tokenizer
 
 from modules.nn import Decoder
-from repro import registry
 from repro.config import ConfigError
 
 Module = TypeVar("Module", bound=L.LightningModule)
+MODULE_CLASS = "module_class"  # the checkpoint's key for its module class, by import path: "modules.sft.SFTModule"
+CLASS_PATH = re.compile(r"modules(\.[A-Za-z_]\w*)+")  # the only classes a checkpoint may name
+# the module class of each technique's runs from before checkpoints named theirs; a checkpoint written since names its
+# own, so a new technique adds nothing here
+BEFORE_NAMING = {
+    "architectures": "modules.architectures.ArchitecturesModule",
+    "data": "modules.corpus_arms.CorpusArmsModule",
+    "deepseek-v3": "modules.mtp.MTPModule",
+    "diff-attn": "modules.architectures.ArchitecturesModule",
+    "dpo": "modules.dpo.DPOModule",
+    "hybrid": "modules.hybrid.HybridModule",
+    "inference": "modules.inference.InferenceModule",
+    "memory": "modules.pretrain.PretrainModule",
+    "moe": "modules.moe.MoEModule",
+    "mtp": "modules.mtp.MTPModule",
+    "nsa": "modules.architectures.ArchitecturesModule",
+    "pretrain": "modules.pretrain.PretrainModule",
+    "reward": "modules.reward.RewardModule",
+    "rlhf": "modules.ppo.PPOModule",
+    "sft": "modules.sft.SFTModule",
+}
 
 
 def locate(path: str | Path) -> tuple[Path, Path]:
@@ -36,8 +64,6 @@ def locate(path: str | Path) -> tuple[Path, Path]:
 
 def run_folder_argument(text: str) -> str:
     """An argparse `type` for `--checkpoint`: the text, once `locate` finds a run there (else a usage error)."""
-    import argparse
-
     try:
         locate(text)
     except ConfigError as error:
@@ -65,6 +91,32 @@ def check_weights_only(checkpoint: str | Path) -> Path:
     return Path(checkpoint)
 
 
+def class_path(module: type[L.LightningModule]) -> str:
+    """What a checkpoint of `module` names under MODULE_CLASS: its import path."""
+    return f"{module.__module__}.{module.__qualname__}"
+
+
+def module_class(checkpoint: str | Path, technique: str | None = None) -> type[L.LightningModule]:
+    """The LightningModule class that loads `checkpoint`: the one it names, else (a checkpoint from before they named
+    it) `technique`'s; read weights-only, and imported only from the suite's `modules` package (else ConfigError)."""
+    with weights_only(checkpoint):
+        named = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(MODULE_CLASS)
+    path = named or BEFORE_NAMING.get(technique)
+    if path is None:
+        raise ConfigError(f"{checkpoint}: the checkpoint names no module class ({MODULE_CLASS}) and its run's technique "
+                          f"{technique!r} has none from before checkpoints named theirs")
+    if not isinstance(path, str) or not CLASS_PATH.fullmatch(path):
+        raise ConfigError(f"{checkpoint}: refused to load: it names module class {path!r}, outside the suite's modules package")
+    module_path, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_path), name, None)
+    except ImportError as err:
+        raise ConfigError(f"{checkpoint}: names module class {path}, which does not import here: {err}") from err
+    if not (isinstance(found, type) and issubclass(found, L.LightningModule)):
+        raise ConfigError(f"{checkpoint}: names module class {path}, which is no LightningModule of this suite")
+    return found
+
+
 def load_module(module: type[Module], checkpoint: str | Path, device: str | torch.device = "cpu") -> Module:
     """`module.load_from_checkpoint` through torch's weights-only unpickler: tensors and plain data only
     (hyperparameters are dicts of primitives); anything else is refused with one ConfigError line."""
@@ -82,11 +134,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", arm: str | 
     run_json, tokenizer_json = run_dir / "run.json", run_dir / "tokenizer.json"
     if not run_json.is_file() or not tokenizer_json.is_file():
         raise ConfigError(f"{run_dir}: a run folder needs run.json and tokenizer.json beside checkpoints/")
-    technique = registry.get(json.loads(run_json.read_text())["technique"])
-    module = load_module(technique.module, checkpoint, device)
+    technique = json.loads(run_json.read_text())["technique"]
+    module = load_module(module_class(checkpoint, technique), checkpoint, device)
     if arm is not None:
         if not hasattr(module, "arm_model"):
-            raise ConfigError(f"{run_dir}: a {technique.name} run has one model; drop arm={arm}")
+            raise ConfigError(f"{run_dir}: a {technique} run has one model; drop arm={arm}")
         try:
             model = module.arm_model(arm)
         except ValueError as err:

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 from jsonargparse import ArgumentParser
 
+from reports.compare import collect, write
 from repro.config import ConfigError
 
 
@@ -29,8 +30,6 @@ def parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reports.compare import collect, write
-
     try:
         args = parser().parse_args(argv)
         inputs = collect(args.inputs)

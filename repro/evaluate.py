@@ -16,9 +16,20 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import lm_eval
 import torch
+import yaml
 from jsonargparse import ArgumentParser
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import handle_non_serializable, make_table
+from tokenizers import Tokenizer
 
+from datamodules.chat import is_chat_tokenizer
+from evaluation import TASKS_DIR
+from evaluation.build_tasks import data_dir_for
+from evaluation.lm import ReproLM  # the import registers "llm-repro" with lm-eval
+from evaluation.task_checks import check_tasks
+from repro import registry
 from repro.checkpoints import locate
 from repro.config import ConfigError
 
@@ -26,10 +37,6 @@ from repro.config import ConfigError
 
 def is_chat_run(checkpoint: str | Path) -> bool:
     """Whether the run's tokenizer carries the chat template's tokens (an instruction-tuned model)."""
-    from tokenizers import Tokenizer
-
-    from datamodules.chat import is_chat_tokenizer
-
     _, run_dir = locate(checkpoint)
     path = run_dir / "tokenizer.json"
     return path.is_file() and is_chat_tokenizer(Tokenizer.from_file(str(path)))
@@ -37,10 +44,6 @@ def is_chat_run(checkpoint: str | Path) -> bool:
 
 def default_tasks(checkpoint: str | Path) -> list[str]:
     """The tasks a run of this checkpoint is scored on: its config's `eval.tasks`, else its technique's."""
-    import yaml
-
-    from repro import registry
-
     _, run_dir = locate(checkpoint)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     tasks = ((config or {}).get("eval") or {}).get("tasks")
@@ -73,12 +76,6 @@ def evaluate(
     trained side by side (SFT's "lora"). A chat model (its tokenizer has the chat tokens) reads each
     prompt through its chat template, as lm-eval's `--apply_chat_template` does.
     """
-    import lm_eval
-
-    import evaluation.lm  # noqa: F401  registers "llm-repro"
-    from evaluation.build_tasks import data_dir_for
-    from evaluation.task_checks import check_tasks
-
     locate(checkpoint)  # a bad path fails here, with the message load_model would give
     tasks = default_tasks(checkpoint) if tasks is None else tasks
     names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
@@ -109,11 +106,6 @@ def evaluate_model(
 ) -> dict[str, float]:
     """lm-eval's "task/metric" scores of a decoder held in memory (a quantized copy of a run's model, say),
     on the held-out data of the run `checkpoint` names, through the same tasks and harness as `evaluate`."""
-    import lm_eval
-
-    from evaluation.lm import ReproLM
-    from evaluation.task_checks import check_tasks
-
     locate(checkpoint)
     metadata = {"checkpoint": str(checkpoint)}
     manager = _task_manager(list(tasks), None, metadata)
@@ -138,10 +130,6 @@ def arm_scores(run_dir: str | Path, arms: list[str], settings: Any, device: str,
 def _task_manager(names: list[str | dict], include_path: Any, metadata: dict[str, str]) -> Any:
     """A TaskManager over the suite's tasks (and `include_path`), with lm-eval's builtin tasks only when
     a name needs them: indexing their 14,000 YAML files takes 10-15 s on a laptop CPU."""
-    from lm_eval.tasks import TaskManager
-
-    from evaluation import TASKS_DIR
-
     extra = include_path if isinstance(include_path, list) else [include_path] if include_path else []
     paths = [str(TASKS_DIR), *map(str, extra)]
     ours = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
@@ -190,8 +178,6 @@ def results_table(results: dict[str, Any]) -> str:
 
 def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """`out/eval.json` (lm-eval's results, samples left out) and `out/eval.md` (the table)."""
-    from lm_eval.utils import handle_non_serializable
-
     out.mkdir(parents=True, exist_ok=True)
     kept = {k: v for k, v in results.items() if k != "samples"}
     (out / "eval.json").write_text(json.dumps(kept, indent=2, default=handle_non_serializable, ensure_ascii=False))
@@ -223,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ArgumentError, FileNotFoundError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    from lm_eval.utils import make_table
 
     print(make_table(results))
     if "groups" in results:

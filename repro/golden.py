@@ -35,6 +35,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import lightning
+import tokenizers
+import torch
+
+from repro import registry
+from repro.runner import RunSpec, run
+from repro.trainer import TrainerArgs
+
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 RTOL, ATOL = 1e-4, 1e-6  # rlhf's ppo/score moved 1.9e-5 from the recording CPU to an AMD EPYC
 SEED = 0
@@ -80,21 +88,13 @@ def write_corpus(folder: Path, documents: int = 60, sentences: int = 40) -> Path
 
 
 def versions() -> dict[str, str]:
-    import lightning
-    import tokenizers
-    import torch
-
     return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
             "tokenizers": tokenizers.__version__, "machine": platform.machine()}
 
 
 def record(name: str, workdir: Path | None = None) -> dict[str, Any]:
     """Run technique `name`'s golden trajectory; its metrics per step, the command that made it, the versions."""
-    from repro.registry import get
-    from repro.runner import RunSpec, run
-    from repro.trainer import TrainerArgs
-
-    technique = get(name)
+    technique = registry.get(name)
     with tempfile.TemporaryDirectory(prefix=f"golden-{name}-") as tmp:
         root = Path(workdir or tmp)
         corpus = write_corpus(root / "corpus")
@@ -162,16 +162,14 @@ def path_for(name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from repro.registry import techniques
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--technique", action="append", help="only this technique (repeatable; default: all registered)")
     parser.add_argument("--update", action="store_true", help="write the new trajectories to tests/golden/")
     args = parser.parse_args(argv)
-    names = args.technique or sorted(name for name, t in techniques().items() if t.trains)
-    unknown = [n for n in names if n not in techniques()]
+    names = args.technique or sorted(name for name, t in registry.techniques().items() if t.trains)
+    unknown = [n for n in names if n not in registry.techniques()]
     if unknown:
-        print(f"error: unknown technique {', '.join(unknown)}; registered: {', '.join(sorted(techniques()))}", file=sys.stderr)
+        print(f"error: unknown technique {', '.join(unknown)}; registered: {', '.join(sorted(registry.techniques()))}", file=sys.stderr)
         return 2
     moved = False
     for name in names:

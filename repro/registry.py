@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import repro.techniques as package
 from repro.config import ConfigError, _suggest, presets
 
 if TYPE_CHECKING:
@@ -121,7 +122,6 @@ def _discover() -> None:
     """Import every module of `repro.techniques` once (each registers itself); one imported directly
     before this ran must not hide the others."""
     global _discovered
-    import repro.techniques as package
 
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")

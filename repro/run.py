@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
@@ -11,12 +12,14 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 from argparse import ArgumentError
 
+import yaml
 from jsonargparse import ArgumentParser
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from datamodules.sources import DataFormatError
+from reports import seeds
 from repro import registry
-from repro.config import ConfigError
+from repro.config import ConfigError, load_preset
 from repro.runner import RunSpec, init_checkpoint, resolve, run
 from repro.trainer import STRATEGIES, TrainerArgs
 
@@ -42,10 +45,6 @@ def parser() -> ArgumentParser:
 
 
 def list_techniques() -> str:
-    import yaml
-
-    from repro.config import load_preset
-
     lines = []
     for name, technique in registry.techniques().items():
         also = f" (also --technique {', '.join(technique.aliases)})" if technique.aliases else ""
@@ -60,10 +59,6 @@ def list_techniques() -> str:
 def run_seeds(spec: RunSpec, k: int, out: Path, argv: list[str]) -> int:
     """K runs of `spec` at seeds spec.seed .. spec.seed + k - 1, each with its own report, then the
     verdicts over the seeds in runs/<technique>/<preset>-seeds<k>-<stamp>/seeds.md."""
-    from dataclasses import replace
-
-    from reports import seeds
-
     run_dirs = []
     for i in range(k):
         print(f"seed {spec.seed + i} ({i + 1} of {k})", flush=True)

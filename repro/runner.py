@@ -15,9 +15,13 @@ from typing import Any
 import lightning as L
 import yaml
 
+from reports.env import collect_env
+from reports.writer import write_report
 from repro import registry
 from repro.callbacks import History, SpeedMonitor
+from repro.checkpoints import check_weights_only, locate
 from repro.config import ConfigError, apply_overrides, build_config, load_preset
+from repro.evaluate import evaluate, result_rows, write_results
 from repro.trainer import TrainerArgs, build_trainer, check_trainer_args
 
 
@@ -88,8 +92,6 @@ def _load_spec(run_dir: Path) -> RunSpec:
 def resume_point(path: Path) -> tuple[Path, Path]:
     """(run folder, checkpoint) for `--resume`, given a run folder or a checkpoint inside one; a checkpoint that
     holds more than tensors and plain data is refused (ConfigError) before anything runs."""
-    from repro.checkpoints import check_weights_only
-
     path = Path(path)
     if path.suffix == ".ckpt":
         if not path.is_file():
@@ -116,7 +118,6 @@ def init_checkpoint(technique: registry.Technique, init: str) -> Path:
     hold only tensors and plain data (else ConfigError, before anything runs)."""
     if not technique.requires:
         raise ConfigError(f"--init: {technique.name} starts from no checkpoint; drop --init")
-    from repro.checkpoints import check_weights_only, locate
 
     checkpoint, run_dir = locate(init)
     made_by = json.loads((run_dir / "run.json").read_text())["technique"] if (run_dir / "run.json").is_file() else None
@@ -249,9 +250,6 @@ def train_fit(fit: registry.Fit, run_dir: Path, spec: RunSpec | None = None) -> 
 
 def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: Any, run_dir: Path) -> Path:
     """A technique that trains nothing: its measurements, then the same report as a training run's."""
-    from reports.env import collect_env
-    from reports.writer import write_report
-
     findings = technique.measure(config, spec.seed, run_dir)
     write_report(run_dir, technique=technique.name, title=f"{technique.name}: {technique.summary} (preset {spec.preset}, "
                  f"seed {spec.seed})", command=spec.command(), config=asdict(config), env=collect_env(spec.seed, asdict(spec.trainer)),
@@ -265,7 +263,6 @@ def _evaluate(run_dir: Path, config: Any, trainer: L.Trainer) -> dict | None:
     settings = getattr(config, "eval", None)
     if settings is None or not settings.enabled:
         return None
-    from repro.evaluate import evaluate, result_rows, write_results
 
     # tasks None: `evaluate` takes the run's own, the config's `eval.tasks` or else the technique's
     results = evaluate(run_dir, settings.tasks, settings.limit, settings.batch_size, str(trainer.strategy.root_device))
@@ -279,9 +276,6 @@ def _evaluate(run_dir: Path, config: Any, trainer: L.Trainer) -> dict | None:
 
 
 def _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation, fits) -> None:
-    from reports.env import collect_env
-    from reports.writer import write_report
-
     history = next(c for c in trainer.callbacks if isinstance(c, History)).series
     speed = next(c for c in trainer.callbacks if isinstance(c, SpeedMonitor)).records
     # claims may rest on lm-eval scores too: `eval/<task>/<metric>` beside the validation metrics

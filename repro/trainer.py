@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_ST
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy, StrategyRegistry
 
+from evaluation import TASKS_DIR
 from modules.nn import Block
 
 from modules.parallel import ParallelPlan
@@ -81,10 +83,6 @@ def unknown_task(names: list[str]) -> str | None:
     """Why `eval.tasks` names something that is no task, group or tag of the suite (`evaluation/tasks/`) or of
     lm-eval, or a task file that is not there; None when every name is known. lm-eval's builtin names are read
     only for a name outside the suite (`repro_*` names are the suite's own)."""
-    import importlib.util
-
-    from evaluation import TASKS_DIR
-
     if not names:
         return "give at least one task, or leave eval.tasks unset for the technique's own"
     ours = _task_names(TASKS_DIR)
@@ -224,8 +222,6 @@ def build_strategy(args: TrainerArgs, manual: bool = False) -> str | Strategy:
     if args.strategy == "fsdp":
         return BlockFSDPStrategy()
     if args.strategy.startswith("deepspeed") and args.strategy.endswith("offload"):
-        from lightning.pytorch.strategies import StrategyRegistry
-
         # ZeRO-Offload: optimizer state and step on the host. DeepSpeed would insist on its own CPU Adam (a C++
         # extension built on first use); the suite's torch AdamW runs there instead, unfused, as DeepSpeed allows.
         strategy = StrategyRegistry.get(args.strategy)

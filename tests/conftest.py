@@ -7,9 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-
-from repro.golden import SHRINK
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +23,8 @@ def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides(text_corpus: Path, tmp_path: Path) -> list[str]:
     """A 2-layer GPT on the small corpus: a dozen steps in a few seconds (the golden trajectories'
     shrunk preset, validated and checkpointed every few steps)."""
+    from repro.golden import SHRINK  # the runner's stack (lightning, seconds to import): only tests that train need it
+
     return [
         f"data.source={text_corpus}",
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -41,6 +40,8 @@ def tiny_overrides(text_corpus: Path, tmp_path: Path) -> list[str]:
 def one_thread() -> Iterator[None]:
     """Torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): models this
     small run faster on one thread, and far steadier on a shared CPU, where a thread pool waits on busy cores."""
+    import torch  # here, not at the top: a test that needs no torch (tests/test_layers.py) starts in well under a second
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -13,14 +13,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from datamodules.chat import END, IGNORE, TAGS, add_chat_tokens, encode
+from datamodules import cai
+from datamodules.chat import END, TAGS, add_chat_tokens, encode
 from datamodules.constitution import ANY, CONSTITUTION, CHECKERS, ConstitutionError, load_constitution, violation_rate, violations
 from datamodules.preference import PreferenceDataConfig, PreferenceDataModule, read_pairs
 from datamodules.red_team import KINDS, ORDINARY, helpfulness, red_team_prompts, split
 from datamodules.sft import SFTDataConfig, SFTDataModule
 from datamodules.tokenizer import train_bpe
-from modules import cai
 from modules.nn import Decoder, DecoderConfig
+from modules.nn.decoder import IGNORE
 
 PRINCIPLES = load_constitution()
 BY_NAME = {p.name: p for p in PRINCIPLES}

@@ -226,3 +226,40 @@ def test_run_context_given_to_a_constructor_stays_out_of_the_hyperparameters(tmp
         torch.save({"hyper_parameters": dict(module.hparams)}, tmp_path / f"{name}.ckpt")
         assert torch.load(tmp_path / f"{name}.ckpt", weights_only=True)["hyper_parameters"] == dict(module.hparams), name
     assert modules["ppo"].true_reward([[1], [2]]) == [0.0, 0.0] and modules["ppo"].reward_dir == runs["reward_dir"]
+def test_a_checkpoint_names_the_module_class_that_loads_it(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """A run's checkpoints name their LightningModule class, so loading needs no technique registry; a run folder
+    from before they did loads by its technique."""
+    from modules.pretrain import PretrainModule
+    from repro.checkpoints import MODULE_CLASS, load_model, module_class
+    from repro.runner import run
+    from repro.trainer import TrainerArgs
+
+    run_dir = run(RunSpec("pretrain", "tiny", tiny_overrides + ["train.max_steps=4"], trainer=TrainerArgs(accelerator="cpu")),
+                  out=tmp_path / "runs")
+    for name in ("final.ckpt", "last.ckpt"):
+        checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert checkpoint[MODULE_CLASS] == "modules.pretrain.PretrainModule"
+    final = run_dir / "checkpoints" / "final.ckpt"
+    assert module_class(final, technique="another name") is PretrainModule  # the checkpoint's word, not the run's
+    model, _ = load_model(run_dir)
+    del checkpoint[MODULE_CLASS]  # a run folder written before checkpoints named their class
+    torch.save(checkpoint, final)
+    assert module_class(final, "pretrain") is PretrainModule
+    assert torch.equal(load_model(run_dir)[0].wte.weight, model.wte.weight)
+    with pytest.raises(ConfigError, match="names no module class"):
+        module_class(final, "cai")
+
+
+@pytest.mark.parametrize("named, fragment", [
+    ("os.system", "outside the suite's modules package"),
+    ("modules.nn.decoder.Decoder", "no LightningModule of this suite"),
+    ("modules.pretrain.NoSuchModule", "no LightningModule of this suite"),
+    ("modules.no_such_file.Module", "which does not import here: No module named 'modules.no_such_file'"),
+])
+def test_a_checkpoint_naming_another_class_is_refused(tmp_path: Path, named: str, fragment: str) -> None:
+    from repro.checkpoints import MODULE_CLASS, load_model
+
+    run = planted_run(tmp_path / "run", "pretrain", tmp_path / "ran")
+    torch.save({"state_dict": {}, MODULE_CLASS: named}, run / "checkpoints" / "final.ckpt")
+    with pytest.raises(ConfigError, match=fragment):
+        load_model(run)

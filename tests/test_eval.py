@@ -16,12 +16,12 @@ import torch
 from lm_eval.api.instance import Instance
 
 import evaluation.lm  # noqa: F401  registers "llm-repro"
+from datamodules.verifiable import arithmetic_choices
 from evaluation import TASKS_DIR
 from evaluation.build_tasks import build, load, task_rows
 from evaluation.lm import EOT_ID, ReproLM
 from evaluation.standard_tasks import BUILTIN, local
 from evaluation.task_checks import TaskConfigError, missing_fields
-from evaluation.verifiable import arithmetic_choices
 from modules.generation import generate
 from repro.checkpoints import load_model
 from repro.config import ConfigError

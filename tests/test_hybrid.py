@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.hybrid import measure_arms
+from measurement.hybrid import measure_arms
 from modules.nn import DecoderConfig
 from repro import registry
 from repro.run import main

@@ -28,6 +28,7 @@ def test_bad_presets_stop_before_any_run_folder(capsys, tmp_path, override: str,
 
 def test_a_finished_run_is_measured_again_with_other_settings_and_full_float32(tmp_path: Path) -> None:
     from benchmarks import inference as bench
+    from measurement.inference import full_float32_matmuls
     from repro import golden, registry
 
     corpus = golden.write_corpus(tmp_path / "corpus")
@@ -38,7 +39,7 @@ def test_a_finished_run_is_measured_again_with_other_settings_and_full_float32(t
     out = tmp_path / "again.json"
     torch.set_float32_matmul_precision("high")  # as the trainer leaves it on a GPU
     try:
-        with bench.full_float32_matmuls():
+        with full_float32_matmuls():
             assert torch.get_float32_matmul_precision() == "highest"
         assert bench.main(["--checkpoint", str(run_dir), "--schemes", "int8", "--gammas", "3", "--repeats", "1",
                            "--out", str(out)]) == 0

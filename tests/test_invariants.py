@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from modules.nn import Decoder, DecoderConfig
-from datamodules.chat import IGNORE
+from modules.nn.decoder import IGNORE
 from modules.pretrain import OptimConfig, PretrainModule, warmup_cosine
 from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
 from repro.registry import techniques
@@ -309,7 +309,7 @@ def hybrid_arms_start_at_equal_size_and_log_vocab() -> None:
 def memory_zero_bytes_follow_the_paper() -> None:
     """ZeRO (Rajbhandari et al. 2020, Sec. 5.1) with K = 12: 16 bytes per parameter unsharded; stage 1
     4 + 12/N, stage 2 2 + 14/N, stage 3 16/N; on one device every stage keeps all 16."""
-    from benchmarks.memory import zero_bytes_per_param
+    from measurement.memory import zero_bytes_per_param
 
     for n in (1, 8, 64):
         assert zero_bytes_per_param("ddp", n) == 16
@@ -468,7 +468,7 @@ def cai_feedback_is_order_free_and_sl_rows_supervise_the_revision() -> None:
     from datamodules.chat import END, add_chat_tokens, encode
     from datamodules.constitution import load_constitution
     from datamodules.tokenizer import train_bpe
-    from modules.cai import CritiqueStep, ai_feedback, build_sl_data, decoder_logprob
+    from datamodules.cai import CritiqueStep, ai_feedback, build_sl_data, decoder_logprob
 
     principle = load_constitution()[0]
     tokenizer = train_bpe(["Human: repeat the words apple river. Assistant: apple river (A) (B) " * 40], 300)

@@ -9,11 +9,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from datamodules.chat import END, IGNORE, TAGS, add_chat_tokens, encode, read_records, render, verifiable_conversations
+from datamodules.chat import END, TAGS, add_chat_tokens, encode, read_records, render, verifiable_conversations
 from datamodules.sft import collate, held_out_rows
 from datamodules.sources import DataFormatError
 from datamodules.tokenizer import train_bpe
 from modules.nn import Decoder, DecoderConfig
+from modules.nn.decoder import IGNORE
 from modules.sft import LoraSettings, load_adapter, merged, save_adapter, trained_parameters, with_lora
 from repro.golden import CORPUS, SHRINK, write_corpus
 from repro.runner import RunSpec, run
@@ -173,7 +174,7 @@ def test_run_scores_base_full_and_lora_and_reports_claims(sft_run) -> None:
 
 
 def test_fine_tuned_model_is_prompted_through_its_chat_template(sft_run) -> None:
-    from evaluation.verifiable import prompt
+    from datamodules.verifiable import prompt
     from repro.evaluate import evaluate
 
     results = evaluate(sft_run, ["repro_verifiable_copy"], limit=2, batch_size=2, device="cpu", arm="lora")

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.tokenizers import _sentencepiece_unigram, jaccard, learned
 from datamodules.subword import TOKENIZERS, ByteLevelBPE, Unigram, WordPiece, load
 from datamodules.subword import bpe, wordpiece
 from datamodules.tokenizer import train_bpe
+from measurement.tokenizers import _sentencepiece_unigram, jaccard, learned
 from repro.golden import write_corpus
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 

@@ -17,6 +17,8 @@ from modules.nn.moe import MoE
 from modules.nn.norm import build_norm
 from modules.nn.position import rope_cache
 
+IGNORE = -100  # the label of a position the loss skips (a prompt's tokens, padding): F.cross_entropy's ignore_index
+
 
 def init_weights(module: nn.Module, n_layer: int) -> None:
     """GPT-2's initialisation of one module: N(0, 0.02) everywhere, residual projections scaled by
@@ -140,9 +142,9 @@ class Decoder(nn.Module):
         return x
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats) of targets (B, T) given idx (B, T)."""
+        """Mean next-token cross-entropy (nats) of targets (B, T) given idx (B, T), over the targets that are not IGNORE."""
         logits = self(idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
     def moe_layers(self) -> list[MoE]:
         """The blocks' mixture-of-experts layers, first to last (none in a dense decoder)."""

@@ -154,6 +154,7 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod, selected
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod, selected: torch.Tensor | None) -> torch.Tensor:
     """FlexAttention with the same mask as a block-sparse mask (compiled on CUDA: eager flex is a slow reference)."""
+    # optional: FlexAttention came with torch 2.5, and only this kernel needs it (the reference path runs without)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     B, H, T, _ = q.shape
@@ -169,7 +170,7 @@ _COMPILED = None
 def _compiled_flex():
     global _COMPILED
     if _COMPILED is None:
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch.nn.attention.flex_attention import flex_attention  # optional, as in `_flex`
 
         _COMPILED = torch.compile(flex_attention, dynamic=False)
     return _COMPILED

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleavedZeroBubble
 
 from modules.nn import Decoder, DecoderConfig
 from modules.pipeline.schedules import Timing, build
@@ -88,8 +89,6 @@ def _free_port() -> int:
 
 
 def _make_schedule(name: str, stage: Any, micro_batches: int, loss_fn: Callable) -> Any:
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleavedZeroBubble
-
     if name == "GPipe":
         return ScheduleGPipe(stage, micro_batches, loss_fn=loss_fn)
     if name == "1F1B":
@@ -116,8 +115,6 @@ def _time_calls(owner: Any, names: list[str], clock: list[float]) -> None:
 
 def _worker(rank: int, world: int, port: int, config: DecoderConfig, schedules: list[str], micro_batches: int,
             idx: torch.Tensor, targets: torch.Tensor, steps: int, warmup: int, out: str) -> None:
-    from torch.distributed.pipelining import PipelineStage
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
 from modules.pipeline.schedules import (
     METHODS,
     REPORTED,
@@ -24,16 +28,11 @@ def timeline_png(schedules: list[Schedule], dpi: int = 110) -> bytes:
     """PNG bytes: one panel per schedule, one row per device (device 0 on top), one box per op with
     its micro-batch number. F&B boxes are split, forward half on top; DualPipe's reverse stream
     (direction 1) is hatched. Panels share the time axis, so lengths compare across schedules."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch, Rectangle
-
     devices = max(len(s.devices) for s in schedules)
     span = max(s.makespan for s in schedules)
-    fig, axes = plt.subplots(len(schedules), 1, figsize=(max(8.0, span * 0.35), 0.45 * devices * len(schedules) + 1.2),
-                             squeeze=False)
+    fig = Figure(figsize=(max(8.0, span * 0.35), 0.45 * devices * len(schedules) + 1.2))
+    FigureCanvasAgg(fig)  # drawn off screen, without pyplot's global state
+    axes = fig.subplots(len(schedules), 1, squeeze=False)
     for ax, schedule in zip(axes[:, 0], schedules):
         for device, ops in enumerate(schedule.devices):
             for op in ops:
@@ -59,7 +58,6 @@ def timeline_png(schedules: list[Schedule], dpi: int = 110) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
     return buffer.getvalue()
 
 

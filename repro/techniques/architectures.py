@@ -17,13 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from modules.architectures import ArchitectureSettings, ArchitecturesModule
 from modules.arms import ConfigArm
-from modules.needle import NeedleConfig
+from modules.needle import NeedleConfig, train_and_score
 from modules.nn import DecoderConfig
+from modules.nn.cache import cache_bytes
 from modules.pretrain import OptimConfig
 from reports.claims import check_above, check_below, not_measured
+from reports.plots import loss_curves
+from repro.arm_findings import arm_metrics
+from repro.evaluate import arm_scores
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
@@ -71,13 +77,6 @@ def describe(cfg: DecoderConfig) -> str:
 
 def findings(config: ArchitecturesConfig, final: dict[str, float], module: ArchitecturesModule,
              datamodule: PretrainDataModule, speed: list[dict[str, float]]) -> Findings:
-    import torch
-
-    from modules.nn.cache import cache_bytes
-    from reports.plots import loss_curves
-    from repro.arm_findings import arm_metrics
-    from repro.evaluate import arm_scores
-
     run_dir = Path(module.trainer.default_root_dir)
     seq = config.model.block_size
     tokens = config.train.max_steps * config.data.batch_size * seq * module.trainer.world_size
@@ -120,8 +119,6 @@ def findings(config: ArchitecturesConfig, final: dict[str, float], module: Archi
 
 def needle_metrics(needle: NeedleConfig, module: ArchitecturesModule) -> dict[str, float]:
     """Each arm's shape trained from scratch on the needle task (same seed, batches and held-out set for all)."""
-    from modules.needle import train_and_score
-
     out = {}
     for arm in module.arms:
         result = train_and_score(module.decoder(arm.name).config, needle, seed=0, device=module.device)

@@ -5,7 +5,7 @@ The chat model is the `sft` stage of the same preset (trained once and reused; `
 critiqued and revised by the critic under principles drawn from the constitution (`datamodules/constitution.yaml`);
 the final revisions (`sl_cai.jsonl`) fine-tune a copy of the chat model (SL-CAI). SL-CAI then samples two
 responses per training prompt, the judge labels each pair by the log-probs of the answers "A" and "B" to the
-principle's multiple-choice question (`modules/cai.py`), and DPO trains RL-CAI from SL-CAI on the labelled pairs,
+principle's multiple-choice question (`datamodules/cai.py`), and DPO trains RL-CAI from SL-CAI on the labelled pairs,
 SL-CAI being the reference. The critic and the judge are the chat model itself (null), another suite checkpoint (a
 run folder, e.g. a larger sft or pretrain run) or a Hugging Face causal LM (a hub name or a local folder). The
 report: the checkers' violation rates of the chat model (base), SL-CAI and RL-CAI, greedy, on the same held-out
@@ -21,7 +21,22 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from datamodules.cai import (build_preference_pairs, build_sl_data, checker_agreement, critique_revise_batch, decoder_generator,
+                             decoder_logprob, hf_generator, hf_logprob, to_pairs)
+from datamodules.chat import END, is_chat_tokenizer
+from datamodules.constitution import ANY, checkable, load_constitution, violation_rate
+from datamodules.preference import PreferenceDataConfig, PreferenceDataModule
+from datamodules.red_team import ORDINARY, helpfulness, split
+from datamodules.sft import SFTDataConfig, SFTDataModule
+from modules.dpo import DPOModule, DPOSettings
+from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
+from reports.claims import check_above, check_below, not_measured
+from repro import registry
+from repro.checkpoints import load_model
 from repro.registry import Findings, Fit, Technique, register
+from repro.runner import RunSpec, _load_spec, stage_checkpoint, train_fit
+from repro.techniques.dpo import with_reference
+from repro.trainer import TrainConfig, on_gpu
 
 SOURCE = "Constitutional AI (Bai et al. 2022), Fig. 2-3"
 SAMPLES_SHOWN = 3  # critique-revision chains shown in the report
@@ -62,8 +77,6 @@ class CAISettings:
     rl: RLSettings = field(default_factory=RLSettings)
 
     def __post_init__(self) -> None:
-        from datamodules.constitution import load_constitution
-
         if isinstance(self.sl, dict):
             self.sl = SLSettings(**self.sl)
         if isinstance(self.rl, dict):
@@ -93,9 +106,6 @@ class CAIConfig:
 
 def chat_model_stage(config: CAIConfig, seed: int, run_dir: Path) -> Path:
     """The run folder of the `sft` stage: the runner's own stage cache, at this run's preset where sft has it."""
-    from repro import registry
-    from repro.runner import RunSpec, _load_spec, stage_checkpoint
-
     parent = _load_spec(run_dir)
     sft = registry.get("sft")
     preset = parent.preset if parent.preset in sft.presets else sft.default_preset
@@ -107,9 +117,6 @@ def _train(run_dir: Path, name: str, module: Any, datamodule: Any, steps: int) -
     """Train SL-CAI or RL-CAI as the runner trains any model (`repro.runner.train_fit`: the run's seed, precision and
     accelerator, checkpoints under fits/<name>/, a resumed run reusing what it finished), in one process, with one
     validation batch at the end."""
-    from repro.runner import _load_spec, train_fit
-    from repro.trainer import TrainConfig
-
     spec = _load_spec(run_dir)
     spec = replace(spec, trainer=replace(spec.trainer, devices=1))  # `distributed=False`: auto takes one device too
     train = TrainConfig(max_steps=steps, grad_clip=0.0, val_every=steps, val_batches=1, checkpoint_every=steps,
@@ -120,9 +127,6 @@ def _train(run_dir: Path, name: str, module: Any, datamodule: Any, steps: int) -
 def sl_cai(chat_model: Any, tokenizer: Any, source: Path, settings: SLSettings, seed: int, run_dir: Path) -> tuple[Any, dict]:
     """(SL-CAI decoder, its data stats): the chat model's full weights fine-tuned on the chat records in `source`
     (responses only), with SFT's module and data (the LoRA arm off; the chat tokens are already in the vocabulary)."""
-    from datamodules.sft import SFTDataConfig, SFTDataModule
-    from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
-
     block = chat_model.config.block_size
     rows = sum(1 for _ in source.open())
     if rows < 2:  # nothing to learn from: SL-CAI is the chat model, and the report says so
@@ -154,12 +158,6 @@ def _fit(pair: Any, max_len: int) -> Any:
 def rl_cai(policy: Any, tokenizer: Any, records: list[dict], settings: RLSettings, seed: int, run_dir: Path) -> tuple[Any, dict]:
     """(RL-CAI decoder, its data stats): DPO (one arm) from `policy` on the AI-labelled `records`, `policy` the reference
     (its log-probs cached on the pairs by the dpo technique's `with_reference`)."""
-    from datamodules.chat import END
-    from datamodules.preference import PreferenceDataConfig, PreferenceDataModule
-    from modules.cai import to_pairs
-    from modules.dpo import DPOModule, DPOSettings
-    from repro.techniques.dpo import with_reference
-
     max_len = policy.config.block_size + 1  # the policy reads all but the last token
     pairs = [p for p in (_fit(p, max_len) for p in to_pairs(records, tokenizer)) if p is not None]
     random.Random(seed).shuffle(pairs)
@@ -180,9 +178,6 @@ def rl_cai(policy: Any, tokenizer: Any, records: list[dict], settings: RLSetting
 
 def rates(generate_many: Any, prompts: list[Any], principles: list[Any]) -> tuple[dict[str, dict[str, float]], list[str]]:
     """({"red_team"|"ordinary"|"all": violation_rate}, responses): greedy responses to the held-out prompts, scored."""
-    from datamodules.constitution import violation_rate
-    from datamodules.red_team import ORDINARY
-
     responses = generate_many([p.text for p in prompts])
     groups = {"red_team": [r for r, p in zip(responses, prompts) if p.kind != ORDINARY],
               "ordinary": [r for r, p in zip(responses, prompts) if p.kind == ORDINARY], "all": responses}
@@ -192,8 +187,6 @@ def rates(generate_many: Any, prompts: list[Any], principles: list[Any]) -> tupl
 def _suite_model(name: str, like: Any) -> tuple[Any, Any] | None:
     """(decoder, tokenizer) when `name` is a suite run folder or a .ckpt in one (on the chat model's device), else
     None: a Hugging Face model's name or folder."""
-    from repro.checkpoints import load_model
-
     path = Path(name)
     if not (path.suffix == ".ckpt" or (path / "run.json").is_file()):
         return None
@@ -201,8 +194,6 @@ def _suite_model(name: str, like: Any) -> tuple[Any, Any] | None:
 
 
 def _critic(name: str | None, model: Any, tokenizer: Any, max_new_tokens: int, temperature: float, seed: int) -> Any:
-    from modules.cai import decoder_generator, hf_generator
-
     suite = _suite_model(name, model) if name is not None else (model, tokenizer)
     if suite is None:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
@@ -211,21 +202,11 @@ def _critic(name: str | None, model: Any, tokenizer: Any, max_new_tokens: int, t
 
 
 def _judge(name: str | None, model: Any, tokenizer: Any) -> Any:
-    from datamodules.chat import is_chat_tokenizer
-    from modules.cai import decoder_logprob, hf_logprob
-
     suite = _suite_model(name, model) if name is not None else (model, tokenizer)
     return hf_logprob(name) if suite is None else decoder_logprob(*suite, chat=is_chat_tokenizer(suite[1]))
 
 
 def measure(config: CAIConfig, seed: int, run_dir: Path) -> Findings:
-    from datamodules.constitution import ANY, checkable, load_constitution
-    from datamodules.red_team import ORDINARY, helpfulness, split
-    from modules.cai import build_preference_pairs, build_sl_data, checker_agreement, critique_revise_batch, decoder_generator
-    from repro.checkpoints import load_model
-    from repro.runner import _load_spec
-    from repro.trainer import on_gpu
-
     s = config.cai
     args = _load_spec(run_dir).trainer
     device = "cuda" if on_gpu(args) else "cpu"
@@ -317,8 +298,6 @@ def measure(config: CAIConfig, seed: int, run_dir: Path) -> Findings:
 
 
 def _claims(base: float, sl: float, rl: float, n: int, helpful: dict[str, dict[str, float | None]], n_ordinary: int) -> list[Any]:
-    from reports.claims import check_above, check_below, not_measured
-
     half = 0.5 / max(1, n)  # rates are counts / n: rl <= sl exactly when rl < sl + half a prompt
     kept = "RL-CAI stays about as helpful as the chat model"
     metric = "held-out ordinary prompts answered exactly, RL-CAI"

@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.ablation import AblationDataConfig, AblationDataModule
+from datamodules.pipeline import STAGES
 from datamodules.pretrain import CorpusConfig
 from modules.corpus_arms import AblationSettings, CorpusArmsModule
 from modules.nn import DecoderConfig
 from modules.pretrain import OptimConfig
 from reports.claims import check_above, check_below
+from reports.plots import grouped_bars, loss_curves
+from repro.arm_findings import arm_metrics
+from repro.evaluate import arm_scores
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
@@ -54,11 +58,6 @@ def build(config: DataConfig, seed: int, stages: dict[str, Path]) -> tuple[Corpu
 
 def findings(config: DataConfig, final: dict[str, float], module: CorpusArmsModule, datamodule: AblationDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from datamodules.pipeline import STAGES
-    from reports.plots import grouped_bars, loss_curves
-    from repro.arm_findings import arm_metrics
-    from repro.evaluate import arm_scores
-
     run_dir = Path(module.trainer.default_root_dir)
     metrics = arm_metrics(module, final, datamodule, speed, lambda arm: {"corpus": arm.corpus})
     stages, plants = datamodule.stages, datamodule.plants

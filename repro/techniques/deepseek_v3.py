@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from modules.nn.calculator import DEEPSEEK_V3, count, kv_cache_bytes_per_token
 from reports.claims import ClaimResult
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
@@ -23,8 +24,6 @@ SOURCE = "DeepSeek-V3 technical report (2024), Sec. 2 and Table 1 (config.json o
 
 def calculator_findings(module: Any) -> tuple[dict[str, Any], list[ClaimResult], list[str]]:
     """The published model's counts and claims, and the tiny model's counts against the module's."""
-    from modules.nn.calculator import DEEPSEEK_V3, count, kv_cache_bytes_per_token
-
     full = count(DEEPSEEK_V3)
     embedding = DEEPSEEK_V3.padded_vocab_size * DEEPSEEK_V3.n_embd
     activated = full.active - embedding  # the input embedding is a lookup: what a token's compute touches

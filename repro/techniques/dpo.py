@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,11 +23,13 @@ import torch
 
 from datamodules.preference import SENTIMENT, Pair, PreferenceDataConfig, PreferenceDataModule, PromptDataModule, collate_pairs, read_pairs
 from datamodules.tokenizer import EOT_ID
-from modules.dpo import DPOModule, DPOSettings, reference_logps
+from modules.dpo import DPOModule, DPOSettings, reference_logps, sequence_logps
 from modules.ppo import PPOConfig, PPOModule
 from reports.claims import check_above, check_below, not_measured
-from repro.golden import CORPUS, SHRINK
+from reports.plots import frontier_plot
 from repro.checkpoints import load_model
+from repro.config import ConfigError
+from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Fit, Technique, register
 from repro.techniques.reward import ACCURACY, PREFERENCES, base_of
 from repro.techniques.rlhf import SAMPLES, true_reward_of
@@ -92,9 +95,6 @@ def with_reference(datamodule: PreferenceDataModule, base: Any, batch: int = 256
 
 
 def build(config: DPOConfig, seed: int, stages: dict[str, Path]) -> tuple[DPOModule, PreferenceDataModule]:
-    import random
-
-    from repro.config import ConfigError
 
     reward_dir = Path(stages["reward"]).parent.parent
     base_dir = base_of(stages)
@@ -166,8 +166,6 @@ def ppo_arms(config: DPOConfig, module: DPOModule, datamodule: PreferenceDataMod
 
 def findings(config: DPOConfig, final: dict[str, float], module: DPOModule, datamodule: PreferenceDataModule,
              speed: list[dict[str, float]], fits: dict[str, PPOModule]) -> Findings:
-    from reports.plots import frontier_plot
-
     module.reference_model = load_model(module.base_dir, device=module.device)[0]
     evaluator = PPOModule(module.reference_model.config, PPOConfig(reward="true", response_tokens=config.frontier.ppo.response_tokens),
                           1, eos_id=None).to(module.device)
@@ -246,8 +244,6 @@ def findings(config: DPOConfig, final: dict[str, float], module: DPOModule, data
 @torch.no_grad()
 def _logp_drift(module: DPOModule, datamodule: PreferenceDataModule) -> dict[str, tuple[float, float]]:
     """Per arm, mean (log pi - log ref) over held-out pairs for the chosen and the rejected responses."""
-    from modules.dpo import sequence_logps
-
     out = {}
     batch = collate_pairs(datamodule.val_set.pairs, datamodule.pad_id)
     batch = {k: v.to(module.device) for k, v in batch.items()}

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from measurement.dualpipe import real_table
+from modules.pipeline.real import compare, tiny_config
+from modules.pipeline.schedules import METHODS, REPORTED, Timing, build, formula_holds, reported_bubble, reported_memory
+from modules.pipeline.timeline import table2, timeline_png
 from reports.claims import ClaimResult, check_below
 from repro.registry import Findings, Technique, register
 
@@ -72,11 +76,6 @@ class DualPipeConfig:
 
 
 def measure(config: DualPipeConfig, seed: int, run_dir: Path) -> Findings:
-    from benchmarks.dualpipe import real_table
-    from modules.pipeline.real import compare, tiny_config
-    from modules.pipeline.schedules import METHODS, REPORTED, Timing, build, formula_holds, reported_bubble, reported_memory
-    from modules.pipeline.timeline import table2, timeline_png
-
     s = config.simulation
     plain, overlapped = Timing(s.F, s.B, s.W), Timing(s.F, s.B, s.W, FB=s.FB)
     schedules = {method: build(method, s.stages, s.micro_batches, overlapped) for method in METHODS}

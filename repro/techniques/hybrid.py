@@ -4,7 +4,7 @@ Arms pretrain side by side on the same batches at equal parameters (`modules/hyb
 transformer, pure Mamba and Jamba's 1 attention : 7 Mamba pattern (the `jamba` preset adds the
 pattern with MoE every other layer). The report compares their validation loss and lm-eval scores,
 and, for each arm's architecture, the decoding cache's bytes and decode tokens/s against context
-length (`benchmarks/hybrid.py`): computed from the config and measured.
+length (`measurement/hybrid.py`): computed from the config and measured.
 """
 
 from __future__ import annotations
@@ -14,11 +14,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
+from measurement.hybrid import measure_arms, show
 from modules.hybrid import HybridModule, HybridSettings, check_equal_params
 from modules.nn import DecoderConfig
+from modules.nn.cache import KVCache, cache_bytes
 from modules.pretrain import OptimConfig
 from reports.claims import check_above, check_below, not_measured
+from reports.plots import context_curves, loss_curves
+from repro.arm_findings import arm_metrics
+from repro.evaluate import arm_scores
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
@@ -68,10 +75,6 @@ def build(config: HybridConfig, seed: int, stages: dict[str, Path]) -> tuple[Hyb
 
 def memory_at(module: HybridModule, context: int, dtype: Any) -> dict[str, dict[str, int]]:
     """Per arm: the decoding cache of one sequence of `context` tokens, computed and allocated (its buffers' bytes)."""
-    import torch
-
-    from modules.nn.cache import KVCache, cache_bytes
-
     out = {}
     for arm in module.arms:
         config = replace(module.decoder(arm.name).config, block_size=context)
@@ -83,14 +86,6 @@ def memory_at(module: HybridModule, context: int, dtype: Any) -> dict[str, dict[
 
 def findings(config: HybridConfig, final: dict[str, float], module: HybridModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    import torch
-
-    from benchmarks.hybrid import measure_arms, show
-    from modules.nn.cache import cache_bytes
-    from reports.plots import context_curves, loss_curves
-    from repro.arm_findings import arm_metrics
-    from repro.evaluate import arm_scores
-
     run_dir = Path(module.trainer.default_root_dir)
     seq = config.model.block_size
     metrics = arm_metrics(module, final, datamodule, speed, lambda arm: {

@@ -2,7 +2,7 @@
 
 The run starts from the `pretrain` stage of the same preset (trained once and reused; `--init` names
 another pretrain run). It trains a small draft decoder and an EAGLE head for the frozen target on the
-target's corpus (`modules/inference.py`), then measures (`benchmarks/inference.py`), at batch 1:
+target's corpus (`modules/inference.py`), then measures (`measurement/inference.py`), at batch 1:
 
 - weight-only int8, int4 and GPTQ int4 of the target (`modules/quant.py`): weight bytes, held-out
   loss, lm-eval's corpus perplexity and decode tokens/s, next to the unquantized target;
@@ -18,11 +18,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.inference import PROMPTS_FILE, DecodeSettings, QuantSettings
+import torch
+import yaml
+
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
+from measurement.inference import PROMPTS_FILE, DecodeSettings, QuantSettings, measure, plot
 from modules.inference import DrafterSettings, InferenceModule
 from modules.pretrain import OptimConfig
+from modules.quant import SCHEMES, TORCHAO_SCHEMES
 from reports.claims import check_above, check_below, not_measured
+from repro.checkpoints import load_model
+from repro.evaluate import evaluate_model
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
@@ -59,7 +65,6 @@ class InferenceConfig:
             raise ValueError(f"decode.gammas={self.decode.gammas}: draft lengths of at least 1")
         if self.decode.prompts < 1 or self.decode.prompt_tokens < 1 or self.decode.new_tokens < 1:
             raise ValueError("decode.prompts, decode.prompt_tokens and decode.new_tokens must be positive")
-        from modules.quant import SCHEMES, TORCHAO_SCHEMES
 
         unknown = [s for s in self.quant.schemes if s not in (*SCHEMES, *TORCHAO_SCHEMES)]
         if unknown:
@@ -67,10 +72,6 @@ class InferenceConfig:
 
 
 def build(config: InferenceConfig, seed: int, stages: dict[str, Path]) -> tuple[InferenceModule, PretrainDataModule]:
-    import yaml
-
-    from repro.checkpoints import load_model
-
     base_dir = Path(stages["pretrain"]).parent.parent
     base, _ = load_model(base_dir)
     needed = config.decode.prompt_tokens + config.decode.new_tokens + max(config.decode.gammas) + 2
@@ -86,8 +87,6 @@ def build(config: InferenceConfig, seed: int, stages: dict[str, Path]) -> tuple[
 
 def _inputs(config: InferenceConfig, datamodule: PretrainDataModule) -> dict[str, Any]:
     """Prompts (the first tokens of evenly spaced validation blocks), GPTQ's calibration blocks and the held-out blocks."""
-    import torch
-
     val, train = datamodule.val_set, datamodule.train_set
     step = max(1, len(val) // config.decode.prompts)
     prompts = [val[i][: config.decode.prompt_tokens].tolist() for i in range(0, len(val), step)][: config.decode.prompts]
@@ -98,10 +97,6 @@ def _inputs(config: InferenceConfig, datamodule: PretrainDataModule) -> dict[str
 
 def findings(config: InferenceConfig, final: dict[str, float], module: InferenceModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from benchmarks.inference import measure, plot
-    from repro.checkpoints import load_model
-    from repro.evaluate import evaluate_model
-
     run_dir = Path(module.trainer.default_root_dir)
     inputs = _inputs(config, datamodule)
     (run_dir / PROMPTS_FILE).write_text(json.dumps({

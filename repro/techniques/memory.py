@@ -1,6 +1,6 @@
 """What strategies and activation checkpointing cost and save (Chen et al. 2016; Korthikanti et al. 2022; ZeRO).
 
-A short pretraining run of the preset's shape, then the sweep of `benchmarks/memory.py`: every
+A short pretraining run of the preset's shape, then the sweep of `measurement/memory.py`: every
 activation-checkpointing policy under the default strategy and every listed strategy without it,
 each case a few timed steps of this technique at this preset (the run's own `--set` overrides
 included) in its own process. The report tables peak and activation memory against step time with
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.pretrain import PretrainDataModule
+from measurement.memory import activation_saving, plot, sweep, table
 from modules.parallel import POLICIES
 from modules.pretrain import PretrainModule
 from reports.claims import check_above, check_below, not_measured
@@ -53,8 +54,6 @@ class MemoryConfig(PretrainConfig):
 
 def findings(config: MemoryConfig, final: dict[str, float], module: PretrainModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from benchmarks.memory import activation_saving, plot, sweep, table
-
     run_dir = Path(module.trainer.default_root_dir)
     spec = json.loads((run_dir / "run.json").read_text())
     s = config.sweep

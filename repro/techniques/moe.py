@@ -14,11 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from modules.moe import MoEModule, MoESettings, check_has_experts
 from modules.nn import DecoderConfig
+from modules.nn.moe import max_violation
 from modules.pretrain import OptimConfig
 from reports.claims import check_below, not_measured
+from reports.plots import expert_load_heatmap, loss_curves, metric_curves
+from repro.arm_findings import arm_metrics
+from repro.evaluate import arm_scores
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
@@ -51,10 +57,6 @@ def build(config: MoEConfig, seed: int, stages: dict[str, Path]) -> tuple[MoEMod
 
 def maxvio_per_step(module: MoEModule, name: str) -> list[float]:
     """MaxVio of each training step's expert loads, averaged over MoE layers (empty for a dense arm)."""
-    import torch
-
-    from modules.nn.moe import max_violation
-
     steps = module.loads[name]
     return max_violation(torch.tensor(steps, dtype=torch.float64)).mean(-1).tolist() if steps else []
 
@@ -67,10 +69,6 @@ def _mean_of_tail(values: list[float], tail: float = 1.0) -> float | None:
 
 def findings(config: MoEConfig, final: dict[str, float], module: MoEModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from reports.plots import expert_load_heatmap, loss_curves, metric_curves
-    from repro.arm_findings import arm_metrics
-    from repro.evaluate import arm_scores
-
     run_dir = Path(module.trainer.default_root_dir)
     seq = config.model.block_size
     maxvio = {a.name: maxvio_per_step(module, a.name) for a in module.arms}

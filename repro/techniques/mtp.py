@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
+from measurement.speculative import PROMPTS_FILE, measure_arms
 from modules.mtp import MTPModule, MTPSettings
 from modules.nn import DecoderConfig
 from modules.pretrain import OptimConfig
 from reports.claims import check_above, check_below, not_measured
+from reports.plots import loss_curves
+from repro.arm_findings import arm_metrics
+from repro.evaluate import arm_scores
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
@@ -75,11 +79,6 @@ def _prompts(datamodule: PretrainDataModule, decode: DecodeConfig) -> list[list[
 
 def findings(config: MTPConfig, final: dict[str, float], module: MTPModule, datamodule: PretrainDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from benchmarks.speculative import PROMPTS_FILE, measure_arms
-    from reports.plots import loss_curves
-    from repro.arm_findings import arm_metrics
-    from repro.evaluate import arm_scores
-
     run_dir = Path(module.trainer.default_root_dir)
     seq = config.model.block_size
 

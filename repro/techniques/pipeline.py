@@ -15,11 +15,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from repro import registry
 from repro.registry import Findings, Technique, register
+from repro.runner import RunSpec, _load_spec, run, stage_checkpoint, stage_dir
+from repro.serve import Server
 
 STAGES = ["tokenizers", "pretrain", "sft", "dpo", "inference"]
 
@@ -40,8 +45,6 @@ class PipelineSettings:
     serve: ServeSettings = field(default_factory=ServeSettings)
 
     def __post_init__(self) -> None:
-        from repro import registry
-
         if isinstance(self.serve, dict):
             self.serve = ServeSettings(**self.serve)
         known = registry.techniques()
@@ -65,8 +68,6 @@ class PipelineConfig:
 def stage_overrides(name: str, settings: PipelineSettings) -> list[str]:
     """A stage's own overrides, and its prerequisites' prefixed with their names (`pretrain.train.max_steps=...`),
     so that the stage it requires is the very run the pipeline ran for that technique."""
-    from repro import registry
-
     own = list(settings.overrides.get(name, []))
     return own + [f"{req}.{o}" for req in registry.get(name).requires for o in stage_overrides(req, settings)]
 
@@ -74,9 +75,6 @@ def stage_overrides(name: str, settings: PipelineSettings) -> list[str]:
 def run_stage(spec: Any, out: Path) -> tuple[Path, bool]:
     """(the stage's run folder, whether it was reused): a training technique through the runner's own stage
     cache; a measuring one in the same `stage_dir`, rerun unless its report exists."""
-    from repro import registry
-    from repro.runner import run, stage_checkpoint, stage_dir
-
     folder = stage_dir(spec, out)
     if registry.get(spec.technique).trains:
         reused = (folder / "checkpoints" / "final.ckpt").is_file()
@@ -89,11 +87,6 @@ def run_stage(spec: Any, out: Path) -> tuple[Path, bool]:
 
 def serve_and_ask(run_dir: Path, settings: ServeSettings) -> dict[str, Any]:
     """Start `repro/serve.py`'s server on the run's model on loopback, send a completion and a malformed request."""
-    import urllib.error
-    import urllib.request
-
-    from repro.serve import Server
-
     def post(url: str, body: bytes) -> tuple[int, dict[str, Any], float]:
         request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
         start = time.perf_counter()
@@ -115,9 +108,6 @@ def serve_and_ask(run_dir: Path, settings: ServeSettings) -> dict[str, Any]:
 
 
 def measure(config: PipelineConfig, seed: int, run_dir: Path) -> Findings:
-    from repro import registry
-    from repro.runner import RunSpec, _load_spec
-
     settings = config.pipeline
     parent = _load_spec(run_dir)
     out = run_dir.parent.parent

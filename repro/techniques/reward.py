@@ -11,19 +11,24 @@ sample. The run folder keeps the prompts and pairs (`preference.json`) for the s
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import spearmanr
 
 from datamodules.preference import (SENTIMENT, Pair, PreferenceDataConfig, PreferenceDataModule, corpus_prompts, label_pairs,
                                     read_pairs, sample_responses, split_prompts)
 from datamodules.tokenizer import EOT_ID
+from evaluation.build_tasks import corpus_of_run, held_out_texts
+from evaluation.sentiment import sentiment
 from modules.pretrain import OptimConfig
 from modules.reward import RewardModule, concordance
 from reports.claims import check_above, not_measured
+from repro.checkpoints import load_model
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import TrainConfig
@@ -56,10 +61,6 @@ def base_of(stages: dict[str, Path]) -> Path:
 
 def sentiment_data(base_dir: Path, config: PreferenceDataConfig, seed: int) -> dict[str, Any]:
     """Prompts, samples and pairs of the embedded task, from the base at `base_dir` (see the module docstring)."""
-    from evaluation.build_tasks import corpus_of_run, held_out_texts
-    from evaluation.sentiment import sentiment
-    from repro.checkpoints import load_model
-
     base, tokenizer = load_model(base_dir)
     texts, _ = held_out_texts(corpus_of_run(base_dir))
     prompts = corpus_prompts(texts, tokenizer, config.prompt_tokens, config.prompts + config.held_out_prompts, seed)
@@ -75,8 +76,6 @@ def sentiment_data(base_dir: Path, config: PreferenceDataConfig, seed: int) -> d
 
 
 def build(config: RewardConfig, seed: int, stages: dict[str, Path]) -> tuple[RewardModule, PreferenceDataModule]:
-    from repro.checkpoints import load_model
-
     base_dir = base_of(stages)
     base, tokenizer = load_model(base_dir)
     module = RewardModule(base.config, config.optim, config.train.max_steps)
@@ -87,8 +86,6 @@ def build(config: RewardConfig, seed: int, stages: dict[str, Path]) -> tuple[Rew
         train = [Pair(**p) for p in preferences["pairs_train"]]
         val = [Pair(**p) for p in preferences["pairs_held_out"]]
     else:
-        import random
-
         preferences = None
         pairs = read_pairs(data.source, tokenizer, data.hub_split, Path(data.cache_dir) if data.cache_dir else None)
         random.Random(seed).shuffle(pairs)
@@ -102,8 +99,6 @@ def build(config: RewardConfig, seed: int, stages: dict[str, Path]) -> tuple[Rew
 
 def agreement(model: Any, preferences: dict[str, Any], k: int) -> dict[str, float]:
     """How the reward model's scores of the held-out samples agree with their true rewards (none if those are all equal)."""
-    from scipy.stats import spearmanr
-
     held = preferences["samples_held_out"]
     rewards = held["rewards"]
     out = {"true_reward/held_out_mean": statistics.fmean(rewards),

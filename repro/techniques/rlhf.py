@@ -23,8 +23,14 @@ import torch
 
 from datamodules.preference import PromptDataModule
 from datamodules.tokenizer import EOT_ID
+from evaluation.sentiment import sentiment
 from modules.ppo import PPOConfig, PPOModule
+from modules.reward import RewardModule
 from reports.claims import check_above, check_below, not_measured
+from reports.plots import reward_kl
+from repro.callbacks import History
+from repro.checkpoints import load_model, load_module
+from repro.config import ConfigError
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.techniques.reward import PREFERENCES, base_of
@@ -65,16 +71,10 @@ class RLHFConfig:
 
 def true_reward_of(tokenizer: Any):
     """Token rows -> VADER scores of their text (the end-of-text token dropped)."""
-    from evaluation.sentiment import sentiment
-
     return lambda rows: sentiment([tokenizer.decode([t for t in row if t != EOT_ID]) for row in rows])
 
 
 def build(config: RLHFConfig, seed: int, stages: dict[str, Path]) -> tuple[PPOModule, PromptDataModule]:
-    from modules.reward import RewardModule
-    from repro.checkpoints import load_model, load_module
-    from repro.config import ConfigError
-
     reward_dir = Path(stages["reward"]).parent.parent
     if not (reward_dir / PREFERENCES).is_file():
         raise ConfigError(f"{reward_dir}: no {PREFERENCES}; PPO needs a reward run on the embedded sentiment task "
@@ -116,9 +116,6 @@ def _samples_table(tokenizer: Any, prompts: list[list[int]], before: dict, after
 
 def findings(config: RLHFConfig, final: dict[str, float], module: PPOModule, datamodule: PromptDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from reports.plots import reward_kl
-    from repro.callbacks import History
-
     c = config.ppo
     prompts = datamodule.val_prompts
     batch = torch.tensor(prompts, device=module.device)

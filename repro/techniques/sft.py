@@ -19,6 +19,8 @@ from datamodules.sft import FAMILIES, VERIFIABLE, SFTDataConfig, SFTDataModule
 from datamodules.tokenizer import EOT, EOT_ID
 from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
 from reports.claims import check_above, check_below, not_measured
+from repro.checkpoints import load_model
+from repro.evaluate import evaluate
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
@@ -52,8 +54,6 @@ class SFTConfig:
 
 
 def build(config: SFTConfig, seed: int, stages: dict[str, Path]) -> tuple[SFTModule, SFTDataModule]:
-    from repro.checkpoints import load_model
-
     base_dir = Path(stages["pretrain"]).parent.parent
     base, tokenizer = load_model(base_dir)
     chat_ids = add_chat_tokens(tokenizer)
@@ -77,8 +77,6 @@ def _scores(results: dict[str, Any], families: list[str]) -> dict[str, float]:
 
 def findings(config: SFTConfig, final: dict[str, float], module: SFTModule, datamodule: SFTDataModule,
              speed: list[dict[str, float]]) -> Findings:
-    from repro.evaluate import evaluate
-
     families = evaluated_families(config)
     # the claims are about what SFT teaches: the families trained on, when the data is the embedded source
     taught = [f for f in families if f in config.data.families] if config.data.source == VERIFIABLE else families

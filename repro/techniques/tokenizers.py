@@ -4,7 +4,7 @@ Trains no model: it trains tokenizers. Byte-level BPE (Sennrich et al. 2016; GPT
 (Schuster & Nakajima 2012; BERT) and Unigram (Kudo 2018, SentencePiece's EM with Viterbi and
 pruning) from `datamodules/subword/`, and their library counterparts (`tokenizers`, `sentencepiece`),
 each trained on the same sample of the corpus at the same vocabulary size and measured on held-out
-documents (`benchmarks/tokenizers.py`): training time, bytes per token, tokens per word, encode
+documents (`measurement/tokenizers.py`): training time, bytes per token, tokens per word, encode
 speed, vocabulary overlap. The claims are computed from that run: our BPE's merges and ids are the
 library's, BPE and Unigram round-trip every held-out text, and our WordPiece and Unigram compress
 about as well as the libraries'.
@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datamodules.pretrain import cache_root
+from datamodules.sources import read_source
+from measurement.tokenizers import compare, split, table
 from reports.claims import ClaimResult, check_above
+from reports.plots import grouped_bars
 from repro.registry import Findings, Technique, register
 
 SOURCE = "Sennrich et al. 2016 (BPE); Schuster & Nakajima 2012, BERT (WordPiece); Kudo 2018 (Unigram, SentencePiece)"
@@ -49,11 +53,6 @@ class TokenizersConfig:
 
 
 def measure(config: TokenizersConfig, seed: int, run_dir: Path) -> Findings:
-    from benchmarks.tokenizers import compare, split, table
-    from datamodules.pretrain import cache_root
-    from datamodules.sources import read_source
-    from reports.plots import grouped_bars
-
     c = config.corpus
     documents, note = read_source(c.source, c.text_field, "train", cache_root(c))
     train, test = split([d.text for d in documents], c.max_bytes)

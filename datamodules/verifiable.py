@@ -1,8 +1,9 @@
 """Tasks whose answers a program can check: arithmetic, copying, reversing, sorting, counting letters.
 
 Each generator is a pure function of `(n, seed)` returning `n` rows `{"question", "answer", ...}`;
-the same rows feed evaluation (lm-eval YAML under `evaluation/tasks/`) and, later, SFT and
-alignment data. A prompt is `Q: <question>\\nA:` and the model should continue with ` <answer>`.
+the same generators make the evaluation rows (`verifiable_rows`, which `evaluation.build_tasks` writes for the
+lm-eval YAML under `evaluation/tasks/`) and the SFT and alignment data, which leave those rows' questions out.
+A prompt is `Q: <question>\\nA:` and the model should continue with ` <answer>`.
 """
 
 from __future__ import annotations
@@ -109,3 +110,11 @@ GENERATORS: dict[str, Callable[..., list[dict]]] = {
     "sort": sort_numbers,
     "count_letter": count_letter,
 }
+
+HELD_OUT_SEED = 0  # the seed of the evaluation rows (`evaluation.build_tasks`' default)
+HELD_OUT_ROWS = 200  # rows per evaluation task
+
+
+def verifiable_rows(name: str, seed: int = HELD_OUT_SEED, n: int = HELD_OUT_ROWS) -> list[dict]:
+    """The rows of `repro_verifiable_<name>`: a function of the seed alone (SFT trains on none of them)."""
+    return GENERATORS[name](n, seed)

@@ -233,6 +233,7 @@ def decoder_logprob(model: Decoder, tokenizer: Tokenizer, chat: bool = False) ->
 @functools.lru_cache(maxsize=2)
 def _hf(name_or_path: str, device: str) -> tuple[Any, Any]:
     """A Hugging Face causal LM and its tokenizer (eval mode, on `device`), loaded once per process."""
+    # optional: transformers is a test dependency only, needed for a Hugging Face critic or judge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
