@@ -145,13 +145,6 @@ class BlockFSDPStrategy(FSDPStrategy):
         return self._root
 
 
-def fit_in_place(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule | None = None) -> L.LightningModule:
-    """`trainer.fit`, then the module back on the trainer's device: Lightning's teardown moves it to the host, so a
-    model used after a fit on a GPU would meet inputs on the GPU with weights on the CPU."""
-    trainer.fit(module, datamodule)
-    return module.to(trainer.strategy.root_device)
-
-
 def _accelerator_error(name: str) -> str | None:
     """Why `--accelerator name` cannot run here, or None."""
     known = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
