@@ -47,6 +47,9 @@ CASES = [
     ("pretrain", ["--strategy", "ddpp"], "Did you mean 'ddp'"),
     pytest.param("pretrain", ["--strategy", "deepspeed_stage_2"], "--strategy deepspeed_stage_2", marks=NO_GPU),
     ("pretrain", ["--num-nodes", "0"], "--num-nodes 0"),
+    # a technique that trains in one process (Technique.distributed=False) refuses more
+    pytest.param("cai", ["--accelerator", "cpu", "--devices", "2"], "cai runs in one process", marks=NO_GPU),
+    ("cai", ["--accelerator", "cpu", "--num-nodes", "2"], "cai runs in one process"),
     ("pretrain", ["--seeds", "0"], "--seeds 0"),
 ]
 
