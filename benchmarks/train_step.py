@@ -48,11 +48,11 @@ def write_sample_corpus(folder: Path) -> Path:
 
 def bench_overrides(name: str, preset: str, max_steps: int, corpus: Path | None, cache: Path) -> list[str]:
     """Overrides that make a preset a benchmark run: `max_steps` steps, no validation and no checkpoint
-    during them, the technique's `quick` settings, and, where the preset reads the embedded corpus,
-    `corpus` in its place (built under `cache`), so the case times the step rather than a 30-second
-    corpus build."""
+    during them (one validation batch after the last, which no step's time includes), the technique's
+    `quick` settings, and, where the preset reads the embedded corpus, `corpus` in its place (built under
+    `cache`), so the case times the step rather than a 30-second corpus build."""
     technique, config = resolve(RunSpec(name, preset))
-    items = [f"train.max_steps={max_steps}", "train.val_batches=0", f"train.val_every={max_steps}",
+    items = [f"train.max_steps={max_steps}", "train.val_batches=1", f"train.val_every={max_steps}",
              "train.checkpoint_every=1000000000", *technique.quick]
     if corpus is not None and getattr(getattr(config, "data", None), "source", None) == EMBEDDED_CORPUS:
         items += [f"data.source={corpus}", f"data.cache_dir={cache}"]
@@ -63,7 +63,7 @@ def stage_overrides(name: str, preset: str, corpus: Path | None, cache: Path) ->
     """Overrides that make technique `name` a quick prerequisite: `STAGE_STEPS` steps at its preset's shapes,
     no lm-eval, and the same for its own prerequisites (prefixed with their names)."""
     technique, config = resolve(RunSpec(name, preset))
-    overrides = bench_overrides(name, preset, STAGE_STEPS, corpus, cache) + ["train.val_batches=1"]
+    overrides = bench_overrides(name, preset, STAGE_STEPS, corpus, cache)
     overrides += ["eval.enabled=false"] if hasattr(config, "eval") else []
     for required in technique.requires:
         stage = stage_spec(required, RunSpec(name, preset))
