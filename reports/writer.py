@@ -122,7 +122,9 @@ def render_markdown(
     lines.append("")
 
     lines += ["## Results", ""]
-    lines += _table(("metric", "value"), list(metrics.items()), "lr") if metrics else ["No metrics recorded."]
+    # lm-eval's scores sit in metrics too (`eval/<task>/<metric>`, where claims read them); the Evaluation section shows them
+    shown = [(k, v) for k, v in metrics.items() if not (evaluation and k.startswith("eval/"))]
+    lines += _table(("metric", "value"), shown, "lr") if shown else ["No metrics recorded."]
     if evaluation:
         lines += ["", "## Evaluation (lm-evaluation-harness)", ""]
         rows = [(r["task"], r["metric"], r["value"], r.get("stderr")) for r in evaluation["rows"]]

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import repro.techniques as package
 from repro.config import ConfigError, _suggest, presets
@@ -30,6 +30,43 @@ class Findings:
     claims: list["ClaimResult"]
     notes: list[str] = field(default_factory=list)
     sections: dict[str, list[str]] = field(default_factory=dict)  # extra report sections: title -> Markdown lines
+
+
+@dataclass
+class Measured:
+    """What one measurement step adds to a run: metrics (into metrics.json, beside the validation metrics and lm-eval
+    scores, where `claims` reads them), and for the report notes and sections (title -> Markdown lines). A step may also
+    write files (plots, raw records) into the run folder."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    sections: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Finished:
+    """The finished run a measurement step reads. `metrics` holds the last validation's metrics, the lm-eval scores as
+    `eval/<task>/<metric>` and what the earlier steps measured; `module` and `datamodule` are None for a technique that
+    trains nothing, `fits` maps each declared further model to its trained module."""
+
+    config: Any
+    run_dir: Path
+    seed: int
+    metrics: dict[str, Any]
+    module: "L.LightningModule | None" = None
+    datamodule: "L.LightningDataModule | None" = None
+    speed: list[dict[str, float]] = field(default_factory=list)  # SpeedMonitor's records
+    fits: dict[str, "L.LightningModule"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A measurement the runner makes once training is done (decode timing, sampling, lm-eval per arm, a simulation):
+    `run(finished) -> Measured`, on rank 0, in the order the technique declares its steps, each with its time kept in
+    metrics.json as `steps/<name>/seconds`."""
+
+    name: str
+    run: Callable[[Finished], Measured]
 
 
 @dataclass(frozen=True)
@@ -55,9 +92,11 @@ class Technique:
         technique in `requires` to the final checkpoint of its run (trained first, or reused)
     fits(config, module, datamodule, seed) -> [Fit]: the further models its run trains once the main one is
         trained (every rank trains each, in order); findings then gets them as `fits`, name -> trained module
-    findings(config, final_metrics, module, datamodule, speed_records[, fits]) -> Findings: the
-        technique's own metrics and its claim checks, computed from the finished run; final_metrics
-        holds the last validation's metrics and the lm-eval scores as `eval/<task>/<metric>`
+    steps: the measurements the runner makes on the finished run (`Step`), in order; their metrics go to metrics.json
+    claims(config, metrics) -> [ClaimResult]: the verdicts, a pure function of the run's config and its metrics
+        (validation, lm-eval scores, the steps'), so a test can check them on a dict without training
+    findings(config, final_metrics, module, datamodule, speed_records[, fits]) -> Findings: the older form of steps
+        and claims in one function, for techniques not yet declared as steps
     """
 
     name: str
@@ -71,6 +110,8 @@ class Technique:
     # -> Findings, and the runner writes its report as a training run's; golden trajectories and train-step
     # benchmarks are for the techniques that train
     measure: Callable[[Any, int, Path], "Findings"] | None = None
+    steps: tuple[Step, ...] = ()
+    claims: Callable[[Any, Mapping[str, Any]], list["ClaimResult"]] | None = None
     default_preset: str = "tiny"
     aliases: tuple[str, ...] = ()  # other names `get` answers to (the paper's or the model's name)
     requires: tuple[str, ...] = field(default=())
@@ -91,12 +132,17 @@ class Technique:
     distributed: bool = True
 
     def __post_init__(self) -> None:
-        if (self.measure is None) == (self.build is None or self.findings is None or self.module is None):
-            raise ValueError(f"technique {self.name!r}: give module, build and findings (it trains), or measure (it does not)")
+        concludes = self.claims is not None
+        if concludes == (self.findings is not None or self.measure is not None):
+            raise ValueError(f"technique {self.name!r}: give claims (with its steps), or findings / measure (the older form)")
+        if (self.build is None) != (self.module is None) or (self.findings is not None and self.build is None):
+            raise ValueError(f"technique {self.name!r}: give module and build (it trains), or neither (it measures only)")
+        if self.measure is not None and self.build is not None:
+            raise ValueError(f"technique {self.name!r}: measure is for a technique that trains nothing")
 
     @property
     def trains(self) -> bool:
-        return self.measure is None
+        return self.build is not None
 
     @property
     def presets(self) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import yaml
+from lightning.pytorch.utilities import rank_zero_info
 
 from reports.env import collect_env
 from reports.writer import write_report
@@ -250,11 +251,30 @@ def train_fit(fit: registry.Fit, run_dir: Path, spec: RunSpec | None = None) -> 
 
 def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: Any, run_dir: Path) -> Path:
     """A technique that trains nothing: its measurements, then the same report as a training run's."""
-    findings = technique.measure(config, spec.seed, run_dir)
+    if technique.measure is not None:
+        findings = technique.measure(config, spec.seed, run_dir)
+    else:
+        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {}))
     write_report(run_dir, technique=technique.name, title=f"{technique.name}: {technique.summary} (preset {spec.preset}, "
                  f"seed {spec.seed})", command=spec.command(), config=asdict(config), env=collect_env(spec.seed, asdict(spec.trainer)),
                  history={}, metrics=findings.metrics, claims=findings.claims, notes=findings.notes, sections=findings.sections)
     return run_dir
+
+
+def conclude(technique: registry.Technique, finished: registry.Finished) -> registry.Findings:
+    """Run the technique's measurement steps on the finished run, in order, then its claims on the metrics they leave:
+    the metrics (the run's own and the steps'), the verdicts, and the steps' notes and sections for the report."""
+    notes: list[str] = []
+    sections: dict[str, list[str]] = {}
+    for index, step in enumerate(technique.steps, 1):
+        rank_zero_info(f"{technique.name}: measuring {step.name} ({index}/{len(technique.steps)})")
+        start = time.perf_counter()
+        measured = step.run(finished)
+        finished.metrics |= {**measured.metrics, f"steps/{step.name}/seconds": time.perf_counter() - start}
+        notes += measured.notes
+        sections |= measured.sections
+    return registry.Findings(metrics=finished.metrics, claims=technique.claims(finished.config, finished.metrics),
+                             notes=notes, sections=sections)
 
 
 def _evaluate(run_dir: Path, config: Any, trainer: L.Trainer) -> dict | None:
@@ -283,7 +303,11 @@ def _report(run_dir, technique, spec, config, trainer, module, datamodule, final
     # Lightning's teardown after fit and validate leaves the module on the CPU: a technique's own measurements
     # (decoding, sampling, arms' lm-eval) belong on the device the run trained on
     module.to(trainer.strategy.root_device)
-    findings = technique.findings(config, {**final, **scores}, module, datamodule, speed, **({"fits": fits} if technique.fits else {}))
+    if technique.findings is not None:
+        findings = technique.findings(config, {**final, **scores}, module, datamodule, speed, **({"fits": fits} if technique.fits else {}))
+        findings.metrics = {**final, **findings.metrics}
+    else:
+        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {**final, **scores}, module, datamodule, speed, fits))
     env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer),
                                   "world_size": trainer.world_size})  # the processes that trained it, whatever was asked
     if speed:
@@ -299,7 +323,7 @@ def _report(run_dir, technique, spec, config, trainer, module, datamodule, final
         config=asdict(config),
         env=env,
         history=history,
-        metrics={**final, **findings.metrics},
+        metrics=findings.metrics,
         claims=findings.claims,
         notes=findings.notes,
         evaluation=evaluation,

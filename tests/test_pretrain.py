@@ -110,7 +110,7 @@ def test_prerequisite_stage_runs_once_and_is_reused(tiny_overrides, tmp_path, mo
 
     dependent = registry.Technique(
         "after-pretrain", "a stage that needs a base", pretrain.PretrainConfig, pretrain.PretrainModule, build,
-        pretrain.findings, requires=("pretrain",),
+        requires=("pretrain",), claims=pretrain.claims,
     )
     monkeypatch.setitem(registry._REGISTRY, "after-pretrain", dependent)
     monkeypatch.setattr(registry.Technique, "presets", property(lambda self: ["tiny"]))

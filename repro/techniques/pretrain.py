@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from modules.nn import DecoderConfig
 from modules.pretrain import OptimConfig, PretrainModule
-from reports.claims import check_below, not_measured
+from reports.claims import ClaimResult, check_below, not_measured
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Findings, Technique, register
+from repro.registry import Finished, Measured, Step, Technique, register
+from repro.steps import DATA, SPEED
 from repro.trainer import EvalConfig, TrainConfig
 
 SOURCE = "GPT-2 (Radford et al. 2019); nanoGPT"
@@ -39,29 +39,24 @@ def build(config: PretrainConfig, seed: int, stages: dict[str, Path]) -> tuple[P
     return module, PretrainDataModule(config.data, block_size=config.model.block_size, seed=seed)
 
 
-def findings(
-    config: PretrainConfig, final: dict[str, float], module: PretrainModule, datamodule: PretrainDataModule, speed: list[dict[str, float]]
-) -> Findings:
-    entropy = datamodule.unigram_entropy()
-    metrics: dict[str, Any] = {
+def _model(finished: Finished) -> Measured:
+    module, datamodule = finished.module, finished.datamodule
+    return Measured({
         "params": module.model.num_params(),
         "params_non_embedding": module.model.num_params(exclude_embeddings=True),
         "flops_per_token": module.model.flops_per_token(),
-        "unigram_entropy": entropy,
-        "corpus_hash": datamodule.corpus_hash,
-        **{f"data/{k}": v for k, v in datamodule.stats.items() if k != "note"},
-    }
-    for key in ("tokens_per_s", "mfu", "peak_mem_gib"):
-        values = [r[key] for r in speed if key in r]
-        if values:
-            metrics[f"perf/{key}"] = statistics.median(values) if key != "peak_mem_gib" else max(values)
-    claims = [
+        "unigram_entropy": datamodule.unigram_entropy(),
+    })
+
+
+def claims(config: PretrainConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    return [
         check_below(
             claim="Validation loss falls well under the unigram entropy of the corpus",
             source=SOURCE,
             metric="validation loss (nats/token)",
-            measured=final.get("val/loss"),
-            bound=entropy,
+            measured=metrics.get("val/loss"),
+            bound=metrics.get("unigram_entropy"),
             factor=UNIGRAM_FACTOR,
             paper="GPT-2 124M reaches about 3.3 nats/token on OpenWebText (nanoGPT); the claim is relative to the corpus",
             bound_name="unigram entropy of the validation tokens",
@@ -81,8 +76,6 @@ def findings(
             why="measured by benchmarks/throughput.py in one call with a plain PyTorch loop; see reports/pretrain/README.md",
         ),
     ]
-    notes = [datamodule.stats["note"]] if datamodule.stats.get("note") else []
-    return Findings(metrics=metrics, claims=claims, notes=notes)
 
 
 register(
@@ -92,7 +85,8 @@ register(
         config=PretrainConfig,
         module=PretrainModule,
         build=build,
-        findings=findings,
+        steps=(Step("model", _model), DATA, SPEED),
+        claims=claims,
         golden_overrides=(*CORPUS, *SHRINK),
     )
 )
