@@ -57,6 +57,8 @@ class Finished:
     datamodule: "L.LightningDataModule | None" = None
     speed: list[dict[str, float]] = field(default_factory=list)  # SpeedMonitor's records
     fits: dict[str, "L.LightningModule"] = field(default_factory=dict)
+    stages: dict[str, Path] = field(default_factory=dict)  # each prerequisite's final checkpoint
+    device: str = "cpu"  # where the run trained, or for one that trains nothing where --accelerator puts its work
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -184,12 +185,12 @@ def run(
             (run_dir / "stages.json").write_text(json.dumps({k: str(v) for k, v in stages.items()}, indent=2))
         L.seed_everything(spec.seed, workers=True, verbose=False)
         if not technique.trains:
-            return _measure_and_report(technique, spec, config, run_dir)
+            return _measure_and_report(technique, spec, config, run_dir, stages)
         module, datamodule = technique.build(config, spec.seed, stages)
         module.parallel = config.train.plan  # applied in the module's configure_model, once the strategy is set up
         trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics,
                                 manual=not module.automatic_optimization)
-        return _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint)
+        return _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, stages)
     except BaseException:
         if shared is None and resume is None:  # rank 0 of a fresh run: a folder with no checkpoint holds nothing to resume
             _discard(run_dir)
@@ -206,7 +207,7 @@ def _discard(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint) -> Path:
+def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, stages) -> Path:
     trainer.fit(module, datamodule, ckpt_path=checkpoint, weights_only=True)  # tensors and plain data only
     trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt", weights_only=False)  # the full state: --resume and fine-tuning read it
     if trainer.is_global_zero and hasattr(datamodule, "tokenizer"):
@@ -220,7 +221,7 @@ def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_di
 
     if trainer.is_global_zero:
         evaluation = _evaluate(run_dir, config, trainer)
-        _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation, fits)
+        _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation, fits, stages)
     return run_dir
 
 
@@ -249,16 +250,24 @@ def train_fit(fit: registry.Fit, run_dir: Path, spec: RunSpec | None = None) -> 
     return module.to(trainer.strategy.root_device)
 
 
-def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: Any, run_dir: Path) -> Path:
+def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: Any, run_dir: Path, stages: dict[str, Path]) -> Path:
     """A technique that trains nothing: its measurements, then the same report as a training run's."""
     if technique.measure is not None:
         findings = technique.measure(config, spec.seed, run_dir)
     else:
-        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {}))
+        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {}, stages=stages,
+                                                         device=_device(spec.trainer.accelerator)))
     write_report(run_dir, technique=technique.name, title=f"{technique.name}: {technique.summary} (preset {spec.preset}, "
                  f"seed {spec.seed})", command=spec.command(), config=asdict(config), env=collect_env(spec.seed, asdict(spec.trainer)),
                  history={}, metrics=findings.metrics, claims=findings.claims, notes=findings.notes, sections=findings.sections)
     return run_dir
+
+
+def _device(accelerator: str) -> str:
+    """The torch device `--accelerator` names, for a technique that measures without a Trainer."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "mps" if accelerator == "mps" else "cpu"
 
 
 def conclude(technique: registry.Technique, finished: registry.Finished) -> registry.Findings:
@@ -295,7 +304,7 @@ def _evaluate(run_dir: Path, config: Any, trainer: L.Trainer) -> dict | None:
     }
 
 
-def _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation, fits) -> None:
+def _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation, fits, stages) -> None:
     history = next(c for c in trainer.callbacks if isinstance(c, History)).series
     speed = next(c for c in trainer.callbacks if isinstance(c, SpeedMonitor)).records
     # claims may rest on lm-eval scores too: `eval/<task>/<metric>` beside the validation metrics
@@ -307,7 +316,8 @@ def _report(run_dir, technique, spec, config, trainer, module, datamodule, final
         findings = technique.findings(config, {**final, **scores}, module, datamodule, speed, **({"fits": fits} if technique.fits else {}))
         findings.metrics = {**final, **findings.metrics}
     else:
-        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {**final, **scores}, module, datamodule, speed, fits))
+        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {**final, **scores}, module, datamodule, speed, fits,
+                                                         stages, str(trainer.strategy.root_device)))
     env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer),
                                   "world_size": trainer.world_size})  # the processes that trained it, whatever was asked
     if speed:

@@ -3,6 +3,8 @@ the sequence its view holds, so it reads another worker's token from the slot af
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -207,3 +209,20 @@ def test_a_chat_model_reads_the_sum_as_a_user_turn_and_finishes_at_its_end_token
     assert ids[0] == tokenizer.token_to_id(TAGS["user"]) and ids[-1] == tokenizer.token_to_id(TAGS["assistant"])
     assert kwargs["eos_id"] == tokenizer.token_to_id(END)
     assert result["answer"] == "3" and result["correct"] and result["finished"]
+
+
+def test_the_hogwild_technique_runs_on_its_sft_stage_and_reports_both_claims(tmp_path: Path) -> None:
+    """`--technique hogwild` trains its SFT stage (a few steps), then measures 1 and 2 workers on two sums."""
+    from repro.golden import write_corpus
+    from repro.registry import get
+    from repro.runner import RunSpec, run
+    from repro.trainer import TrainerArgs
+
+    corpus = write_corpus(tmp_path / "corpus")
+    stage = [f"sft.{o.format(corpus=corpus, cache=tmp_path / 'cache')}" for o in get("sft").golden_overrides]
+    spec = RunSpec("hogwild", "tiny", [*stage, "sums.rows=2", "sums.terms=2", "sums.workers=[1,2]", "sums.max_new_tokens=2"],
+                   trainer=TrainerArgs(accelerator="cpu"))
+    record = json.loads((run(spec, out=tmp_path / "runs") / "metrics.json").read_text())
+    assert [c["claim"] for c in record["claims"]] == [c.claim for c in get("hogwild").claims(get("hogwild").config(), {})]
+    assert {"workers/1/steps", "workers/2/steps", "workers/2/accuracy", "steps/parallel sums/seconds"} <= set(record["metrics"])
+    assert record["metrics"]["workers/1/steps"] == record["metrics"]["workers/1/tokens"]  # one worker: a token per pass
