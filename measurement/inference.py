@@ -25,12 +25,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from modules.draft import draft_speculative_generate, eagle_generate, estimate_alpha, expected_speedup, expected_tokens_per_round
-from modules.generation import generate
+from modules.decoding.draft import draft_speculative_generate, eagle_generate, estimate_alpha, expected_speedup, expected_tokens_per_round
+from modules.decoding.generation import generate
 from modules.nn.decoder import Decoder
 from modules.nn.eagle import EagleHead
 from modules.quant import quantize, torchao_quantize, weight_bytes
-from modules.speculative import SpeculativeStats
+from modules.decoding.speculative import SpeculativeStats
 from reports.plots import figure, png
 
 PROMPTS_FILE = "decode_prompts.json"

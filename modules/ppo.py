@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from modules.arms import step_arm
-from modules.generation import generate
+from modules.decoding.generation import generate
 from modules.nn import Decoder, DecoderConfig
 from modules.reward import RewardModel
 from modules.parallel import TechniqueModule

@@ -22,7 +22,7 @@ from evaluation.build_tasks import build, load, task_rows
 from evaluation.lm import EOT_ID, ReproLM
 from evaluation.standard_tasks import BUILTIN, local
 from evaluation.task_checks import TaskConfigError, missing_fields
-from modules.generation import generate
+from modules.decoding.generation import generate
 from repro.checkpoints import load_model
 from repro.config import ConfigError
 from repro.evaluate import evaluate, main

@@ -437,7 +437,7 @@ def nsa_arms_start_at_log_vocab_and_stay_causal() -> None:
 def inference_target_frozen_and_drafters_start_at_log_vocab() -> None:
     """The target takes no gradient; the untrained draft costs about ln(V); a draft that always agrees (alpha 1)
     yields gamma + 1 tokens a pass and, at zero cost, a (gamma + 1)x speedup (Leviathan et al. Eq. 1, Thm. 3.8)."""
-    from modules.draft import expected_speedup, expected_tokens_per_round
+    from modules.decoding.draft import expected_speedup, expected_tokens_per_round
     from modules.inference import InferenceModule
 
     module = InferenceModule({"vocab_size": 300, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}, {}, {}, 10)

@@ -125,7 +125,7 @@ def test_prerequisite_stage_runs_once_and_is_reused(tiny_overrides, tmp_path, mo
 
 
 def test_run_folder_loads_for_generation(first_run: Path, capsys) -> None:
-    from modules.generation import generate_text, truncate_at_stop
+    from modules.decoding.generation import generate_text, truncate_at_stop
     from repro.checkpoints import load_model
     from repro.generate import main as generate_main
 

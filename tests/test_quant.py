@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.generation import generate
+from modules.decoding.generation import generate
 from modules.nn import Decoder, DecoderConfig
 from modules.quant import (
     QuantizedLinear,

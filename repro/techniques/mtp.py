@@ -3,7 +3,7 @@
 Arms pretrain side by side on the same batches (equal tokens): next-token prediction only, and
 the decoder with MTP heads (sequential at D = 1 and D = 2, parallel at D = 1 by default). The
 report compares their main-head validation loss and lm-eval scores, then decodes held-out prompts
-with each arm's heads drafting and its decoder checking (`modules/speculative.py`): acceptance
+with each arm's heads drafting and its decoder checking (`modules/decoding/speculative.py`): acceptance
 per depth and tokens/s against plain decoding of the same decoder.
 """
 
