@@ -26,26 +26,26 @@ from modules.nn import Decoder
 from repro.config import ConfigError
 
 Module = TypeVar("Module", bound=L.LightningModule)
-MODULE_CLASS = "module_class"  # the checkpoint's key for its module class, by import path: "modules.sft.SFTModule"
+MODULE_CLASS = "module_class"  # the checkpoint's key for its module class, by import path: "modules.training.sft.SFTModule"
 CLASS_PATH = re.compile(r"modules(\.[A-Za-z_]\w*)+")  # the only classes a checkpoint may name
 # the module class of each technique's runs from before checkpoints named theirs; a checkpoint written since names its
 # own, so a new technique adds nothing here
 BEFORE_NAMING = {
-    "architectures": "modules.architectures.ArchitecturesModule",
-    "data": "modules.corpus_arms.CorpusArmsModule",
-    "deepseek-v3": "modules.mtp.MTPModule",
-    "diff-attn": "modules.architectures.ArchitecturesModule",
-    "dpo": "modules.dpo.DPOModule",
-    "hybrid": "modules.hybrid.HybridModule",
-    "inference": "modules.inference.InferenceModule",
-    "memory": "modules.pretrain.PretrainModule",
-    "moe": "modules.moe.MoEModule",
-    "mtp": "modules.mtp.MTPModule",
-    "nsa": "modules.architectures.ArchitecturesModule",
-    "pretrain": "modules.pretrain.PretrainModule",
-    "reward": "modules.reward.RewardModule",
-    "rlhf": "modules.ppo.PPOModule",
-    "sft": "modules.sft.SFTModule",
+    "architectures": "modules.training.architectures.ArchitecturesModule",
+    "data": "modules.training.corpus_arms.CorpusArmsModule",
+    "deepseek-v3": "modules.training.mtp.MTPModule",
+    "diff-attn": "modules.training.architectures.ArchitecturesModule",
+    "dpo": "modules.training.dpo.DPOModule",
+    "hybrid": "modules.training.hybrid.HybridModule",
+    "inference": "modules.training.inference.InferenceModule",
+    "memory": "modules.training.pretrain.PretrainModule",
+    "moe": "modules.training.moe.MoEModule",
+    "mtp": "modules.training.mtp.MTPModule",
+    "nsa": "modules.training.architectures.ArchitecturesModule",
+    "pretrain": "modules.training.pretrain.PretrainModule",
+    "reward": "modules.training.reward.RewardModule",
+    "rlhf": "modules.training.ppo.PPOModule",
+    "sft": "modules.training.sft.SFTModule",
 }
 
 

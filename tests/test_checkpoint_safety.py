@@ -207,10 +207,10 @@ def test_tensors_and_plain_data_pass(tmp_path: Path) -> None:
 def test_run_context_given_to_a_constructor_stays_out_of_the_hyperparameters(tmp_path: Path) -> None:
     """Where a base run lives and the true reward (a function) are constructor arguments, not hyperparameters:
     a Path or a callable among the saved hyperparameters would make every checkpoint refuse weights-only loading."""
-    from modules.dpo import DPOModule, DPOSettings
-    from modules.inference import InferenceModule
-    from modules.ppo import PPOConfig, PPOModule
-    from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
+    from modules.training.dpo import DPOModule, DPOSettings
+    from modules.training.inference import InferenceModule
+    from modules.training.ppo import PPOConfig, PPOModule
+    from modules.training.sft import LoraSettings, SFTModule, SFTOptimConfig
 
     config = {"vocab_size": 32, "block_size": 12, "n_layer": 1, "n_head": 2, "n_embd": 16}
     runs = {"base_dir": tmp_path / "base", "reward_dir": tmp_path / "reward"}
@@ -229,7 +229,7 @@ def test_run_context_given_to_a_constructor_stays_out_of_the_hyperparameters(tmp
 def test_a_checkpoint_names_the_module_class_that_loads_it(tmp_path: Path, tiny_overrides: list[str]) -> None:
     """A run's checkpoints name their LightningModule class, so loading needs no technique registry; a run folder
     from before they did loads by its technique."""
-    from modules.pretrain import PretrainModule
+    from modules.training.pretrain import PretrainModule
     from repro.checkpoints import MODULE_CLASS, load_model, module_class
     from repro.runner import run
     from repro.trainer import TrainerArgs
@@ -238,7 +238,7 @@ def test_a_checkpoint_names_the_module_class_that_loads_it(tmp_path: Path, tiny_
                   out=tmp_path / "runs")
     for name in ("final.ckpt", "last.ckpt"):
         checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
-        assert checkpoint[MODULE_CLASS] == "modules.pretrain.PretrainModule"
+        assert checkpoint[MODULE_CLASS] == "modules.training.pretrain.PretrainModule"
     final = run_dir / "checkpoints" / "final.ckpt"
     assert module_class(final, technique="another name") is PretrainModule  # the checkpoint's word, not the run's
     model, _ = load_model(run_dir)
@@ -253,7 +253,7 @@ def test_a_checkpoint_names_the_module_class_that_loads_it(tmp_path: Path, tiny_
 @pytest.mark.parametrize("named, fragment", [
     ("os.system", "outside the suite's modules package"),
     ("modules.nn.decoder.Decoder", "no LightningModule of this suite"),
-    ("modules.pretrain.NoSuchModule", "no LightningModule of this suite"),
+    ("modules.training.pretrain.NoSuchModule", "no LightningModule of this suite"),
     ("modules.no_such_file.Module", "which does not import here: No module named 'modules.no_such_file'"),
 ])
 def test_a_checkpoint_naming_another_class_is_refused(tmp_path: Path, named: str, fragment: str) -> None:

@@ -174,9 +174,9 @@ def test_the_checker_names_an_upward_import(tmp_path: Path) -> None:
         "modules/nn/__init__.py": "from . import decoder\n",
         "modules/nn/decoder.py": ("from typing import TYPE_CHECKING\n\nfrom repro.runner import run\n"
                                   "from modules.nn import attention\n\nif TYPE_CHECKING:\n    from repro import runner\n\n\n"
-                                  "def f():\n    from ..pretrain import step\n    import repro.runner\n"),
+                                  "def f():\n    from ..training.pretrain import step\n    import repro.runner\n"),
         "modules/nn/attention.py": "from modules.nn.decoder import Decoder\nimport modules.nn.moe\n",
-        "modules/pretrain.py": "from repro.config import ConfigError\n",
+        "modules/training/pretrain.py": "from repro.config import ConfigError\n",
         "repro/__init__.py": "",
         "repro/config.py": "",
         "repro/runner.py": "from modules.nn import decoder\n",
@@ -189,15 +189,15 @@ def test_the_checker_names_an_upward_import(tmp_path: Path) -> None:
         "repro.runner in layer techniques (above it)",
         "modules/nn/decoder.py:7: `from repro import runner` imports upward: modules.nn.decoder is in layer nn, "
         "repro.runner in layer techniques (above it)",
-        "modules/nn/decoder.py:11: `from ..pretrain import step` imports upward: modules.nn.decoder is in layer nn, "
-        "modules.pretrain in layer modules (above it)",
+        "modules/nn/decoder.py:11: `from ..training.pretrain import step` imports upward: modules.nn.decoder is in layer nn, "
+        "modules.training.pretrain in layer modules (above it)",
         "modules/nn/decoder.py:12: `import repro.runner` imports upward: modules.nn.decoder is in layer nn, "
         "repro.runner in layer techniques (above it)",
     ]
 
 
 def test_layer_of_takes_the_longest_entry() -> None:
-    assert [LAYERS[layer_of(m)][0] for m in ("repro.config", "repro.runner", "repro.run", "modules.nn.moe", "modules.moe",
+    assert [LAYERS[layer_of(m)][0] for m in ("repro.config", "repro.runner", "repro.run", "modules.nn.moe", "modules.training.moe",
                                              "repro.checkpoints", "benchmarks.memory")] == [
         "config", "techniques", "commands", "nn", "modules", "modules", "commands"]
     assert layer_of("tests.test_layers") is None

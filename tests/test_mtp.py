@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 
 from modules.decoding.generation import generate, sampling_probs
-from modules.mtp import MTPModule, MTPSettings
+from modules.training.mtp import MTPModule, MTPSettings
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.mtp import MTPHeads
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 from modules.decoding.speculative import SpeculativeStats, accept_drafts, self_speculative_generate
 
 

@@ -18,9 +18,9 @@ from typing import Any
 from datamodules.ablation import AblationDataConfig, AblationDataModule
 from datamodules.pipeline import STAGES
 from datamodules.pretrain import CorpusConfig
-from modules.corpus_arms import AblationSettings, CorpusArmsModule
+from modules.training.corpus_arms import AblationSettings, CorpusArmsModule
 from modules.nn import DecoderConfig
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 from reports.claims import check_above, check_below
 from reports.plots import grouped_bars, loss_curves
 from repro.arm_findings import arm_metrics

@@ -2,7 +2,7 @@
 
 The run starts from the `pretrain` stage of the same preset (trained once and reused; `--init` names
 another pretrain run). It trains a small draft decoder and an EAGLE head for the frozen target on the
-target's corpus (`modules/inference.py`), then measures (`measurement/inference.py`), at batch 1:
+target's corpus (`modules/training/inference.py`), then measures (`measurement/inference.py`), at batch 1:
 
 - weight-only int8, int4 and GPTQ int4 of the target (`modules/quant.py`): weight bytes, held-out
   loss, lm-eval's corpus perplexity and decode tokens/s, next to the unquantized target;
@@ -23,8 +23,8 @@ import yaml
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from measurement.inference import PROMPTS_FILE, DecodeSettings, QuantSettings, measure, plot
-from modules.inference import DrafterSettings, InferenceModule
-from modules.pretrain import OptimConfig
+from modules.training.inference import DrafterSettings, InferenceModule
+from modules.training.pretrain import OptimConfig
 from modules.quant import SCHEMES, TORCHAO_SCHEMES
 from reports.claims import check_above, check_below, not_measured
 from repro.checkpoints import load_model

@@ -16,9 +16,9 @@ from typing import Any
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from measurement.speculative import PROMPTS_FILE, measure_arms
-from modules.mtp import MTPModule, MTPSettings
+from modules.training.mtp import MTPModule, MTPSettings
 from modules.nn import DecoderConfig
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 from reports.claims import check_above, check_below, not_measured
 from reports.plots import loss_curves
 from repro.arm_findings import arm_metrics

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from modules.arms import step_arm
+from modules.training.arms import step_arm
 from modules.decoding.generation import generate
 from modules.nn import Decoder, DecoderConfig
-from modules.reward import RewardModel
+from modules.training.reward import RewardModel
 from modules.parallel import TechniqueModule
 
 

@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
-from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
+from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
 from modules.parallel import TechniqueModule
 
 

@@ -29,7 +29,7 @@ from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.moe import max_violation, update_biases
-from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
+from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
 from modules.parallel import TechniqueModule
 
 
