@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from modules.nn import Decoder, DecoderConfig
-from modules.parallel import POLICIES, ParallelPlan, checkpoint_activations, shard
+from modules.parallel.plan import POLICIES, ParallelPlan, checkpoint_activations, shard
 from repro import golden, registry
 from repro.run import main
 

@@ -30,7 +30,7 @@ from torchmetrics import MeanMetric
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.moe import max_violation, update_biases
 from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
-from modules.parallel import TechniqueModule
+from modules.parallel.plan import TechniqueModule
 
 
 def arm_optimizers(module: L.LightningModule) -> list[tuple[LightningOptimizer, LRScheduler | None]]:

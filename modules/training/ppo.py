@@ -26,7 +26,7 @@ from modules.training.arms import step_arm
 from modules.decoding.generation import generate
 from modules.nn import Decoder, DecoderConfig
 from modules.training.reward import RewardModel
-from modules.parallel import TechniqueModule
+from modules.parallel.plan import TechniqueModule
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
 from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
-from modules.parallel import TechniqueModule
+from modules.parallel.plan import TechniqueModule
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

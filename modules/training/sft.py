@@ -28,7 +28,7 @@ from modules.training.arms import arm_optimizers, step_arm
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.decoder import IGNORE
 from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
-from modules.parallel import TechniqueModule
+from modules.parallel.plan import TechniqueModule
 
 ARMS = ("full", "lora")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from datamodules.pretrain import PretrainDataModule
 from measurement.memory import activation_saving, plot, sweep, table
-from modules.parallel import POLICIES
+from modules.parallel.plan import POLICIES
 from modules.training.pretrain import PretrainModule
 from reports.claims import check_above, check_below, not_measured
 from repro.golden import CORPUS, SHRINK
