@@ -22,7 +22,7 @@ UNLAYERED = ("tests",)  # test code may import every layer
 # holding it: `modules` places every module of modules/ that no longer entry (`modules.nn`, ...) places lower.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("repro.config",)),
-    ("nn", ("modules.nn", "modules.quant", "modules.parallel.pipeline")),
+    ("nn", ("modules.nn", "modules.parallel.pipeline")),
     ("modules", ("modules", "repro.checkpoints")),
     ("data", ("datamodules",)),
     ("evaluation", ("evaluation",)),

@@ -12,7 +12,7 @@ from torch import nn
 
 from modules.decoding.generation import generate
 from modules.nn import Decoder, DecoderConfig
-from modules.quant import (
+from modules.nn.quant import (
     QuantizedLinear,
     dequantize_int4,
     dequantize_int8,
