@@ -3,7 +3,8 @@
 A checkpoint names the LightningModule class that loads it (`MODULE_CLASS`, written by the trainer's checkpoint
 callback), so loading needs no technique registry: the loader sits below evaluation, the techniques and the runner
 (notes/layers.md). Only a class of the suite's own `modules` package is imported. A checkpoint written before
-checkpoints named their class is loaded by its run's technique (`run.json`), through `BEFORE_NAMING`.
+checkpoints named their class is loaded by its run's technique (`run.json`), through `BEFORE_NAMING`; one that names
+its class where it lived before `modules/` was split by what the code is, through `MOVED`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,22 @@ BEFORE_NAMING = {
     "reward": "modules.training.reward.RewardModule",
     "rlhf": "modules.training.ppo.PPOModule",
     "sft": "modules.training.sft.SFTModule",
+}
+# each module class by the path checkpoints named it at before modules/ was split into nn, parallel, decoding and
+# training (the module classes moved to modules/training/): a checkpoint written before names the old path. A closed
+# table, as BEFORE_NAMING is: a class written since is named where it lives
+MOVED = {
+    "modules.architectures.ArchitecturesModule": "modules.training.architectures.ArchitecturesModule",
+    "modules.corpus_arms.CorpusArmsModule": "modules.training.corpus_arms.CorpusArmsModule",
+    "modules.dpo.DPOModule": "modules.training.dpo.DPOModule",
+    "modules.hybrid.HybridModule": "modules.training.hybrid.HybridModule",
+    "modules.inference.InferenceModule": "modules.training.inference.InferenceModule",
+    "modules.moe.MoEModule": "modules.training.moe.MoEModule",
+    "modules.mtp.MTPModule": "modules.training.mtp.MTPModule",
+    "modules.ppo.PPOModule": "modules.training.ppo.PPOModule",
+    "modules.pretrain.PretrainModule": "modules.training.pretrain.PretrainModule",
+    "modules.reward.RewardModule": "modules.training.reward.RewardModule",
+    "modules.sft.SFTModule": "modules.training.sft.SFTModule",
 }
 
 
@@ -107,7 +124,7 @@ def module_class(checkpoint: str | Path, technique: str | None = None) -> type[L
                           f"{technique!r} has none from before checkpoints named theirs")
     if not isinstance(path, str) or not CLASS_PATH.fullmatch(path):
         raise ConfigError(f"{checkpoint}: refused to load: it names module class {path!r}, outside the suite's modules package")
-    module_path, _, name = path.rpartition(".")
+    module_path, _, name = MOVED.get(path, path).rpartition(".")
     try:
         found = getattr(importlib.import_module(module_path), name, None)
     except ImportError as err:

@@ -228,7 +228,8 @@ def test_run_context_given_to_a_constructor_stays_out_of_the_hyperparameters(tmp
     assert modules["ppo"].true_reward([[1], [2]]) == [0.0, 0.0] and modules["ppo"].reward_dir == runs["reward_dir"]
 def test_a_checkpoint_names_the_module_class_that_loads_it(tmp_path: Path, tiny_overrides: list[str]) -> None:
     """A run's checkpoints name their LightningModule class, so loading needs no technique registry; a run folder
-    from before they did loads by its technique."""
+    that names it where it lived before modules/ was split loads by the old name, and one from before checkpoints
+    named their class loads by its technique."""
     from modules.training.pretrain import PretrainModule
     from repro.checkpoints import MODULE_CLASS, load_model, module_class
     from repro.runner import run
@@ -242,12 +243,33 @@ def test_a_checkpoint_names_the_module_class_that_loads_it(tmp_path: Path, tiny_
     final = run_dir / "checkpoints" / "final.ckpt"
     assert module_class(final, technique="another name") is PretrainModule  # the checkpoint's word, not the run's
     model, _ = load_model(run_dir)
+    checkpoint[MODULE_CLASS] = "modules.pretrain.PretrainModule"  # a run folder written before modules/ was split
+    torch.save(checkpoint, final)
+    assert module_class(final, technique="another name") is PretrainModule
+    assert torch.equal(load_model(run_dir)[0].wte.weight, model.wte.weight)
     del checkpoint[MODULE_CLASS]  # a run folder written before checkpoints named their class
     torch.save(checkpoint, final)
     assert module_class(final, "pretrain") is PretrainModule
     assert torch.equal(load_model(run_dir)[0].wte.weight, model.wte.weight)
     with pytest.raises(ConfigError, match="names no module class"):
         module_class(final, "cai")
+
+
+def test_a_checkpoint_naming_its_class_where_it_lived_before_the_split_loads_it(tmp_path: Path) -> None:
+    """A checkpoint written before modules/ was split into nn, parallel, decoding and training names its class at the
+    old path (`modules.dpo.DPOModule`): each old path loads the class of the same name at its new path, no module is
+    left at an old path, and every technique's class of before checkpoints named theirs is in the table."""
+    import importlib
+
+    from repro.checkpoints import BEFORE_NAMING, MODULE_CLASS, MOVED, module_class
+
+    for old, new in MOVED.items():
+        (old_module, _, old_name), (new_module, _, name) = old.rpartition("."), new.rpartition(".")
+        torch.save({"state_dict": {}, MODULE_CLASS: old}, tmp_path / "old.ckpt")
+        assert old_name == name and module_class(tmp_path / "old.ckpt") is getattr(importlib.import_module(new_module), name)
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old_module)  # the old paths live on in MOVED only, not as modules
+    assert set(BEFORE_NAMING.values()) <= set(MOVED.values())
 
 
 @pytest.mark.parametrize("named, fragment", [
