@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.throughput import preset_model  # noqa: E402
-from modules.generation import CompiledDecoder  # noqa: E402
+from modules.decoding.generation import CompiledDecoder  # noqa: E402
 from modules.nn import Decoder  # noqa: E402
 from modules.nn.cache import KVCache  # noqa: E402
 

@@ -22,9 +22,9 @@ if __package__ in (None, ""):
 import torch
 
 from measurement.dualpipe import real_table
-from modules.pipeline.real import compare, tiny_config
-from modules.pipeline.schedules import METHODS, Timing, build
-from modules.pipeline.timeline import table2, timeline_png
+from modules.parallel.pipeline.real import compare, tiny_config
+from modules.parallel.pipeline.schedules import METHODS, Timing, build
+from modules.parallel.pipeline.timeline import table2, timeline_png
 
 
 def main(argv: list[str] | None = None) -> int:

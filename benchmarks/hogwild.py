@@ -2,7 +2,7 @@
 
 `python -m benchmarks.hogwild --checkpoint runs/sft/<run-id> [--workers 1 2 4] [--rows 20] [--device cuda]`
 asks a run's model (`--arm` picks one of several) `--rows` sums of `--terms` numbers
-(`evaluation/parallel_sum.py`) with 1, 2, 4, ... workers sharing one cache (`modules/hogwild.py`), greedy, and
+(`evaluation/parallel_sum.py`) with 1, 2, 4, ... workers sharing one cache (`modules/decoding/hogwild.py`), greedy, and
 prints (with `--out`, writes) per worker count the mean forward passes, seconds and tokens until a worker
 finishes its line, the share of runs that finished, and the share answered right.
 """

@@ -19,8 +19,8 @@ if __package__ in (None, ""):
 import torch
 
 from measurement.inference import PROMPTS_FILE, DecodeSettings, QuantSettings, measure, plot
-from modules.inference import InferenceModule
-from modules.quant import SCHEMES, TORCHAO_SCHEMES
+from modules.training.inference import InferenceModule
+from modules.nn.quant import SCHEMES, TORCHAO_SCHEMES
 from repro.checkpoints import load_module, locate, run_folder_argument
 from repro.config import ConfigError
 

@@ -4,7 +4,7 @@
 pretraining step of a preset (`benchmarks/train_step.py`: the Trainer a run uses) once per case, each
 case in its own process (strategies set up process groups and engines once per process):
 
-- every activation-checkpointing policy (modules/parallel.py: none, full, every_k with k = 2,
+- every activation-checkpointing policy (modules/parallel/plan.py: none, full, every_k with k = 2,
   attention, mlp) under the default strategy;
 - every strategy (auto, ddp, fsdp, fsdp2, deepspeed_stage_1/2/3, deepspeed_stage_2_offload on GPUs;
   auto, ddp and fsdp2 on a CPU) without checkpointing.
@@ -34,7 +34,7 @@ import torch
 from benchmarks.train_step import time_train_step
 from measurement.memory import plot, sweep, table
 from modules.nn import Decoder
-from modules.parallel import POLICIES
+from modules.parallel.plan import POLICIES
 from repro.runner import RunSpec, resolve
 
 GPU_STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from measurement.hardware import matmul_tflops, peak_memory_bytes  # noqa: E402
 from modules.nn import Decoder, DecoderConfig  # noqa: E402
-from modules.pretrain import OptimConfig, PretrainModule, decay_groups  # noqa: E402
+from modules.training.pretrain import OptimConfig, PretrainModule, decay_groups  # noqa: E402
 from repro.callbacks import SpeedMonitor  # noqa: E402
 from repro.config import build_config, load_preset  # noqa: E402
 from repro.trainer import TrainConfig, TrainerArgs, build_trainer  # noqa: E402

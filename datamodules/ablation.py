@@ -1,8 +1,8 @@
 """Raw vs filtered pretraining corpora for the data-pipeline ablation, with one held-out set.
 
 The source's documents are cleaned and split by document as for pretraining; the validation split is
-held out first. The train split becomes a raw, web-like corpus (`pipeline.make_raw_corpus`: the
-defects the pipeline targets planted at stated rates), which `pipeline.run_pipeline` filters. One
+held out first. The train split becomes a raw, web-like corpus (`web_cleaning.make_raw_corpus`: the
+defects the cleaning targets planted at stated rates), which `web_cleaning.run_cleaning` filters. One
 tokenizer, trained on the clean train split (neither arm's corpus), packs the raw corpus, the
 deduplicated corpus (normalised, exact and near duplicates removed, no quality rules), the filtered
 corpus and the validation split. A train batch is `{"raw": blocks, "deduped": blocks, "filtered":
@@ -23,8 +23,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
-from datamodules import pipeline
 from datamodules import tokenizer as bpe
+from datamodules import web_cleaning
 from datamodules.clean import clean, corpus_hash
 from datamodules.packing import Blocks, build_split
 from datamodules.pretrain import (PIPELINE_VERSION, CorpusConfig, PretrainDataModule, cache_root, partial_folder, settings_hash,
@@ -42,26 +42,26 @@ class AblationDataConfig:
 
     only: str | None = "docs/"  # keep source documents whose id starts with this (Gopher's rules are for prose); None: all
     plant_seed: int = 0
-    plants: dict[str, float] = field(default_factory=dict)  # `pipeline.PlantRates` fields; {}: its defaults
-    filters: dict[str, Any] = field(default_factory=dict)  # `pipeline.PipelineConfig` fields, `quality:` nested; {}: the papers'
+    plants: dict[str, float] = field(default_factory=dict)  # `web_cleaning.PlantRates` fields; {}: its defaults
+    filters: dict[str, Any] = field(default_factory=dict)  # `web_cleaning.CleaningConfig` fields, `quality:` nested; {}: the papers'
 
     def __post_init__(self) -> None:
         self.rates()  # a bad rate or filter setting stops the run at config time
         self.filter_config()
 
-    def rates(self) -> pipeline.PlantRates:
+    def rates(self) -> web_cleaning.PlantRates:
         try:
-            return pipeline.PlantRates(**self.plants)
+            return web_cleaning.PlantRates(**self.plants)
         except TypeError as err:
-            raise ValueError(f"pipeline.plants: {err}; fields: {', '.join(pipeline.PlantRates.__dataclass_fields__)}") from None
+            raise ValueError(f"pipeline.plants: {err}; fields: {', '.join(web_cleaning.PlantRates.__dataclass_fields__)}") from None
 
-    def filter_config(self) -> pipeline.PipelineConfig:
+    def filter_config(self) -> web_cleaning.CleaningConfig:
         settings = dict(self.filters)
         try:
-            quality = pipeline.QualityConfig(**settings.pop("quality", {}))
-            return pipeline.PipelineConfig(**settings, quality=quality)
+            quality = web_cleaning.QualityConfig(**settings.pop("quality", {}))
+            return web_cleaning.CleaningConfig(**settings, quality=quality)
         except TypeError as err:
-            raise ValueError(f"pipeline.filters: {err}; see datamodules/pipeline.py (PipelineConfig, QualityConfig)") from None
+            raise ValueError(f"pipeline.filters: {err}; see datamodules/web_cleaning.py (CleaningConfig, QualityConfig)") from None
 
 
 class ZippedSampler(Sampler[tuple[int, ...]]):
@@ -85,14 +85,14 @@ class ZippedBlocks(torch.utils.data.Dataset):
         return {name: blocks[i] for (name, blocks), i in zip(self.corpora.items(), index)}
 
 
-def near_copy_similarity(raw: list, config: pipeline.PipelineConfig) -> list[dict[str, Any]]:
+def near_copy_similarity(raw: list, config: web_cleaning.CleaningConfig) -> list[dict[str, Any]]:
     """Each planted near-copy's exact Jaccard similarity to its source (the shingle sets MinHash estimates)."""
     texts = {d.id: d.text for d in raw}
     out = []
     for doc in raw:
-        if pipeline.plant_kind(doc.id) == "near-of":
+        if web_cleaning.plant_kind(doc.id) == "near-of":
             source = doc.id.split(":", 1)[1].rsplit("#", 1)[0]
-            a, b = pipeline.shingles(doc.text, config.shingle_words), pipeline.shingles(texts[source], config.shingle_words)
+            a, b = web_cleaning.shingles(doc.text, config.shingle_words), web_cleaning.shingles(texts[source], config.shingle_words)
             out.append({"id": doc.id, "jaccard": len(a & b) / max(1, len(a | b))})
     return out
 
@@ -118,15 +118,15 @@ def prepare(config: CorpusConfig, settings: AblationDataConfig, block_size: int)
     sweep_partials(folder.parent)
     partial = partial_folder(folder)
     try:
-        raw = pipeline.make_raw_corpus(corpus.train, settings.plant_seed, settings.rates())
+        raw = web_cleaning.make_raw_corpus(corpus.train, settings.plant_seed, settings.rates())
         filters = settings.filter_config()
-        kept, stages = pipeline.run_pipeline(raw, filters)
-        plants = pipeline.score_against_plants(raw, kept, stages["removed"])
+        kept, stages = web_cleaning.run_cleaning(raw, filters)
+        plants = web_cleaning.score_against_plants(raw, kept, stages["removed"])
         similarity = near_copy_similarity(raw, filters)
         for entry in similarity:
             entry["removed"] = entry["id"] in stages["removed"]
         dedup = ("exact_dedup", "near_dedup")
-        deduped = [Document(d.id, pipeline.normalize_text(d.text)) for d in raw if stages["removed"].get(d.id) not in dedup]
+        deduped = [Document(d.id, web_cleaning.normalize_text(d.text)) for d in raw if stages["removed"].get(d.id) not in dedup]
         tokenizer = bpe.load_or_train([d.text for d in corpus.train], config.vocab_size, root)
         bpe.save(tokenizer, partial / "tokenizer.json")
         tokens = {}
@@ -186,10 +186,10 @@ class AblationDataModule(PretrainDataModule):
 
     @property
     def stages(self) -> dict[str, Any]:
-        """What each stage of the pipeline removed, by rule and by document id (`pipeline.run_pipeline`'s stats)."""
+        """What each stage of the pipeline removed, by rule and by document id (`web_cleaning.run_cleaning`'s stats)."""
         return self._meta()["stages"]
 
     @property
     def plants(self) -> dict[str, Any]:
-        """Recall and false positives against the planted defects (`pipeline.score_against_plants`)."""
+        """Recall and false positives against the planted defects (`web_cleaning.score_against_plants`)."""
         return self._meta()["plants"]

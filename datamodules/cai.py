@@ -29,7 +29,7 @@ from datamodules.chat import END, is_chat_tokenizer, prompt_ids
 from datamodules.constitution import EMAIL, PHONE, URL, Principle, checkable, has_phrase, phrase_pattern
 from datamodules.preference import Pair, to_pair_text
 from datamodules.tokenizer import EOT_ID
-from modules.generation import generate, truncate_at_stop
+from modules.decoding.generation import generate, truncate_at_stop
 from modules.nn import Decoder
 
 GenerateFn = Callable[[str], str]

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.sampler import ResumableBatches
 from datamodules.sources import DataFormatError, load_records
-from modules.generation import generate
+from modules.decoding.generation import generate
 
 SENTIMENT = "sentiment"
 HH_TURN = "\n\nAssistant:"

@@ -18,7 +18,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from datamodules.chat import END, is_chat_tokenizer, render
 from datamodules.tokenizer import EOT_ID  # <|endoftext|>: separates documents in training; the model has no BOS
-from modules.generation import generate, truncate_at_stop
+from modules.decoding.generation import generate, truncate_at_stop
 from repro.checkpoints import load_model
 
 log = logging.getLogger(__name__)

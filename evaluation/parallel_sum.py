@@ -1,4 +1,4 @@
-"""Sums of many terms: a verifiable task on which to compare Hogwild! inference (`modules/hogwild.py`)
+"""Sums of many terms: a verifiable task on which to compare Hogwild! inference (`modules/decoding/hogwild.py`)
 with one worker, in sequential steps and wall time to finish, and in accuracy.
 
 A row asks for the sum of `terms` integers in the verifiable tasks' format (`Q: What is 12 + 7 + ... + 40?\\nA:`,
@@ -6,7 +6,7 @@ answer ` <sum>`). `solve` runs a row with W workers (W = 1: the sequential basel
 the run ends when a worker completes a line (a newline in its text, or `eos_id`: a chat model's `<|end|>`, whose
 prompt is a user turn), and the answer is the first integer of that line, read from the finishing worker's
 block of the merged transcript. A model reads the
-workers' interleaved tokens well only if trained on such transcripts (see `modules/hogwild.py`).
+workers' interleaved tokens well only if trained on such transcripts (see `modules/decoding/hogwild.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from datamodules.chat import END, is_chat_tokenizer, prompt_ids
 from datamodules.verifiable import prompt
-from modules.hogwild import hogwild_generate
+from modules.decoding.hogwild import hogwild_generate
 from modules.nn.decoder import Decoder
 
 

@@ -1,6 +1,6 @@
 """Real pipelines beside the schedule simulator: one row per schedule of measured and simulated step time and idle.
 
-The records are `modules.pipeline.real.compare`'s; the dualpipe technique and `python -m benchmarks.dualpipe`
+The records are `modules.parallel.pipeline.real.compare`'s; the dualpipe technique and `python -m benchmarks.dualpipe`
 both table them.
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from modules.generation import CompiledDecoder
+from modules.decoding.generation import CompiledDecoder
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.cache import KVCache, cache_bytes
 

@@ -2,7 +2,7 @@
 
 `measure` takes an `InferenceModule`'s target, draft model and EAGLE head and, at batch 1, greedy and sampled:
 
-- each quantization scheme of the target (`modules/quant.py`; `torchao-int8` / `torchao-int4` where
+- each quantization scheme of the target (`modules/nn/quant.py`; `torchao-int8` / `torchao-int4` where
   torchao and a GPU are present): weight bytes, held-out loss, decode tokens/s;
 - plain decoding of the target and of the draft model (their step times give Leviathan et al.'s c);
 - speculative decoding with the draft model and with the EAGLE head at each draft length gamma:
@@ -25,12 +25,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from modules.draft import draft_speculative_generate, eagle_generate, estimate_alpha, expected_speedup, expected_tokens_per_round
-from modules.generation import generate
+from modules.decoding.draft import draft_speculative_generate, eagle_generate, estimate_alpha, expected_speedup, expected_tokens_per_round
+from modules.decoding.generation import generate
 from modules.nn.decoder import Decoder
 from modules.nn.eagle import EagleHead
-from modules.quant import quantize, torchao_quantize, weight_bytes
-from modules.speculative import SpeculativeStats
+from modules.nn.quant import quantize, torchao_quantize, weight_bytes
+from modules.decoding.speculative import SpeculativeStats
 from reports.plots import figure, png
 
 PROMPTS_FILE = "decode_prompts.json"

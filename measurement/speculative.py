@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from modules.generation import generate
+from modules.decoding.generation import generate
 from modules.nn.decoder import Decoder
 from modules.nn.mtp import MTPHeads
-from modules.speculative import SpeculativeStats, self_speculative_generate
+from modules.decoding.speculative import SpeculativeStats, self_speculative_generate
 
 PROMPTS_FILE = "decode_prompts.json"
 

@@ -3,7 +3,8 @@
 A checkpoint names the LightningModule class that loads it (`MODULE_CLASS`, written by the trainer's checkpoint
 callback), so loading needs no technique registry: the loader sits below evaluation, the techniques and the runner
 (notes/layers.md). Only a class of the suite's own `modules` package is imported. A checkpoint written before
-checkpoints named their class is loaded by its run's technique (`run.json`), through `BEFORE_NAMING`.
+checkpoints named their class is loaded by its run's technique (`run.json`), through `BEFORE_NAMING`; one that names
+its class where it lived before `modules/` was split by what the code is, through `MOVED`.
 """
 
 from __future__ import annotations
@@ -26,26 +27,42 @@ from modules.nn import Decoder
 from repro.config import ConfigError
 
 Module = TypeVar("Module", bound=L.LightningModule)
-MODULE_CLASS = "module_class"  # the checkpoint's key for its module class, by import path: "modules.sft.SFTModule"
+MODULE_CLASS = "module_class"  # the checkpoint's key for its module class, by import path: "modules.training.sft.SFTModule"
 CLASS_PATH = re.compile(r"modules(\.[A-Za-z_]\w*)+")  # the only classes a checkpoint may name
 # the module class of each technique's runs from before checkpoints named theirs; a checkpoint written since names its
 # own, so a new technique adds nothing here
 BEFORE_NAMING = {
-    "architectures": "modules.architectures.ArchitecturesModule",
-    "data": "modules.corpus_arms.CorpusArmsModule",
-    "deepseek-v3": "modules.mtp.MTPModule",
-    "diff-attn": "modules.architectures.ArchitecturesModule",
-    "dpo": "modules.dpo.DPOModule",
-    "hybrid": "modules.hybrid.HybridModule",
-    "inference": "modules.inference.InferenceModule",
-    "memory": "modules.pretrain.PretrainModule",
-    "moe": "modules.moe.MoEModule",
-    "mtp": "modules.mtp.MTPModule",
-    "nsa": "modules.architectures.ArchitecturesModule",
-    "pretrain": "modules.pretrain.PretrainModule",
-    "reward": "modules.reward.RewardModule",
-    "rlhf": "modules.ppo.PPOModule",
-    "sft": "modules.sft.SFTModule",
+    "architectures": "modules.training.architectures.ArchitecturesModule",
+    "data": "modules.training.corpus_arms.CorpusArmsModule",
+    "deepseek-v3": "modules.training.mtp.MTPModule",
+    "diff-attn": "modules.training.architectures.ArchitecturesModule",
+    "dpo": "modules.training.dpo.DPOModule",
+    "hybrid": "modules.training.hybrid.HybridModule",
+    "inference": "modules.training.inference.InferenceModule",
+    "memory": "modules.training.pretrain.PretrainModule",
+    "moe": "modules.training.moe.MoEModule",
+    "mtp": "modules.training.mtp.MTPModule",
+    "nsa": "modules.training.architectures.ArchitecturesModule",
+    "pretrain": "modules.training.pretrain.PretrainModule",
+    "reward": "modules.training.reward.RewardModule",
+    "rlhf": "modules.training.ppo.PPOModule",
+    "sft": "modules.training.sft.SFTModule",
+}
+# each module class by the path checkpoints named it at before modules/ was split into nn, parallel, decoding and
+# training (the module classes moved to modules/training/): a checkpoint written before names the old path. A closed
+# table, as BEFORE_NAMING is: a class written since is named where it lives
+MOVED = {
+    "modules.architectures.ArchitecturesModule": "modules.training.architectures.ArchitecturesModule",
+    "modules.corpus_arms.CorpusArmsModule": "modules.training.corpus_arms.CorpusArmsModule",
+    "modules.dpo.DPOModule": "modules.training.dpo.DPOModule",
+    "modules.hybrid.HybridModule": "modules.training.hybrid.HybridModule",
+    "modules.inference.InferenceModule": "modules.training.inference.InferenceModule",
+    "modules.moe.MoEModule": "modules.training.moe.MoEModule",
+    "modules.mtp.MTPModule": "modules.training.mtp.MTPModule",
+    "modules.ppo.PPOModule": "modules.training.ppo.PPOModule",
+    "modules.pretrain.PretrainModule": "modules.training.pretrain.PretrainModule",
+    "modules.reward.RewardModule": "modules.training.reward.RewardModule",
+    "modules.sft.SFTModule": "modules.training.sft.SFTModule",
 }
 
 
@@ -107,7 +124,7 @@ def module_class(checkpoint: str | Path, technique: str | None = None) -> type[L
                           f"{technique!r} has none from before checkpoints named theirs")
     if not isinstance(path, str) or not CLASS_PATH.fullmatch(path):
         raise ConfigError(f"{checkpoint}: refused to load: it names module class {path!r}, outside the suite's modules package")
-    module_path, _, name = path.rpartition(".")
+    module_path, _, name = MOVED.get(path, path).rpartition(".")
     try:
         found = getattr(importlib.import_module(module_path), name, None)
     except ImportError as err:

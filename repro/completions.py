@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from datamodules.chat import END, is_chat_tokenizer
 from datamodules.tokenizer import EOT
-from modules.generation import generate, sample_next, truncate_at_stop
+from modules.decoding.generation import generate, sample_next, truncate_at_stop
 from modules.nn import Decoder
 from modules.nn.cache import KVCache
 

@@ -12,7 +12,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 import torch
 from jsonargparse import ArgumentParser
 
-from modules.generation import generate_text
+from modules.decoding.generation import generate_text
 from repro.checkpoints import load_model
 from repro.config import ConfigError
 

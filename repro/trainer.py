@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from evaluation import TASKS_DIR
 from modules.nn import Block
 
-from modules.parallel import ParallelPlan
+from modules.parallel.plan import ParallelPlan
 from repro.config import ConfigError, _suggest
 from repro.callbacks import History, LossProgressBar, RandomState, SpeedMonitor, StepCheckpoint
 
@@ -38,7 +38,7 @@ class TrainConfig:
     speed_window: int = field(default=10, metadata={"min": 1})  # optimizer steps per tokens/s measurement
     compile: bool = False  # torch.compile the training step
     peak_tflops: float | None = field(default=None, metadata={"gt": 0})  # None: measure the bf16 matmul rate on GPU
-    # recompute activations in backward (modules/parallel.py): none, full (every block), every_k (blocks
+    # recompute activations in backward (modules/parallel/plan.py): none, full (every block), every_k (blocks
     # 0, k, 2k, ...), attention (each block's token mixer) or mlp (each block's MLP)
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = field(default=2, metadata={"min": 1})  # k of every_k
@@ -114,7 +114,7 @@ STRATEGIES = "auto, ddp, ddp_spawn, fsdp (GPU), fsdp2, deepspeed_stage_1/2/3 and
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 (`fully_shard`, applied per block by `modules.parallel.shard`) over every process as one
+    """FSDP2 (`fully_shard`, applied per block by `modules.parallel.plan.shard`) over every process as one
     data-parallel group: Lightning's ModelParallelStrategy with tensor parallelism off, saving the
     full state to one file (what resuming, lm-eval and the report read). Runs on CPUs too (gloo)."""
 

@@ -1,4 +1,4 @@
-"""The one manual multi-arm optimizer step (`modules.arms.step_arm`): global_step counts batches, every arm learns.
+"""The one manual multi-arm optimizer step (`modules.training.arms.step_arm`): global_step counts batches, every arm learns.
 
 Lightning's wrapped optimizer counts `trainer.global_step` on each `step()`; a training step that
 updates several arms (or one optimizer several times, as PPO's minibatches) must step through the
@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from modules.arms import arm_optimizers, step_arm
+from modules.training.arms import arm_optimizers, step_arm
 
 
 class TwoArms(L.LightningModule):
@@ -84,7 +84,7 @@ def test_gradient_norm_is_clipped_before_the_step() -> None:
 def test_dpo_arms_keep_their_checkpoint_keys_and_headline_metrics() -> None:
     """DPO's arms are an ArmsModule's: their weights stay under policies.<arm> (and model., the first arm),
     and validation's headline is loss and accuracy."""
-    from modules.dpo import DPOModule, DPOSettings
+    from modules.training.dpo import DPOModule, DPOSettings
 
     config = {"vocab_size": 32, "block_size": 12, "n_layer": 1, "n_head": 2, "n_embd": 16}
     arms = [{"name": "dpo-b0.1", "loss": "dpo"}, {"name": "ipo", "loss": "ipo", "lora": True}]

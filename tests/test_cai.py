@@ -222,7 +222,7 @@ def test_decoder_logprob_equals_a_direct_log_softmax(chat_tokenizer: Tokenizer) 
 
 
 def test_decoder_generator_answers_as_a_chat_turn_and_cuts_long_prompts(chat_tokenizer: Tokenizer) -> None:
-    from modules.generation import generate
+    from modules.decoding.generation import generate
 
     model = tiny_decoder(chat_tokenizer.get_vocab_size(), block_size=32)
     end = chat_tokenizer.token_to_id(END)

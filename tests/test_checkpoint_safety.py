@@ -207,10 +207,10 @@ def test_tensors_and_plain_data_pass(tmp_path: Path) -> None:
 def test_run_context_given_to_a_constructor_stays_out_of_the_hyperparameters(tmp_path: Path) -> None:
     """Where a base run lives and the true reward (a function) are constructor arguments, not hyperparameters:
     a Path or a callable among the saved hyperparameters would make every checkpoint refuse weights-only loading."""
-    from modules.dpo import DPOModule, DPOSettings
-    from modules.inference import InferenceModule
-    from modules.ppo import PPOConfig, PPOModule
-    from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
+    from modules.training.dpo import DPOModule, DPOSettings
+    from modules.training.inference import InferenceModule
+    from modules.training.ppo import PPOConfig, PPOModule
+    from modules.training.sft import LoraSettings, SFTModule, SFTOptimConfig
 
     config = {"vocab_size": 32, "block_size": 12, "n_layer": 1, "n_head": 2, "n_embd": 16}
     runs = {"base_dir": tmp_path / "base", "reward_dir": tmp_path / "reward"}
@@ -228,8 +228,9 @@ def test_run_context_given_to_a_constructor_stays_out_of_the_hyperparameters(tmp
     assert modules["ppo"].true_reward([[1], [2]]) == [0.0, 0.0] and modules["ppo"].reward_dir == runs["reward_dir"]
 def test_a_checkpoint_names_the_module_class_that_loads_it(tmp_path: Path, tiny_overrides: list[str]) -> None:
     """A run's checkpoints name their LightningModule class, so loading needs no technique registry; a run folder
-    from before they did loads by its technique."""
-    from modules.pretrain import PretrainModule
+    that names it where it lived before modules/ was split loads by the old name, and one from before checkpoints
+    named their class loads by its technique."""
+    from modules.training.pretrain import PretrainModule
     from repro.checkpoints import MODULE_CLASS, load_model, module_class
     from repro.runner import run
     from repro.trainer import TrainerArgs
@@ -238,10 +239,14 @@ def test_a_checkpoint_names_the_module_class_that_loads_it(tmp_path: Path, tiny_
                   out=tmp_path / "runs")
     for name in ("final.ckpt", "last.ckpt"):
         checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
-        assert checkpoint[MODULE_CLASS] == "modules.pretrain.PretrainModule"
+        assert checkpoint[MODULE_CLASS] == "modules.training.pretrain.PretrainModule"
     final = run_dir / "checkpoints" / "final.ckpt"
     assert module_class(final, technique="another name") is PretrainModule  # the checkpoint's word, not the run's
     model, _ = load_model(run_dir)
+    checkpoint[MODULE_CLASS] = "modules.pretrain.PretrainModule"  # a run folder written before modules/ was split
+    torch.save(checkpoint, final)
+    assert module_class(final, technique="another name") is PretrainModule
+    assert torch.equal(load_model(run_dir)[0].wte.weight, model.wte.weight)
     del checkpoint[MODULE_CLASS]  # a run folder written before checkpoints named their class
     torch.save(checkpoint, final)
     assert module_class(final, "pretrain") is PretrainModule
@@ -250,10 +255,27 @@ def test_a_checkpoint_names_the_module_class_that_loads_it(tmp_path: Path, tiny_
         module_class(final, "cai")
 
 
+def test_a_checkpoint_naming_its_class_where_it_lived_before_the_split_loads_it(tmp_path: Path) -> None:
+    """A checkpoint written before modules/ was split into nn, parallel, decoding and training names its class at the
+    old path (`modules.dpo.DPOModule`): each old path loads the class of the same name at its new path, no module is
+    left at an old path, and every technique's class of before checkpoints named theirs is in the table."""
+    import importlib
+
+    from repro.checkpoints import BEFORE_NAMING, MODULE_CLASS, MOVED, module_class
+
+    for old, new in MOVED.items():
+        (old_module, _, old_name), (new_module, _, name) = old.rpartition("."), new.rpartition(".")
+        torch.save({"state_dict": {}, MODULE_CLASS: old}, tmp_path / "old.ckpt")
+        assert old_name == name and module_class(tmp_path / "old.ckpt") is getattr(importlib.import_module(new_module), name)
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old_module)  # the old paths live on in MOVED only, not as modules
+    assert set(BEFORE_NAMING.values()) <= set(MOVED.values())
+
+
 @pytest.mark.parametrize("named, fragment", [
     ("os.system", "outside the suite's modules package"),
     ("modules.nn.decoder.Decoder", "no LightningModule of this suite"),
-    ("modules.pretrain.NoSuchModule", "no LightningModule of this suite"),
+    ("modules.training.pretrain.NoSuchModule", "no LightningModule of this suite"),
     ("modules.no_such_file.Module", "which does not import here: No module named 'modules.no_such_file'"),
 ])
 def test_a_checkpoint_naming_another_class_is_refused(tmp_path: Path, named: str, fragment: str) -> None:

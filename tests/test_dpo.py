@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from modules.dpo import dpo_loss, implicit_rewards, ipo_loss, sequence_logps, simpo_loss
+from modules.training.dpo import dpo_loss, implicit_rewards, ipo_loss, sequence_logps, simpo_loss
 
 
 def sigmoid(x: float) -> float:
@@ -56,7 +56,7 @@ def test_sequence_logps_sum_the_response_tokens_only() -> None:
 
 
 def test_frontier_kinds_and_domination() -> None:
-    from modules.dpo import Arm
+    from modules.training.dpo import Arm
     from repro.techniques.dpo import kind_of, undominated
 
     kinds = [kind_of(Arm("a", "dpo", 0.1)), kind_of(Arm("b", "dpo", 0.1, label_smoothing=0.1)), kind_of(Arm("c", "dpo", 0.1, lora=True)),

@@ -11,18 +11,18 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from modules import speculative as speculative_module
-from modules.draft import (
+from modules.decoding import speculative as speculative_module
+from modules.decoding.draft import (
     draft_speculative_generate,
     eagle_generate,
     estimate_alpha,
     expected_speedup,
     expected_tokens_per_round,
 )
-from modules.generation import generate, sampling_probs
+from modules.decoding.generation import generate, sampling_probs
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.eagle import EagleConfig, EagleHead, fusion_layers
-from modules.speculative import SpeculativeStats, accept_drafts
+from modules.decoding.speculative import SpeculativeStats, accept_drafts
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

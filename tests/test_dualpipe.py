@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from modules.nn import Decoder
-from modules.pipeline.real import run_pipeline, stage_timing, summarize, tiny_config
-from modules.pipeline.schedules import (
+from modules.parallel.pipeline.real import run_pipeline, stage_timing, summarize, tiny_config
+from modules.parallel.pipeline.schedules import (
     METHODS,
     ScheduleError,
     Timing,
@@ -21,7 +21,7 @@ from modules.pipeline.schedules import (
     simulate,
     validate,
 )
-from modules.pipeline.timeline import table2, timeline_png
+from modules.parallel.pipeline.timeline import table2, timeline_png
 
 # per-chunk times inside every formula's conditions (B - W = F, W <= F), with and without overlap (F&B < F + B)
 TIMINGS = [Timing(1, 2, 1), Timing(1, 1.5, 0.5), Timing(2, 3, 1, FB=4), Timing(1, 2, 1, FB=2.5), Timing(2, 4, 2, FB=5),

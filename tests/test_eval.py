@@ -22,7 +22,7 @@ from evaluation.build_tasks import build, load, task_rows
 from evaluation.lm import EOT_ID, ReproLM
 from evaluation.standard_tasks import BUILTIN, local
 from evaluation.task_checks import TaskConfigError, missing_fields
-from modules.generation import generate
+from modules.decoding.generation import generate
 from repro.checkpoints import load_model
 from repro.config import ConfigError
 from repro.evaluate import evaluate, main
@@ -431,7 +431,7 @@ def test_a_model_in_memory_scores_as_its_checkpoint_does(run_dir: Path) -> None:
     """`evaluate_model` (what the inference technique scores quantized copies with) reads the run's held-out
     rows through the same harness: the unquantized model in memory scores exactly as the checkpoint; an int4
     copy scores close to it but not equal."""
-    from modules.quant import quantize
+    from modules.nn.quant import quantize
     from repro.evaluate import evaluate_model
 
     model, bpe = load_model(run_dir)

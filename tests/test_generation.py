@@ -7,8 +7,8 @@ import functools
 import pytest
 import torch
 
-from modules import generation
-from modules.generation import CompiledDecoder, generate, sample_next
+from modules.decoding import generation
+from modules.decoding.generation import CompiledDecoder, generate, sample_next
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.cache import KVCache
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from evaluation.parallel_sum import answer_of, compare, solve, sum_rows
-from modules.generation import generate
-from modules.hogwild import HogwildDecoder, hogwild_generate, layout, sequential_generate
+from modules.decoding.generation import generate
+from modules.decoding.hogwild import HogwildDecoder, hogwild_generate, layout, sequential_generate
 from modules.nn import Decoder, DecoderConfig
 
 VOCAB = 67

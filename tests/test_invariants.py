@@ -16,8 +16,8 @@ import torch
 
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.decoder import IGNORE
-from modules.pretrain import OptimConfig, PretrainModule, warmup_cosine
-from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
+from modules.training.pretrain import OptimConfig, PretrainModule, warmup_cosine
+from modules.training.sft import LoraSettings, SFTModule, SFTOptimConfig
 from repro.registry import techniques
 
 
@@ -138,7 +138,7 @@ def sft_lora_arm_moves_only_adapters_and_new_token_rows() -> None:
 
 def reward_equal_scores_cost_ln2() -> None:
     """Bradley-Terry with r_chosen = r_rejected is -log sigmoid(0) = ln 2, whatever the scores."""
-    from modules.reward import bradley_terry_loss
+    from modules.training.reward import bradley_terry_loss
 
     scores = torch.randn(7, dtype=torch.float64)
     assert bradley_terry_loss(scores, scores).item() == pytest.approx(math.log(2))
@@ -146,7 +146,7 @@ def reward_equal_scores_cost_ln2() -> None:
 
 def reward_trunk_starts_as_the_base_and_reads_the_last_token() -> None:
     """After `init_from_base` the trunk is the base; a row's reward depends only on tokens up to `last`."""
-    from modules.reward import RewardModule
+    from modules.training.reward import RewardModule
 
     torch.manual_seed(0)
     base = Decoder(small_config())
@@ -162,7 +162,7 @@ def reward_trunk_starts_as_the_base_and_reads_the_last_token() -> None:
 
 def rlhf_policy_starts_at_zero_kl_from_its_reference() -> None:
     """Before any update the policy is the reference: the sampled KL of every rollout is exactly 0."""
-    from modules.ppo import PPOConfig, PPOModule
+    from modules.training.ppo import PPOConfig, PPOModule
 
     torch.manual_seed(0)
     module = PPOModule(small_config(), PPOConfig(reward="true", response_tokens=5), max_steps=1)
@@ -173,7 +173,7 @@ def rlhf_policy_starts_at_zero_kl_from_its_reference() -> None:
 
 def rlhf_perfect_values_leave_no_advantage() -> None:
     """A constant final reward with values equal to it gives zero advantage everywhere (gamma = lambda = 1)."""
-    from modules.ppo import gae
+    from modules.training.ppo import gae
 
     rewards = torch.zeros(3, 5)
     rewards[:, -1] = 0.7
@@ -184,7 +184,7 @@ def rlhf_perfect_values_leave_no_advantage() -> None:
 
 def dpo_policy_equal_to_reference_costs_ln2() -> None:
     """At the start every arm is the reference: DPO's loss is ln 2 and every implicit reward is 0, whatever the pair."""
-    from modules.dpo import DPOModule, DPOSettings
+    from modules.training.dpo import DPOModule, DPOSettings
 
     torch.manual_seed(0)
     base = Decoder(small_config())
@@ -193,7 +193,7 @@ def dpo_policy_equal_to_reference_costs_ln2() -> None:
     module.init_from(base)
     ids = torch.randint(1, 300, (4, 9))
     batch = {"ids": ids, "last": torch.tensor([8, 6, 8, 7]), "prompt_len": torch.tensor([3, 3, 3, 3])}
-    from modules.dpo import reference_logps
+    from modules.training.dpo import reference_logps
 
     batch["ref_logps"] = reference_logps(base, [batch])
     for arm in module.arms:
@@ -204,7 +204,7 @@ def dpo_policy_equal_to_reference_costs_ln2() -> None:
 
 def dpo_ipo_is_zero_at_its_target_margin() -> None:
     """IPO's loss vanishes exactly when the log-ratio margin equals 1 / (2 beta)."""
-    from modules.dpo import ipo_loss
+    from modules.training.dpo import ipo_loss
 
     beta = 0.25
     loss = ipo_loss(torch.tensor([2.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64),
@@ -233,7 +233,7 @@ def mtp_zero_weight_leaves_the_decoder_as_next_token_training() -> None:
     equals the next-token arm's (same start, same batch, same optimizer)."""
     import lightning as L
 
-    from modules.mtp import MTPModule, MTPSettings
+    from modules.training.mtp import MTPModule, MTPSettings
 
     torch.manual_seed(0)
     settings = MTPSettings(arms=[{"name": "ntp"}, {"name": "mtp", "depth": 2}], lambdas=[0.0])
@@ -291,7 +291,7 @@ def hybrid_forgetful_ssm_reduces_to_its_per_token_formula() -> None:
 def hybrid_arms_start_at_equal_size_and_log_vocab() -> None:
     """The tiny preset's arms hold parameter counts within its tolerance, and each untrained arm's loss
     is near ln(V) (GPT-2 initialisation keeps the logits near 0 whatever the mixers)."""
-    from modules.hybrid import HybridModule, HybridSettings, check_equal_params
+    from modules.training.hybrid import HybridModule, HybridSettings, check_equal_params
     from repro.config import load_preset
 
     preset = load_preset("hybrid", "tiny")
@@ -323,8 +323,8 @@ def architectures_kv_cache_shrinks_with_the_kv_heads() -> None:
     """Keys and values of every layer in bf16: 2 x 2 bytes x n_layer x n_kv_head x head_dim per token, so
     the tiny preset's GQA (2 of 4 heads) halves the multi-head cache and MQA quarters it; MLA caches
     d_c + d_R = 4.5 head widths per layer (DeepSeek-V2: as much as GQA with 2.25 groups)."""
-    from modules.architectures import ArchitectureSettings
-    from modules.arms import ConfigArm
+    from modules.training.architectures import ArchitectureSettings
+    from modules.training.arms import ConfigArm
     from modules.nn.cache import cache_bytes
     from repro.config import load_preset
 
@@ -341,7 +341,7 @@ def architectures_kv_cache_shrinks_with_the_kv_heads() -> None:
 
 def architectures_arms_start_at_log_vocab() -> None:
     """Every arm of the default ablation, untrained, costs about ln(V): the knobs do not change the initial logits' scale."""
-    from modules.architectures import ArchitecturesModule
+    from modules.training.architectures import ArchitecturesModule
     from repro.config import load_preset
 
     preset = load_preset("architectures", "tiny")
@@ -355,7 +355,7 @@ def architectures_arms_start_at_log_vocab() -> None:
 
 def dualpipe_schedules_meet_table2_at_the_reports_setting() -> None:
     """PP 8, 20 micro-batches, F=1, B=2, W=1: 1F1B idles 7 x 3 = 21, ZB1P 7 x 1 = 7, DualPipe (4-1)(3+2-3) = 6."""
-    from modules.pipeline.schedules import Timing, build
+    from modules.parallel.pipeline.schedules import Timing, build
 
     bubbles = {m: max(build(m, 8, 20, Timing(1.0, 2.0, 1.0)).bubbles()) for m in ("1F1B", "ZB1P", "DualPipe")}
     assert bubbles == {"1F1B": 21, "ZB1P": 7, "DualPipe": 6}
@@ -363,7 +363,7 @@ def dualpipe_schedules_meet_table2_at_the_reports_setting() -> None:
 
 def data_arms_start_equal_and_read_their_own_corpus() -> None:
     """Every arm starts from the same weights; each arm's loss reads its own corpus's rows of a zipped batch."""
-    from modules.corpus_arms import CorpusArmsModule
+    from modules.training.corpus_arms import CorpusArmsModule
 
     module = CorpusArmsModule({"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}, {}, {}, 10)
     first, *others = (module.decoder(a.name) for a in module.arms)
@@ -403,7 +403,7 @@ def deepseek_v3_published_config_counts_671b() -> None:
 def diff_attn_lambda_init_and_equal_size() -> None:
     """The diff-attn preset: block l's lambda_init is 0.8 - 0.6 exp(-0.3 (l - 1)) (Ye et al. Eq. 2), and the DIFF arm
     (4 heads of 32) has exactly the parameters of the softmax arm (8 heads of 16) but the lambdas and the head norms."""
-    from modules.architectures import ArchitecturesModule
+    from modules.training.architectures import ArchitecturesModule
     from repro.config import load_preset
 
     preset = load_preset("diff-attn", "tiny")
@@ -417,7 +417,7 @@ def diff_attn_lambda_init_and_equal_size() -> None:
 
 def nsa_arms_start_at_log_vocab_and_stay_causal() -> None:
     """The nsa preset's arms, untrained, cost about ln(V); the NSA arm's outputs at a position ignore every later token."""
-    from modules.architectures import ArchitecturesModule
+    from modules.training.architectures import ArchitecturesModule
     from repro.config import load_preset
 
     preset = load_preset("nsa", "tiny")
@@ -437,8 +437,8 @@ def nsa_arms_start_at_log_vocab_and_stay_causal() -> None:
 def inference_target_frozen_and_drafters_start_at_log_vocab() -> None:
     """The target takes no gradient; the untrained draft costs about ln(V); a draft that always agrees (alpha 1)
     yields gamma + 1 tokens a pass and, at zero cost, a (gamma + 1)x speedup (Leviathan et al. Eq. 1, Thm. 3.8)."""
-    from modules.draft import expected_speedup, expected_tokens_per_round
-    from modules.inference import InferenceModule
+    from modules.decoding.draft import expected_speedup, expected_tokens_per_round
+    from modules.training.inference import InferenceModule
 
     module = InferenceModule({"vocab_size": 300, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}, {}, {}, 10)
     assert not any(p.requires_grad for p in module.target.parameters())

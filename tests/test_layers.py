@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 UNLAYERED = ("tests",)  # test code may import every layer
 
 # Bottom to top. A module belongs to the layer of the longest entry that is its name or the name of a package
-# holding it: `modules` places every module of modules/ that no longer entry (`modules.nn`, ...) places lower.
+# holding it: `modules` places the package itself, and any module of modules/ outside its four folders, with training.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("repro.config",)),
-    ("nn", ("modules.nn", "modules.quant", "modules.pipeline")),
-    ("modules", ("modules", "repro.checkpoints")),
+    ("nn", ("modules.nn",)),
+    ("parallel", ("modules.parallel",)),
+    ("decoding", ("modules.decoding",)),
+    ("training", ("modules.training", "modules", "repro.checkpoints")),
     ("data", ("datamodules",)),
     ("evaluation", ("evaluation",)),
     ("reports", ("reports",)),
@@ -174,9 +176,9 @@ def test_the_checker_names_an_upward_import(tmp_path: Path) -> None:
         "modules/nn/__init__.py": "from . import decoder\n",
         "modules/nn/decoder.py": ("from typing import TYPE_CHECKING\n\nfrom repro.runner import run\n"
                                   "from modules.nn import attention\n\nif TYPE_CHECKING:\n    from repro import runner\n\n\n"
-                                  "def f():\n    from ..pretrain import step\n    import repro.runner\n"),
+                                  "def f():\n    from ..training.pretrain import step\n    import repro.runner\n"),
         "modules/nn/attention.py": "from modules.nn.decoder import Decoder\nimport modules.nn.moe\n",
-        "modules/pretrain.py": "from repro.config import ConfigError\n",
+        "modules/training/pretrain.py": "from repro.config import ConfigError\n",
         "repro/__init__.py": "",
         "repro/config.py": "",
         "repro/runner.py": "from modules.nn import decoder\n",
@@ -189,15 +191,18 @@ def test_the_checker_names_an_upward_import(tmp_path: Path) -> None:
         "repro.runner in layer techniques (above it)",
         "modules/nn/decoder.py:7: `from repro import runner` imports upward: modules.nn.decoder is in layer nn, "
         "repro.runner in layer techniques (above it)",
-        "modules/nn/decoder.py:11: `from ..pretrain import step` imports upward: modules.nn.decoder is in layer nn, "
-        "modules.pretrain in layer modules (above it)",
+        "modules/nn/decoder.py:11: `from ..training.pretrain import step` imports upward: modules.nn.decoder is in layer nn, "
+        "modules.training.pretrain in layer training (above it)",
         "modules/nn/decoder.py:12: `import repro.runner` imports upward: modules.nn.decoder is in layer nn, "
         "repro.runner in layer techniques (above it)",
     ]
 
 
 def test_layer_of_takes_the_longest_entry() -> None:
-    assert [LAYERS[layer_of(m)][0] for m in ("repro.config", "repro.runner", "repro.run", "modules.nn.moe", "modules.moe",
+    assert [LAYERS[layer_of(m)][0] for m in ("repro.config", "repro.runner", "repro.run", "modules.nn.moe", "modules.nn.quant",
+                                             "modules.parallel.plan", "modules.parallel.pipeline.real",
+                                             "modules.decoding.speculative", "modules.training.moe", "modules",
                                              "repro.checkpoints", "benchmarks.memory")] == [
-        "config", "techniques", "commands", "nn", "modules", "modules", "commands"]
+        "config", "techniques", "commands", "nn", "nn", "parallel", "parallel", "decoding", "training", "training",
+        "training", "commands"]
     assert layer_of("tests.test_layers") is None

@@ -9,7 +9,7 @@ import torch
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.cache import KVCache, cache_bytes
 from modules.nn.mamba import MambaMixer, linear_recurrence, selective_scan
-from modules.pretrain import decay_groups
+from modules.training.pretrain import decay_groups
 
 
 def naive_scan(decay: torch.Tensor, inputs: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.moe import MoEArm, MoEModule, MoESettings, arm_config
+from modules.training.moe import MoEArm, MoEModule, MoESettings, arm_config
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.moe import MoE, max_violation, update_biases
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 
 
 def moe_config(**overrides) -> DecoderConfig:

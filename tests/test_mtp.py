@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import chisquare
 
-from modules.generation import generate, sampling_probs
-from modules.mtp import MTPModule, MTPSettings
+from modules.decoding.generation import generate, sampling_probs
+from modules.training.mtp import MTPModule, MTPSettings
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.mtp import MTPHeads
-from modules.pretrain import OptimConfig
-from modules.speculative import SpeculativeStats, accept_drafts, self_speculative_generate
+from modules.training.pretrain import OptimConfig
+from modules.decoding.speculative import SpeculativeStats, accept_drafts, self_speculative_generate
 
 
 def tiny(vocab: int = 50, position: str = "learned", block: int = 96) -> DecoderConfig:

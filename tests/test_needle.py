@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.needle import NeedleConfig, make_batch
+from modules.training.needle import NeedleConfig, make_batch
 from repro import golden
 from repro.run import main
 

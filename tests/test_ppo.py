@@ -10,7 +10,7 @@ import torch
 
 from datamodules.preference import PromptDataModule
 from modules.nn import DecoderConfig
-from modules.ppo import (AdaptiveKLController, PPOConfig, PPOModule, distinct_share, gae, masked_whiten, penalized_rewards,
+from modules.training.ppo import (AdaptiveKLController, PPOConfig, PPOModule, distinct_share, gae, masked_whiten, penalized_rewards,
                          policy_loss, response_mask, value_loss)
 
 

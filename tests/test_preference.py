@@ -16,7 +16,7 @@ from datamodules.preference import (PreferenceDataConfig, collate_pairs, corpus_
 from datamodules.sources import DataFormatError
 from datamodules.tokenizer import train_bpe
 from evaluation.sentiment import sentiment
-from modules.reward import bradley_terry_loss
+from modules.training.reward import bradley_terry_loss
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_config_errors_name_the_setting() -> None:
 def test_concordance_matches_a_pair_by_pair_count() -> None:
     from itertools import permutations
 
-    from modules.reward import concordance
+    from modules.training.reward import concordance
 
     truth = torch.tensor([0.0, 0.0, 0.5, -0.3, 0.9, 0.0])
     scores = torch.tensor([0.1, 0.4, 0.2, -1.0, 0.2, 0.1])

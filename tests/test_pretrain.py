@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from modules.pretrain import warmup_cosine
+from modules.training.pretrain import warmup_cosine
 from repro.run import main
 from repro.runner import RunSpec, run
 
@@ -79,7 +79,7 @@ def test_warmup_cosine_schedule() -> None:
 
 
 def test_checkpoint_rebuilds_its_module(first_run: Path) -> None:
-    from modules.pretrain import PretrainModule
+    from modules.training.pretrain import PretrainModule
 
     module = PretrainModule.load_from_checkpoint(first_run / "checkpoints" / "final.ckpt", map_location="cpu")
     assert module.model.config.n_layer == 2
@@ -125,7 +125,7 @@ def test_prerequisite_stage_runs_once_and_is_reused(tiny_overrides, tmp_path, mo
 
 
 def test_run_folder_loads_for_generation(first_run: Path, capsys) -> None:
-    from modules.generation import generate_text, truncate_at_stop
+    from modules.decoding.generation import generate_text, truncate_at_stop
     from repro.checkpoints import load_model
     from repro.generate import main as generate_main
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.generation import generate
+from modules.decoding.generation import generate
 from modules.nn import Decoder, DecoderConfig
-from modules.quant import (
+from modules.nn.quant import (
     QuantizedLinear,
     dequantize_int4,
     dequantize_int8,

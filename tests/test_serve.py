@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer
 
 from datamodules.tokenizer import EOT_ID, train_bpe
-from modules.generation import generate, generate_text, truncate_at_stop
+from modules.decoding.generation import generate, generate_text, truncate_at_stop
 from modules.nn import Decoder, DecoderConfig
 from repro import completions, serve
 from repro.completions import settled_length

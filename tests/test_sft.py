@@ -15,7 +15,7 @@ from datamodules.sources import DataFormatError
 from datamodules.tokenizer import train_bpe
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.decoder import IGNORE
-from modules.sft import LoraSettings, load_adapter, merged, save_adapter, trained_parameters, with_lora
+from modules.training.sft import LoraSettings, load_adapter, merged, save_adapter, trained_parameters, with_lora
 from repro.golden import CORPUS, SHRINK, write_corpus
 from repro.runner import RunSpec, run
 

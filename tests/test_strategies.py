@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from modules.nn import Decoder, DecoderConfig
-from modules.parallel import POLICIES, ParallelPlan, checkpoint_activations, shard
+from modules.parallel.plan import POLICIES, ParallelPlan, checkpoint_activations, shard
 from repro import golden, registry
 from repro.run import main
 
@@ -156,7 +156,7 @@ def test_checkpointing_refuses_to_recompute_a_router() -> None:
 
 
 def test_fsdp2_refuses_modules_that_train_more_than_decoders() -> None:
-    from modules.mtp import MTPModule
+    from modules.training.mtp import MTPModule
 
     module = MTPModule(dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16), {}, {}, 4)
     with pytest.raises(ValueError, match="fsdp2 shards decoders only; this technique also trains extras"):

@@ -1,13 +1,13 @@
 """`--technique architectures`: the open-model knobs as a measured ablation (LLaMA; GQA; MQA; MLA).
 
-Arms side by side on the same batches (`modules/architectures.py`): GPT-2's LayerNorm, GELU, learned
+Arms side by side on the same batches (`modules/training/architectures.py`): GPT-2's LayerNorm, GELU, learned
 positions and multi-head attention, then RMSNorm, SwiGLU, RoPE, grouped-query, multi-query and
 latent attention added one at a time. The report tables validation loss, training tokens/s and
 KV-cache bytes per token per arm, and checks the claims from the run: the LLaMA recipe trains to a
 lower loss than GPT-2's, and GQA / MQA / MLA keep that loss at a fraction of the KV cache.
 
 `--technique diff-attn` (differential attention against softmax attention of equal size, with the
-needle-retrieval task of `modules/needle.py`) and `--technique nsa` (native sparse attention against
+needle-retrieval task of `modules/training/needle.py`) and `--technique nsa` (native sparse attention against
 full attention) are the same machinery with their own presets and claims.
 """
 
@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
-from modules.architectures import ArchitectureSettings, ArchitecturesModule
-from modules.arms import ConfigArm
-from modules.needle import NeedleConfig, train_and_score
+from modules.training.architectures import ArchitectureSettings, ArchitecturesModule
+from modules.training.arms import ConfigArm
+from modules.training.needle import NeedleConfig, train_and_score
 from modules.nn import DecoderConfig
 from modules.nn.cache import cache_bytes
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 from reports.claims import check_above, check_below, not_measured
 from reports.plots import loss_curves
 from repro.arm_findings import arm_metrics
@@ -128,7 +128,7 @@ def needle_metrics(needle: NeedleConfig, module: ArchitecturesModule) -> dict[st
 
 def needle_table(needle: NeedleConfig, module: ArchitecturesModule, metrics: dict[str, Any]) -> list[str]:
     lines = [f"Each arm's shape, trained from scratch for {needle.steps} steps of {needle.batch_size} sequences on the "
-             f"needle task (`modules/needle.py`): {needle.pairs} key-value pairs hidden among filler in {needle.context} "
+             f"needle task (`modules/training/needle.py`): {needle.pairs} key-value pairs hidden among filler in {needle.context} "
              f"tokens, then {needle.queries} lookups; accuracy on {needle.eval_batches * needle.batch_size} held-out "
              f"sequences (chance {1 / needle.values:.3f}).", "",
              "| arm | lookup accuracy | lookup loss | train s |", "|---|---:|---:|---:|"]

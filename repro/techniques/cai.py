@@ -28,8 +28,8 @@ from datamodules.constitution import ANY, checkable, load_constitution, violatio
 from datamodules.preference import PreferenceDataConfig, PreferenceDataModule
 from datamodules.red_team import ORDINARY, helpfulness, split
 from datamodules.sft import SFTDataConfig, SFTDataModule
-from modules.dpo import DPOModule, DPOSettings
-from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
+from modules.training.dpo import DPOModule, DPOSettings
+from modules.training.sft import LoraSettings, SFTModule, SFTOptimConfig
 from reports.claims import check_above, check_below, not_measured
 from repro import registry
 from repro.checkpoints import load_model

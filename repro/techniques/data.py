@@ -2,7 +2,7 @@
 
 The source's documents (by default the Python docs' prose pages) are split by document; the train
 split becomes a raw, web-like corpus with the defects a pipeline targets planted at stated rates
-(exact and near duplicates, mojibake, spam: `datamodules/pipeline.py::make_raw_corpus`), and the
+(exact and near duplicates, mojibake, spam: `datamodules/web_cleaning.py::make_raw_corpus`), and the
 pipeline (ftfy normalisation, exact dedup by hash, MinHash + LSH near-dedup, Gopher's quality
 rules) filters it. The same decoder trains on raw, on deduplicated only and on filtered corpora side by
 side, at equal tokens per step, and all are validated on the same held-out documents. The report counts every stage, scores
@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.ablation import AblationDataConfig, AblationDataModule
-from datamodules.pipeline import STAGES
+from datamodules.web_cleaning import STAGES
 from datamodules.pretrain import CorpusConfig
-from modules.corpus_arms import AblationSettings, CorpusArmsModule
+from modules.training.corpus_arms import AblationSettings, CorpusArmsModule
 from modules.nn import DecoderConfig
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 from reports.claims import check_above, check_below
 from reports.plots import grouped_bars, loss_curves
 from repro.arm_findings import arm_metrics

@@ -3,7 +3,7 @@
 The run starts from a `reward` stage (which starts from `pretrain`): its VADER-labelled pairs, its
 prompts and its base. The DPO arms (`dpo.arms`: DPO at several betas, IPO, conservative DPO,
 SimPO, LoRA-DPO) train side by side on the same batches from the base, the reference's
-log-probabilities cached once per pair (`modules/dpo.py`). PPO arms train against the true reward
+log-probabilities cached once per pair (`modules/training/dpo.py`). PPO arms train against the true reward
 at several KL targets (`frontier.kl_targets`), as the paper ran PPO with the ground-truth reward.
 Every arm and the base are then scored on the same held-out prompts, several samples each:
 (mean KL(pi || ref) per sequence, mean true reward) is one point of the frontier.
@@ -23,8 +23,8 @@ import torch
 
 from datamodules.preference import SENTIMENT, Pair, PreferenceDataConfig, PreferenceDataModule, PromptDataModule, collate_pairs, read_pairs
 from datamodules.tokenizer import EOT_ID
-from modules.dpo import DPOModule, DPOSettings, reference_logps, sequence_logps
-from modules.ppo import PPOConfig, PPOModule
+from modules.training.dpo import DPOModule, DPOSettings, reference_logps, sequence_logps
+from modules.training.ppo import PPOConfig, PPOModule
 from reports.claims import check_above, check_below, not_measured
 from reports.plots import frontier_plot
 from repro.checkpoints import load_model

@@ -1,6 +1,6 @@
 """`--technique dualpipe`: DeepSeek-V3's Table 2 from a schedule simulator, checked against real pipelines.
 
-Trains nothing. The simulator (`modules/pipeline/schedules.py`) builds and validates 1F1B, ZB1P and
+Trains nothing. The simulator (`modules/parallel/pipeline/schedules.py`) builds and validates 1F1B, ZB1P and
 DualPipe at the preset's PP, micro-batches and per-chunk times, and the report sets the bubble and
 memory it measures on each schedule beside the report's formulas, with the timelines. Then the
 suite's decoder runs as a real `torch.distributed.pipelining` pipeline (gloo, one CPU process per
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from measurement.dualpipe import real_table
-from modules.pipeline.real import compare, tiny_config
-from modules.pipeline.schedules import METHODS, REPORTED, Timing, build, formula_holds, reported_bubble, reported_memory
-from modules.pipeline.timeline import table2, timeline_png
+from modules.parallel.pipeline.real import compare, tiny_config
+from modules.parallel.pipeline.schedules import METHODS, REPORTED, Timing, build, formula_holds, reported_bubble, reported_memory
+from modules.parallel.pipeline.timeline import table2, timeline_png
 from reports.claims import ClaimResult, check_below
 from repro.registry import Findings, Technique, register
 

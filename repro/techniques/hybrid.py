@@ -1,6 +1,6 @@
 """Jamba-style hybrid (Lieber et al. 2024): a little attention, mostly Mamba, for far less memory at long context.
 
-Arms pretrain side by side on the same batches at equal parameters (`modules/hybrid.py`): a
+Arms pretrain side by side on the same batches at equal parameters (`modules/training/hybrid.py`): a
 transformer, pure Mamba and Jamba's 1 attention : 7 Mamba pattern (the `jamba` preset adds the
 pattern with MoE every other layer). The report compares their validation loss and lm-eval scores,
 and, for each arm's architecture, the decoding cache's bytes and decode tokens/s against context
@@ -18,10 +18,10 @@ import torch
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from measurement.hybrid import measure_arms, show
-from modules.hybrid import HybridModule, HybridSettings, check_equal_params
+from modules.training.hybrid import HybridModule, HybridSettings, check_equal_params
 from modules.nn import DecoderConfig
 from modules.nn.cache import KVCache, cache_bytes
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 from reports.claims import check_above, check_below, not_measured
 from reports.plots import context_curves, loss_curves
 from repro.arm_findings import arm_metrics

@@ -2,9 +2,9 @@
 
 The run starts from the `pretrain` stage of the same preset (trained once and reused; `--init` names
 another pretrain run). It trains a small draft decoder and an EAGLE head for the frozen target on the
-target's corpus (`modules/inference.py`), then measures (`measurement/inference.py`), at batch 1:
+target's corpus (`modules/training/inference.py`), then measures (`measurement/inference.py`), at batch 1:
 
-- weight-only int8, int4 and GPTQ int4 of the target (`modules/quant.py`): weight bytes, held-out
+- weight-only int8, int4 and GPTQ int4 of the target (`modules/nn/quant.py`): weight bytes, held-out
   loss, lm-eval's corpus perplexity and decode tokens/s, next to the unquantized target;
 - speculative decoding with the draft model and with the EAGLE head at each draft length: greedy
   outputs checked equal to the target's own, acceptance, tokens per target pass and speedup, each next
@@ -23,9 +23,9 @@ import yaml
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from measurement.inference import PROMPTS_FILE, DecodeSettings, QuantSettings, measure, plot
-from modules.inference import DrafterSettings, InferenceModule
-from modules.pretrain import OptimConfig
-from modules.quant import SCHEMES, TORCHAO_SCHEMES
+from modules.training.inference import DrafterSettings, InferenceModule
+from modules.training.pretrain import OptimConfig
+from modules.nn.quant import SCHEMES, TORCHAO_SCHEMES
 from reports.claims import check_above, check_below, not_measured
 from repro.checkpoints import load_model
 from repro.evaluate import evaluate_model
@@ -159,7 +159,7 @@ def _notes(config: InferenceConfig, result: dict[str, Any]) -> list[str]:
     return [f"Batch 1, on {result['device']}: {d.prompts} held-out prompts of {d.prompt_tokens} tokens, {d.new_tokens} new tokens "
             f"each, best of {d.repeats} passes. alpha is drafts kept over drafts checked, pooled over depths (the estimate "
             "under Leviathan et al.'s i.i.d. model); tokens/pass counts every token over the target's passes after the "
-            "prefill. The quantized layers dequantize to the model's dtype before each matmul (modules/quant.py): they "
+            "prefill. The quantized layers dequantize to the model's dtype before each matmul (modules/nn/quant.py): they "
             "save weight memory, not time; torchao's kernels (quant.schemes torchao-int8 / torchao-int4, on a GPU) are "
             "the fast path."]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from datamodules.pretrain import PretrainDataModule
 from measurement.memory import activation_saving, plot, sweep, table
-from modules.parallel import POLICIES
-from modules.pretrain import PretrainModule
+from modules.parallel.plan import POLICIES
+from modules.training.pretrain import PretrainModule
 from reports.claims import check_above, check_below, not_measured
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Findings, Technique, register

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
-from modules.moe import MoEModule, MoESettings, check_has_experts
+from modules.training.moe import MoEModule, MoESettings, check_has_experts
 from modules.nn import DecoderConfig
 from modules.nn.moe import max_violation
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 from reports.claims import check_below, not_measured
 from reports.plots import expert_load_heatmap, loss_curves, metric_curves
 from repro.arm_findings import arm_metrics

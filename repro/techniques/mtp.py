@@ -3,7 +3,7 @@
 Arms pretrain side by side on the same batches (equal tokens): next-token prediction only, and
 the decoder with MTP heads (sequential at D = 1 and D = 2, parallel at D = 1 by default). The
 report compares their main-head validation loss and lm-eval scores, then decodes held-out prompts
-with each arm's heads drafting and its decoder checking (`modules/speculative.py`): acceptance
+with each arm's heads drafting and its decoder checking (`modules/decoding/speculative.py`): acceptance
 per depth and tokens/s against plain decoding of the same decoder.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from measurement.speculative import PROMPTS_FILE, measure_arms
-from modules.mtp import MTPModule, MTPSettings
+from modules.training.mtp import MTPModule, MTPSettings
 from modules.nn import DecoderConfig
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 from reports.claims import check_above, check_below, not_measured
 from reports.plots import loss_curves
 from repro.arm_findings import arm_metrics

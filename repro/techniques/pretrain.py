@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from modules.nn import DecoderConfig
-from modules.pretrain import OptimConfig, PretrainModule
+from modules.training.pretrain import OptimConfig, PretrainModule
 from reports.claims import ClaimResult, check_below, not_measured
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Finished, Measured, Step, Technique, register

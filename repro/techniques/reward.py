@@ -25,8 +25,8 @@ from datamodules.preference import (SENTIMENT, Pair, PreferenceDataConfig, Prefe
 from datamodules.tokenizer import EOT_ID
 from evaluation.build_tasks import corpus_of_run, held_out_texts
 from evaluation.sentiment import sentiment
-from modules.pretrain import OptimConfig
-from modules.reward import RewardModule, concordance
+from modules.training.pretrain import OptimConfig
+from modules.training.reward import RewardModule, concordance
 from reports.claims import check_above, not_measured
 from repro.checkpoints import load_model
 from repro.golden import CORPUS, SHRINK

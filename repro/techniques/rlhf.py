@@ -1,7 +1,7 @@
 """RLHF: PPO with a KL penalty against a learned reward model (Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022).
 
 The run starts from a `reward` stage (which starts from `pretrain`): its prompts, its reward model
-and its base. The policy and the frozen reference start as the base; PPO (`modules/ppo.py`) rolls
+and its base. The policy and the frozen reference start as the base; PPO (`modules/training/ppo.py`) rolls
 out on the reward stage's training prompts and optimizes the reward model's score (`ppo.reward=model`,
 the default) or the true VADER reward (`ppo.reward=true`, the DPO paper's comparison), minus the
 KL penalty. The base plays the SFT policy of the DPO paper's sentiment task: a model trained on the
@@ -24,8 +24,8 @@ import torch
 from datamodules.preference import PromptDataModule
 from datamodules.tokenizer import EOT_ID
 from evaluation.sentiment import sentiment
-from modules.ppo import PPOConfig, PPOModule
-from modules.reward import RewardModule
+from modules.training.ppo import PPOConfig, PPOModule
+from modules.training.reward import RewardModule
 from reports.claims import check_above, check_below, not_measured
 from reports.plots import reward_kl
 from repro.callbacks import History

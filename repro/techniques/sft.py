@@ -2,7 +2,7 @@
 
 The run starts from a pretrained base: the `pretrain` stage of the same preset, trained once and
 reused (its settings can be changed with `--set pretrain.<section>.<key>=...`). It adds the chat
-tokens to the base's tokenizer, trains both arms (`modules/sft.py`), and scores the base, the
+tokens to the base's tokenizer, trains both arms (`modules/training/sft.py`), and scores the base, the
 full fine-tune and the LoRA fine-tune on the held-out rows of every verifiable family through
 lm-eval (the fine-tunes through their chat template), with trained parameters and time per arm.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from datamodules.chat import INIT_FROM, add_chat_tokens
 from datamodules.sft import FAMILIES, VERIFIABLE, SFTDataConfig, SFTDataModule
 from datamodules.tokenizer import EOT, EOT_ID
-from modules.sft import LoraSettings, SFTModule, SFTOptimConfig
+from modules.training.sft import LoraSettings, SFTModule, SFTOptimConfig
 from reports.claims import check_above, check_below, not_measured
 from repro.checkpoints import load_model
 from repro.evaluate import evaluate

@@ -44,7 +44,7 @@ from itertools import accumulate
 
 import torch
 
-from modules.generation import sample_next
+from modules.decoding.generation import sample_next
 from modules.nn.cache import KVCache
 from modules.nn.decoder import Decoder
 

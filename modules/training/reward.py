@@ -17,8 +17,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
-from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
-from modules.parallel import TechniqueModule
+from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
+from modules.parallel.plan import TechniqueModule
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

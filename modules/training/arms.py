@@ -29,8 +29,8 @@ from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.moe import max_violation, update_biases
-from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
-from modules.parallel import TechniqueModule
+from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
+from modules.parallel.plan import TechniqueModule
 
 
 def arm_optimizers(module: L.LightningModule) -> list[tuple[LightningOptimizer, LRScheduler | None]]:

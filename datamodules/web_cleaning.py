@@ -1,8 +1,9 @@
-"""A document-level pretraining data pipeline: normalise, exact dedup, MinHash near-dedup, quality filters.
+"""Cleaning web-like pretraining text, document by document: normalise, exact dedup, MinHash near-dedup, quality
+filters (the data ablation's cleaning; `datamodules/clean.py` is the light cleaning every corpus gets).
 
-`run_pipeline` counts documents and characters in, removed and out at every stage, and names the stage or
+`run_cleaning` counts documents and characters in, removed and out at every stage, and names the stage or
 rule that removed each document. Because the embedded corpus is already clean, `make_raw_corpus` plants the
-defects the pipeline targets (labelled in their ids) and `score_against_plants` measures the pipeline
+defects the cleaning targets (labelled in their ids) and `score_against_plants` measures the cleaning
 against them.
 
 Sources: Gopher quality and repetition rules (Rae et al. 2021, "Scaling Language Models", appendix A.1.1
@@ -100,7 +101,7 @@ class QualityConfig:
 
 
 @dataclass
-class PipelineConfig:
+class CleaningConfig:
     """Near-duplicate settings (FineWeb: word 5-grams, MinHash) and the quality thresholds."""
 
     shingle_words: int = 5
@@ -124,7 +125,7 @@ def shingles(text: str, n: int = 5) -> set[bytes]:
     return {" ".join(words[i : i + n]).encode("utf-8") for i in range(max(1, len(words) - n + 1))} if words else set()
 
 
-def near_duplicates(texts: list[str], config: PipelineConfig) -> dict[int, int]:
+def near_duplicates(texts: list[str], config: CleaningConfig) -> dict[int, int]:
     """{index: index of the first document of its cluster} for every document that is not first in its cluster.
 
     LSH proposes pairs likely above `config.threshold`; a pair is kept when the MinHash estimate of its
@@ -204,7 +205,7 @@ def broken_rules(text: str, config: QualityConfig) -> list[str]:
     ]
 
 
-def run_pipeline(documents: list[Document], config: PipelineConfig | None = None) -> tuple[list[Document], dict]:
+def run_cleaning(documents: list[Document], config: CleaningConfig | None = None) -> tuple[list[Document], dict]:
     """Normalise, remove exact duplicates, near-duplicates and low-quality documents; first of duplicates kept.
 
     Returns the kept documents (normalised text, input order) and stats:
@@ -214,9 +215,9 @@ def run_pipeline(documents: list[Document], config: PipelineConfig | None = None
     - stats["quality_rules"]: {rule: documents it removed}, every rule of `config.quality.rules()`, in order.
     - stats["removed"]: {id: stage or "quality:<rule>"}; stats["duplicate_of"]: {id: id of the kept first copy}.
     """
-    config = config or PipelineConfig()
+    config = config or CleaningConfig()
     if len({d.id for d in documents}) != len(documents):
-        raise ValueError("run_pipeline needs unique document ids (they name what each stage removed)")
+        raise ValueError("run_cleaning needs unique document ids (they name what each stage removed)")
     stats: dict = {}
     removed: dict[str, str] = {}
     duplicate_of: dict[str, str] = {}
@@ -344,7 +345,7 @@ def score_against_plants(
 
     Planted duplicates and spam should be removed (recall = removed / planted); mojibake plants should be kept
     and repaired (`repaired`: kept with no mojibake left); a removed clean document is a false positive. With
-    `removed` (run_pipeline's stats["removed"]), each entry counts its removals by stage ("removed_by"), and
+    `removed` (run_cleaning's stats["removed"]), each entry counts its removals by stage ("removed_by"), and
     "stages" gives each stage's precision: the share of its removals that were planted duplicates or spam.
     """
     kept_text = {d.id: d.text for d in kept}

@@ -18,11 +18,11 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from modules.arms import arm_optimizers, step_arm
+from modules.training.arms import arm_optimizers, step_arm
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.eagle import EagleConfig, EagleHead, fusion_layers
-from modules.parallel import TechniqueModule
-from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
+from modules.parallel.plan import TechniqueModule
+from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
 
 DRAFTERS = ("draft", "eagle")
 

@@ -1,4 +1,4 @@
-"""The document-level data pipeline: normalisation, exact and near dedup, quality rules, planted defects."""
+"""Cleaning web-like text document by document: normalisation, exact and near dedup, quality rules, planted defects."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import random
 
 import pytest
 
-from datamodules.pipeline import (
+from datamodules.sources import Document
+from datamodules.web_cleaning import (
     MOJIBAKE,
     STAGES,
-    PipelineConfig,
+    CleaningConfig,
     PlantRates,
     STOP_WORDS,
     QualityConfig,
@@ -18,11 +19,10 @@ from datamodules.pipeline import (
     near_duplicates,
     normalize_text,
     plant_kind,
-    run_pipeline,
+    run_cleaning,
     score_against_plants,
     shingles,
 )
-from datamodules.sources import Document
 
 PROSE = (
     "The river rose slowly through the night, and by morning the lower fields were under a sheet of brown "
@@ -100,7 +100,7 @@ def test_exact_dedup_keeps_the_first_copy_after_normalisation() -> None:
         Document("b", SAME_TOPIC),
         Document("a-lines", PROSE_LINES),  # the same words on other lines: a near duplicate, not an exact one
     ]
-    kept, stats = run_pipeline(docs)
+    kept, stats = run_cleaning(docs)
     assert [d.id for d in kept] == ["a", "b"]
     assert stats["removed"] == {"a-crlf": "exact_dedup", "a-lines": "near_dedup"}
     assert stats["duplicate_of"] == {"a-crlf": "a", "a-lines": "a"}
@@ -115,14 +115,14 @@ def test_minhash_lsh_finds_a_near_duplicate_and_keeps_a_distinct_document() -> N
     jaccard = len(shingles(original) & shingles(near)) / len(shingles(original) | shingles(near))
     assert 0.8 < jaccard < 0.95
     texts = [LONG[0], original, LONG[2], near, LONG[3]]  # distinct texts of the same words
-    assert near_duplicates(texts, PipelineConfig()) == {3: 1}
-    assert near_duplicates([PROSE, SAME_TOPIC, PROSE.replace("slowly", "steadily")], PipelineConfig()) == {2: 0}
+    assert near_duplicates(texts, CleaningConfig()) == {3: 1}
+    assert near_duplicates([PROSE, SAME_TOPIC, PROSE.replace("slowly", "steadily")], CleaningConfig()) == {2: 0}
 
 
 def test_near_duplicate_clusters_keep_their_first_document() -> None:
     base = LONG[1].split(" ")
     chain = [" ".join(base[: 300 - 20 * k]) for k in range(3)]  # each is ~90% of the one before
-    assert near_duplicates(chain[::-1], PipelineConfig()) == {1: 0, 2: 0}
+    assert near_duplicates(chain[::-1], CleaningConfig()) == {1: 0, 2: 0}
 
 
 def test_normal_prose_breaks_no_quality_rule() -> None:
@@ -191,15 +191,15 @@ def test_make_raw_corpus_is_deterministic_and_labels_its_plants() -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run() -> tuple[list[Document], list[Document], dict]:
-    """A raw corpus of 45 made-up documents and 35 plants, through the whole pipeline."""
+def cleaning_run() -> tuple[list[Document], list[Document], dict]:
+    """A raw corpus of 45 made-up documents and 35 plants, through the whole cleaning."""
     raw = make_raw_corpus(clean_documents(), seed=0, rates=DENSE)
-    kept, stats = run_pipeline(raw)
+    kept, stats = run_cleaning(raw)
     return raw, kept, stats
 
 
-def test_run_pipeline_removes_planted_defects_and_few_clean_documents(pipeline_run) -> None:
-    raw, kept, stats = pipeline_run
+def test_run_cleaning_removes_planted_defects_and_few_clean_documents(cleaning_run) -> None:
+    raw, kept, stats = cleaning_run
     scores = score_against_plants(raw, kept, stats["removed"])
     plants = sum(scores[k]["docs"] for k in ("dup-of", "near-of", "spam", "mojibake"))
     handled = sum(scores[k]["removed"] for k in ("dup-of", "near-of", "spam")) + scores["mojibake"]["repaired"]
@@ -211,8 +211,8 @@ def test_run_pipeline_removes_planted_defects_and_few_clean_documents(pipeline_r
     assert scores["clean"]["removed"] == 0 and scores["mojibake"]["repaired"] == scores["mojibake"]["docs"]
 
 
-def test_stage_counts_add_up(pipeline_run) -> None:
-    raw, kept, stats = pipeline_run
+def test_stage_counts_add_up(cleaning_run) -> None:
+    raw, kept, stats = cleaning_run
     assert list(stats)[: len(STAGES)] == list(STAGES)
     for stage in STAGES:
         s = stats[stage]
@@ -228,6 +228,6 @@ def test_stage_counts_add_up(pipeline_run) -> None:
     assert set(stats["duplicate_of"]) == {i for i, why in stats["removed"].items() if why.endswith("dedup")}
 
 
-def test_run_pipeline_needs_unique_ids() -> None:
+def test_run_cleaning_needs_unique_ids() -> None:
     with pytest.raises(ValueError, match="unique"):
-        run_pipeline([Document("a", PROSE), Document("a", SAME_TOPIC)])
+        run_cleaning([Document("a", PROSE), Document("a", SAME_TOPIC)])

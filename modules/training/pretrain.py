@@ -11,7 +11,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
-from modules.parallel import TechniqueModule
+from modules.parallel.plan import TechniqueModule
 
 
 @dataclass

@@ -15,7 +15,7 @@ The reference's log-probabilities are computed once per pair before training and
 batch (`ref_logps`): the reference never changes, so a frozen copy would recompute the same numbers
 every epoch and hold another model in memory. `DPOModule` trains several arms (a loss and its beta,
 optionally LoRA) from the same base on the same batches, each with its own AdamW: an `ArmsModule`
-(`modules/arms.py`) whose arms are policies.
+(`modules/training/arms.py`) whose arms are policies.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modules.arms import ArmsModule, check_arm_names
+from modules.training.arms import ArmsModule, check_arm_names
 from modules.nn import Decoder, DecoderConfig
-from modules.ppo import response_logprobs
-from modules.pretrain import OptimConfig
-from modules.sft import LoraSettings, merged, with_lora
+from modules.training.ppo import response_logprobs
+from modules.training.pretrain import OptimConfig
+from modules.training.sft import LoraSettings, merged, with_lora
 
 LOSSES = ("dpo", "ipo", "simpo")
 

@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleavedZeroBubble
 
 from modules.nn import Decoder, DecoderConfig
-from modules.pipeline.schedules import Timing, build
+from modules.parallel.pipeline.schedules import Timing, build
 
 SCHEDULES = ("GPipe", "1F1B", "ZB1P")
 

@@ -24,11 +24,11 @@ from peft.tuners.lora import LoraLayer
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from modules.arms import arm_optimizers, step_arm
+from modules.training.arms import arm_optimizers, step_arm
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.decoder import IGNORE
-from modules.pretrain import OptimConfig, decay_groups, warmup_cosine
-from modules.parallel import TechniqueModule
+from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
+from modules.parallel.plan import TechniqueModule
 
 ARMS = ("full", "lora")
 

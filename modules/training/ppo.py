@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from modules.arms import step_arm
-from modules.generation import generate
+from modules.training.arms import step_arm
+from modules.decoding.generation import generate
 from modules.nn import Decoder, DecoderConfig
-from modules.reward import RewardModel
-from modules.parallel import TechniqueModule
+from modules.training.reward import RewardModel
+from modules.parallel.plan import TechniqueModule
 
 
 @dataclass

@@ -7,7 +7,7 @@ draft token x drawn from q is kept with probability min(1, p(x) / q(x)), and on 
 replacement is drawn from norm(max(0, p - q)).
 
 `speculate` runs the rounds for any `Drafter`: `self_speculative_generate` drafts with a decoder's own MTP
-heads (`modules/nn/mtp.py`), the use DeepSeek-V3 suggests for its MTP modules (Sec. 5.4.3); `modules/draft.py`
+heads (`modules/nn/mtp.py`), the use DeepSeek-V3 suggests for its MTP modules (Sec. 5.4.3); `modules/decoding/draft.py`
 drafts with a separate draft model or an EAGLE head.
 """
 
@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from modules.generation import sampling_probs
+from modules.decoding.generation import sampling_probs
 from modules.nn.cache import KVCache
 from modules.nn.decoder import Decoder
 from modules.nn.mtp import MTPHeads

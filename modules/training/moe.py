@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from modules.arms import DecoderArms, check_arm_names
+from modules.training.arms import DecoderArms, check_arm_names
 from modules.nn import DecoderConfig
 from modules.nn.moe import BALANCING
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 
 
 @dataclass

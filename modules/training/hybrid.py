@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from modules.arms import ConfigArm, DecoderArms, check_arm_names
+from modules.training.arms import ConfigArm, DecoderArms, check_arm_names
 from modules.nn import Decoder, DecoderConfig
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 
 @dataclass
 class HybridSettings:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from modules.arms import ConfigArm, DecoderArms, check_arm_names
+from modules.training.arms import ConfigArm, DecoderArms, check_arm_names
 from modules.nn import DecoderConfig
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from modules.nn.cache import KVCache
 from modules.nn.decoder import Decoder
 from modules.nn.eagle import EagleHead
-from modules.speculative import Sampler, SpeculativeStats, cache_length, speculate
+from modules.decoding.speculative import Sampler, SpeculativeStats, cache_length, speculate
 
 
 class _DraftModel:

@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from modules.pipeline.schedules import (
+from modules.parallel.pipeline.schedules import (
     METHODS,
     REPORTED,
     Schedule,

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modules.arms import DecoderArms, check_arm_names
+from modules.training.arms import DecoderArms, check_arm_names
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.mtp import MTPHeads
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 
 
 @dataclass

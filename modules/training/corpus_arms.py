@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from modules.arms import DecoderArms, check_arm_names
+from modules.training.arms import DecoderArms, check_arm_names
 from modules.nn import DecoderConfig
-from modules.pretrain import OptimConfig
+from modules.training.pretrain import OptimConfig
 
 
 @dataclass
