@@ -136,7 +136,7 @@ def test_run_killed_by_sigkill_resumes_like_an_uninterrupted_one(tmp_path: Path)
     log = (tmp_path / "child.log").open("w")
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(asdict(spec)), str(killed_out), str(k + 1), str(torch.get_num_threads())],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
     )
     try:
         whole = run(spec, out=whole_out)  # meanwhile, the uninterrupted run
