@@ -189,7 +189,6 @@ def time_train_step(
     resident_before = resident_bytes()
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = technique.build(config, spec.seed, stages)
-    module.parallel = config.train.plan
     clock = StepClock(device, warmup)
     trainer = build_trainer(config.train, spec.trainer, workdir / "run", [clock])
     trainer.fit(module, datamodule)

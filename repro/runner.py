@@ -187,10 +187,9 @@ def run(
         if not technique.trains:
             return _measure_and_report(technique, spec, config, run_dir, stages)
         module, datamodule = technique.build(config, spec.seed, stages)
-        module.parallel = config.train.plan  # applied in the module's configure_model, once the strategy is set up
-        trainer = build_trainer(config.train, spec.trainer, run_dir, list(callbacks), technique.step_metrics, technique.val_metrics,
-                                manual=not module.automatic_optimization)
-        return _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, stages)
+        trained = train(module, datamodule, config.train, spec, run_dir, technique.step_metrics, technique.val_metrics, checkpoint,
+                        callbacks)
+        return _validate_and_report(technique, spec, config, trained, datamodule, run_dir, stages)
     except BaseException:
         if shared is None and resume is None:  # rank 0 of a fresh run: a folder with no checkpoint holds nothing to resume
             _discard(run_dir)
@@ -207,13 +206,38 @@ def _discard(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_dir, checkpoint, stages) -> Path:
-    trainer.fit(module, datamodule, ckpt_path=checkpoint, weights_only=True)  # tensors and plain data only
-    trainer.save_checkpoint(run_dir / "checkpoints" / "final.ckpt", weights_only=False)  # the full state: --resume and fine-tuning read it
+@dataclass
+class Trained:
+    """A model `train` fitted: the module (on the device it trained on), its Trainer, and its history (metric ->
+    [(step, value)]; on rank 0)."""
+
+    module: L.LightningModule
+    trainer: L.Trainer
+    history: dict[str, list]
+
+
+def train(module: L.LightningModule, datamodule: L.LightningDataModule, settings: Any, spec: RunSpec, folder: Path,
+          step_metrics: tuple[str, ...], val_metrics: tuple[str, ...], start: Path | None = None,
+          callbacks: list[L.Callback] = ()) -> Trained:
+    """The one way a model of a run is trained, the technique's main model and each further one it declares: a Trainer
+    from `build_trainer` (the run's --strategy, --devices, --precision; its `train.` settings: checkpoints under
+    `folder`, the parallel plan, the history, the progress bar), fitted from `start` (a checkpoint to resume, or
+    None), and its final state saved as `folder/checkpoints/final.ckpt`."""
+    trainer = build_trainer(settings, spec.trainer, folder, list(callbacks), step_metrics, val_metrics,
+                            manual=not module.automatic_optimization)
+    trainer.fit(module, datamodule, ckpt_path=start, weights_only=True)  # tensors and plain data only
+    final = folder / "checkpoints" / "final.ckpt"
+    if start != final:
+        trainer.save_checkpoint(final, weights_only=False)  # the full state: --resume and fine-tuning read it
+    history = next(c for c in trainer.callbacks if isinstance(c, History)).series
+    # Lightning's teardown moved the module to the host (DeepSpeed stage 3's partitioned weights too): back first
+    return Trained(module.to(trainer.strategy.root_device), trainer, history)
+
+
+def _validate_and_report(technique, spec, config, trained: Trained, datamodule, run_dir, stages) -> Path:
+    trainer, module = trained.trainer, trained.module
     if trainer.is_global_zero and hasattr(datamodule, "tokenizer"):
         datamodule.tokenizer.save(str(run_dir / "tokenizer.json"))  # the run folder stands alone for inference
-    # Lightning's teardown moved the module to the host (DeepSpeed stage 3's partitioned weights too): back first
-    module.to(trainer.strategy.root_device)
     final = {k: float(v) for k, v in trainer.validate(module, datamodule, verbose=False)[0].items()}
     # every rank trains the technique's further models, in the order it declares them
     declared = technique.fits(config, module, datamodule, spec.seed) if technique.fits is not None else []
@@ -221,33 +245,29 @@ def _fit_and_report(technique, spec, config, trainer, module, datamodule, run_di
 
     if trainer.is_global_zero:
         evaluation = _evaluate(run_dir, config, trainer)
-        _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation, fits, stages)
+        _report(run_dir, technique, spec, config, trained, datamodule, final, evaluation, fits, stages)
     return run_dir
 
 
-def train_fit(fit: registry.Fit, run_dir: Path, spec: RunSpec | None = None) -> L.LightningModule:
-    """Train a model a technique declares besides its main one (`registry.Fit`) as the main one is trained: the run's
-    seed, `build_trainer` with the run's trainer flags, checkpoints and history under `fits/<name>/`. One that finished
-    in an earlier attempt of the run is restored from its final.ckpt, one cut short resumes from its last.ckpt. Every
-    rank of a multi-process run calls it, in the same order; returns the trained module on the run's device."""
+def train_fit(fit: registry.Fit, run_dir: Path, spec: RunSpec | None = None) -> Trained:
+    """Train a model a technique declares besides its main one (`registry.Fit`) as the main one is trained (`train`),
+    after setting the run's seed again, with checkpoints and history under `fits/<name>/`. One that finished in an
+    earlier attempt of the run is restored from its final.ckpt (with the history it saved), one cut short resumes
+    from its last.ckpt. Every rank of a multi-process run calls it, in the same order."""
     spec = spec or _load_spec(run_dir)
-    fit_dir = run_dir / "fits" / fit.name
-    saved = fit_dir / "checkpoints"
+    folder = run_dir / "fits" / fit.name
+    saved, record = folder / "checkpoints", folder / "history.json"
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = fit.module(), fit.datamodule()
-    module.parallel = fit.train.plan
-    trainer = build_trainer(fit.train, spec.trainer, fit_dir, [], fit.step_metrics, fit.val_metrics,
-                            manual=not module.automatic_optimization)
     final = saved / "final.ckpt"
     start = final if final.is_file() else saved / "last.ckpt" if (saved / "last.ckpt").is_file() else None
-    trainer.fit(module, datamodule, ckpt_path=start, weights_only=True)
-    if start != final:
-        trainer.save_checkpoint(final, weights_only=False)
-    if trainer.is_global_zero:
-        history = next(c for c in trainer.callbacks if isinstance(c, History)).series
-        (fit_dir / "history.json").write_text(json.dumps({"strategy": type(trainer.strategy).__name__,
-                                                          "world_size": trainer.world_size, "history": history}, indent=1))
-    return module.to(trainer.strategy.root_device)
+    trained = train(module, datamodule, fit.train, spec, folder, fit.step_metrics, fit.val_metrics, start)
+    if start == final and record.is_file():  # restored, not trained: its history is the attempt's that trained it
+        trained.history = json.loads(record.read_text())["history"]
+    elif trained.trainer.is_global_zero:
+        record.write_text(json.dumps({"strategy": type(trained.trainer.strategy).__name__, "world_size": trained.trainer.world_size,
+                                      "history": trained.history}, indent=1))
+    return trained
 
 
 def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: Any, run_dir: Path, stages: dict[str, Path]) -> Path:
@@ -304,27 +324,27 @@ def _evaluate(run_dir: Path, config: Any, trainer: L.Trainer) -> dict | None:
     }
 
 
-def _report(run_dir, technique, spec, config, trainer, module, datamodule, final, evaluation, fits, stages) -> None:
-    history = next(c for c in trainer.callbacks if isinstance(c, History)).series
+def _report(run_dir, technique, spec, config, trained, datamodule, final, evaluation, fits, stages) -> None:
+    trainer, module, history = trained.trainer, trained.module, trained.history
     speed = next(c for c in trainer.callbacks if isinstance(c, SpeedMonitor)).records
     # claims may rest on lm-eval scores too: `eval/<task>/<metric>` beside the validation metrics
     scores = {f"eval/{r['task']}/{r['metric']}": r["value"] for r in (evaluation or {}).get("rows", [])}
     # Lightning's teardown after fit and validate leaves the module on the CPU: a technique's own measurements
     # (decoding, sampling, arms' lm-eval) belong on the device the run trained on
     module.to(trainer.strategy.root_device)
+    models = {name: fit.module for name, fit in fits.items()}
     if technique.findings is not None:
-        findings = technique.findings(config, {**final, **scores}, module, datamodule, speed, **({"fits": fits} if technique.fits else {}))
+        findings = technique.findings(config, {**final, **scores}, module, datamodule, speed, **({"fits": models} if technique.fits else {}))
         findings.metrics = {**final, **findings.metrics}
     else:
-        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {**final, **scores}, module, datamodule, speed, fits,
+        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {**final, **scores}, module, datamodule, speed, models,
                                                          stages, str(trainer.strategy.root_device)))
     env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer),
                                   "world_size": trainer.world_size})  # the processes that trained it, whatever was asked
     if speed:
         history = {**history, "perf/tokens_per_s": [(r["step"], r["tokens_per_s"]) for r in speed]}
-    for name in fits:  # each further model's own history, its keys under its name
-        saved = json.loads((run_dir / "fits" / name / "history.json").read_text())["history"]
-        history |= {f"{name}/{key}": series for key, series in saved.items()}
+    for name, fit in fits.items():  # each further model's own history, its keys under its name
+        history |= {f"{name}/{key}": series for key, series in fit.history.items()}
     write_report(
         run_dir,
         technique=technique.name,

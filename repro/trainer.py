@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from evaluation import TASKS_DIR
 from modules.nn import Block
 
-from modules.parallel.plan import ParallelPlan
+from modules.parallel.plan import ParallelPlan, Plan
 from repro.config import ConfigError, _suggest
 from repro.callbacks import History, LossProgressBar, RandomState, SpeedMonitor, StepCheckpoint
 
@@ -278,6 +278,7 @@ def build_trainer(
             LossProgressBar(refresh_rate=10 if on_gpu(args) else 1),  # each refresh waits for the GPU
             RandomState(),
             checkpoint,
+            Plan(train.plan),  # activation checkpointing (and FSDP2's sharding), applied in the module's configure_model
             *callbacks,
         ],
         logger=False,

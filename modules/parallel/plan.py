@@ -92,18 +92,31 @@ def shard(module: nn.Module, mesh: Any) -> None:
         register_fsdp_forward_method(decoder, "loss")
 
 
-class TechniqueModule(L.LightningModule):
-    """A LightningModule whose decoders take the run's `ParallelPlan` (`parallel`, set before `fit`)."""
+class Plan(L.Callback):
+    """Carries a run's `ParallelPlan` on its Trainer (`repro.trainer.build_trainer` adds it from `train.`), as the
+    strategy carries the device mesh: the module reads both when Lightning calls its `configure_model`."""
 
-    parallel: ParallelPlan = ParallelPlan()
+    def __init__(self, plan: ParallelPlan) -> None:
+        self.plan = plan
+
+
+class TechniqueModule(L.LightningModule):
+    """A LightningModule whose decoders take the `ParallelPlan` of the Trainer that fits it (its `Plan` callback;
+    the default plan on a Trainer without one)."""
+
+    @property
+    def parallel(self) -> ParallelPlan:
+        trainer = self._trainer  # None outside a Trainer: `self.trainer` would raise
+        return next((c.plan for c in (trainer.callbacks if trainer else []) if isinstance(c, Plan)), ParallelPlan())
 
     def configure_model(self) -> None:
         if getattr(self, "_parallel_applied", False):  # Lightning calls this again for validate and test
             return
         self._parallel_applied = True
-        if self.parallel.checkpointing != "none":
+        plan = self.parallel
+        if plan.checkpointing != "none":
             for decoder in decoders(self):
-                checkpoint_activations(decoder, self.parallel)
+                checkpoint_activations(decoder, plan)
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy (FSDP2) only
         if mesh is not None:
             shard(self, mesh["data_parallel"])

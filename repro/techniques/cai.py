@@ -121,7 +121,7 @@ def _train(run_dir: Path, name: str, module: Any, datamodule: Any, steps: int) -
     spec = replace(spec, trainer=replace(spec.trainer, devices=1))  # `distributed=False`: auto takes one device too
     train = TrainConfig(max_steps=steps, grad_clip=0.0, val_every=steps, val_batches=1, checkpoint_every=steps,
                         speed_window=max(1, min(10, steps)))
-    return train_fit(Fit(name, lambda: module, lambda: datamodule, train, val_metrics=("val/loss",)), run_dir, spec)
+    return train_fit(Fit(name, lambda: module, lambda: datamodule, train, val_metrics=("val/loss",)), run_dir, spec).module
 
 
 def sl_cai(chat_model: Any, tokenizer: Any, source: Path, settings: SLSettings, seed: int, run_dir: Path) -> tuple[Any, dict]:
