@@ -66,3 +66,21 @@ def test_frontier_kinds_and_domination() -> None:
     ppo = [{"kl": 1.5, "reward": 0.1}, {"kl": 3.0, "reward": 0.5}, {"kl": 2.0, "reward": 0.3}, {"kl": 0.5, "reward": 0.0}]
     # (1.5, 0.1) and (3.0, 0.5) are matched; (2.0, 0.3) beats every DPO point at KL <= 2; nothing sits at KL <= 0.5
     assert undominated(dpo, ppo) == [{"kl": 2.0, "reward": 0.3}, {"kl": 0.5, "reward": 0.0}]
+
+
+def test_frontier_claim_reads_its_points_from_the_metrics_and_its_arms_from_the_config() -> None:
+    from repro.config import build_config
+    from repro.techniques.dpo import DPOConfig, claims
+
+    arms = [{"name": "dpo-beta0.1", "beta": 0.1}, {"name": "lora", "beta": 0.1, "lora": True}, {"name": "ipo", "loss": "ipo"}]
+    config = build_config(DPOConfig, {"dpo": {"arms": arms}, "frontier": {"kl_targets": [2.0, 4.0]}})
+    points = {"dpo-beta0.1": (1.0, 0.4), "lora": (0.1, 0.9), "ipo": (0.1, 0.9), "ppo-kl2": (2.0, 0.3), "ppo-kl4": (4.0, 0.6)}
+    metrics = {k: v for name, (kl, reward) in points.items()
+               for k, v in ((f"frontier/{name}/kl", kl), (f"frontier/{name}/true_reward", reward))}
+    frontier, accuracy = claims(config, {**metrics, "val/dpo-beta0.1/accuracy": 0.7})
+    # only the plain DPO arm is a DPO point: it matches PPO at KL 2 but not at KL 4, whatever the LoRA and IPO arms reach
+    assert (frontier.measured, frontier.verdict) == (1, "not reproduced")
+    assert frontier.detail == "1 DPO points (betas 0.1), 2 PPO points (KL targets 2, 4), the same 64 held-out prompts"
+    assert accuracy.verdict == "reproduced"
+    without_ppo = {k: v for k, v in metrics.items() if "ppo-kl" not in k}
+    assert [c.verdict for c in claims(config, without_ppo)] == ["not measured", "not measured"]

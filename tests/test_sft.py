@@ -203,3 +203,19 @@ def test_init_starts_from_a_given_base_instead_of_training_one(sft_run, tmp_path
     assert main(["--technique", "sft", "--init", str(sft_run), "--out", str(out)]) == 2
     assert "starts from a pretrain run; this one is sft" in capsys.readouterr().err
     assert main(["--technique", "pretrain", "--init", str(base_run), "--out", str(out)]) == 2
+
+
+def test_claims_read_the_families_trained_on_from_the_config() -> None:
+    from repro.config import build_config
+    from repro.techniques.sft import SFTConfig, claims
+
+    config = build_config(SFTConfig, {"data": {"families": ["copy", "sort"]},
+                                      "eval": {"tasks": ["repro_verifiable_copy", "repro_verifiable_sort", "repro_verifiable_reverse"]}})
+    scores = {("copy", "full"): 0.5, ("sort", "full"): 0.85, ("reverse", "full"): 1.0,
+              ("copy", "lora"): 0.5, ("sort", "lora"): 0.6, ("reverse", "lora"): 1.0, ("sort", "base"): 0.0}
+    metrics = {f"exact_match/{family}/{arm}": v for (family, arm), v in scores.items()}
+    taught, near, fewer = claims(config, {**metrics, "full/trained_params": 1000, "lora/trained_params": 50})
+    # reverse was evaluated but not trained on: the easiest family taught is sort, and LoRA's mean is over copy and sort
+    assert (taught.measured, taught.verdict) == (0.85, "reproduced") and "(sort)" in taught.metric
+    assert (near.measured, near.limit, near.verdict) == (0.55, pytest.approx(0.9 * 0.675), "not reproduced")
+    assert fewer.verdict == "reproduced"

@@ -17,20 +17,21 @@ import random
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from datamodules.preference import SENTIMENT, Pair, PreferenceDataConfig, PreferenceDataModule, PromptDataModule, collate_pairs, read_pairs
 from datamodules.tokenizer import EOT_ID
-from modules.training.dpo import DPOModule, DPOSettings, reference_logps, sequence_logps
+from modules.training.dpo import Arm, DPOModule, DPOSettings, reference_logps, sequence_logps
 from modules.training.ppo import PPOConfig, PPOModule
-from reports.claims import check_above, check_below, not_measured
+from reports.claims import ClaimResult, check_above, check_below, not_measured
 from reports.plots import frontier_plot
 from repro.checkpoints import load_model
 from repro.config import ConfigError
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Findings, Fit, Technique, register
+from repro.registry import Finished, Fit, Measured, Step, Technique, register
+from repro.steps import DATA
 from repro.techniques.reward import ACCURACY, PREFERENCES, base_of
 from repro.techniques.rlhf import SAMPLES, true_reward_of
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
@@ -116,9 +117,8 @@ def build(config: DPOConfig, seed: int, stages: dict[str, Path]) -> tuple[DPOMod
     datamodule = PreferenceDataModule(data, train, val, pad_id=EOT_ID, seed=seed)
     with_reference(datamodule, base)
     datamodule.tokenizer, datamodule.preferences = tokenizer, preferences
-    module = DPOModule(base.config, config.dpo, config.train.max_steps)
+    module = DPOModule(base.config, config.dpo, config.train.max_steps, base_dir=base_dir, reward_dir=reward_dir)
     module.init_from(base)
-    module.base_dir, module.reward_dir = base_dir, reward_dir
     return module, datamodule
 
 
@@ -153,9 +153,9 @@ def ppo_arms(config: DPOConfig, module: DPOModule, datamodule: PreferenceDataMod
 
     def arm(target: float) -> PPOModule:
         base = load_model(module.base_dir)[0]
-        ppo = PPOModule(base.config, replace(f.ppo, kl_target=target), f.ppo_steps, eos_id=None)
+        ppo = PPOModule(base.config, replace(f.ppo, kl_target=target), f.ppo_steps, eos_id=None,
+                        true_reward=true_reward_of(datamodule.tokenizer))
         ppo.init_from(base, None)
-        ppo.true_reward = true_reward_of(datamodule.tokenizer)
         return ppo
 
     return [Fit(f"ppo-kl{target:g}", module=lambda target=target: arm(target),
@@ -164,81 +164,95 @@ def ppo_arms(config: DPOConfig, module: DPOModule, datamodule: PreferenceDataMod
             for target in f.kl_targets]
 
 
-def findings(config: DPOConfig, final: dict[str, float], module: DPOModule, datamodule: PreferenceDataModule,
-             speed: list[dict[str, float]], fits: dict[str, PPOModule]) -> Findings:
-    module.reference_model = load_model(module.base_dir, device=module.device)[0]
-    evaluator = PPOModule(module.reference_model.config, PPOConfig(reward="true", response_tokens=config.frontier.ppo.response_tokens),
-                          1, eos_id=None).to(module.device)
-    evaluator.init_from(module.reference_model, None)
-    evaluator.true_reward = true_reward_of(datamodule.tokenizer)
-    metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items()}
-    points: dict[str, dict[str, Any]] = {}
-    preferences = datamodule.preferences
-    if preferences is not None:
-        prompts = torch.tensor(preferences["prompts"]["held_out"][: config.data.eval_prompts], device=module.device)
-        points["base"] = _point(evaluator.evaluate_prompts(prompts, 30_000, SAMPLES, policy=evaluator.reference)) | {"kind": "base"}
-        for arm in module.arms:
-            points[arm.name] = _point(evaluator.evaluate_prompts(prompts, 30_000, SAMPLES, policy=module.arm_model(arm.name)))
-            points[arm.name] |= {"kind": kind_of(arm), "beta": arm.beta, "loss": arm.loss, "lora": arm.lora}
-        for target in config.frontier.kl_targets:
-            ppo = fits[f"ppo-kl{target:g}"]
-            points[f"ppo-kl{target:g}"] = _point(evaluator.evaluate_prompts(prompts, 30_000, SAMPLES, policy=ppo.model))
-            points[f"ppo-kl{target:g}"] |= {"kind": "PPO", "kl_target": target}
-    # implicit-reward accuracy and log-prob drift on held-out pairs, per arm
-    for arm in module.arms:
-        metrics[f"{arm.name}/implicit_reward_accuracy"] = final.get(f"val/{arm.name}/accuracy")
-    drift = _logp_drift(module, datamodule)
-    for name, values in drift.items():
-        metrics |= {f"{name}/logp_chosen_change": values[0], f"{name}/logp_rejected_change": values[1]}
-    for name, point in points.items():
-        metrics |= {f"frontier/{name}/kl": point["kl"], f"frontier/{name}/true_reward": point["reward"]}
+def _held_out_pairs(finished: Finished) -> Measured:
+    """Per arm, on the held-out pairs: the implicit reward's accuracy (from the last validation) and the log-prob drift."""
+    module = finished.module
+    metrics = {f"{arm.name}/implicit_reward_accuracy": finished.metrics.get(f"val/{arm.name}/accuracy") for arm in module.arms}
+    for name, (chosen, rejected) in _logp_drift(module, finished.datamodule).items():
+        metrics |= {f"{name}/logp_chosen_change": chosen, f"{name}/logp_rejected_change": rejected}
+    return Measured(metrics)
 
-    claims = []
-    dpo_points = [p for p in points.values() if p.get("kind") == "DPO"]
-    ppo_points = [p for p in points.values() if p.get("kind") == "PPO"]
+
+def _frontier(finished: Finished) -> Measured:
+    """The base, every DPO arm and every PPO arm scored on the same held-out prompts: one (KL, true reward) point each,
+    the frontier's plot and table. The evaluator samples and scores them all: the base is its policy and reference."""
+    config, module, datamodule = finished.config, finished.module, finished.datamodule
+    notes = [f"Base (reference, and the start of every arm): {module.base_dir}; pairs and prompts: {module.reward_dir}.",
+             f"Every point: {config.data.eval_prompts} held-out prompts x {SAMPLES} samples at temperature 1; KL is the "
+             "sampled sum over response tokens of log pi - log ref; the true reward is VADER's compound score.",
+             f"PPO arms: {config.frontier.ppo_steps} iterations of {config.frontier.ppo_batch_size} prompts against the true reward."]
+    if datamodule.preferences is None:  # pairs from a file or the hub: no prompts to roll out, no true reward
+        return Measured(notes=notes)
+    base = load_model(module.base_dir, device=module.device)[0]
+    evaluator = PPOModule(base.config, PPOConfig(reward="true", response_tokens=config.frontier.ppo.response_tokens), 1,
+                          eos_id=None, true_reward=true_reward_of(datamodule.tokenizer)).to(module.device)
+    evaluator.init_from(base, None)
+    prompts = torch.tensor(datamodule.preferences["prompts"]["held_out"][: config.data.eval_prompts], device=module.device)
+
+    def point(policy: Any, **about: Any) -> dict[str, Any]:
+        return _point(evaluator.evaluate_prompts(prompts, 30_000, SAMPLES, policy=policy)) | about
+
+    points = {"base": point(evaluator.reference, kind="base")}
+    for arm in module.arms:
+        points[arm.name] = point(module.arm_model(arm.name), kind=kind_of(arm), beta=arm.beta, loss=arm.loss, lora=arm.lora)
+    for target in config.frontier.kl_targets:
+        points[f"ppo-kl{target:g}"] = point(finished.fits[f"ppo-kl{target:g}"].model, kind="PPO", kl_target=target)
+    metrics = {}
+    for name, p in points.items():
+        metrics |= {f"frontier/{name}/kl": p["kl"], f"frontier/{name}/true_reward": p["reward"]}
+    (finished.run_dir / "frontier.png").write_bytes(frontier_plot(points, "Reward vs KL on held-out prompts"))
+    rows = ["| arm | kind | beta / KL target | KL(pi \\|\\| ref), nats | true reward (± s.e.) | distinct | implicit-reward accuracy |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for name, p in points.items():
+        setting = p.get("beta", p.get("kl_target", ""))
+        accuracy = finished.metrics.get(f"{name}/implicit_reward_accuracy")
+        rows.append(f"| {name} | {p['kind']} | {setting} | {p['kl']:.2f} | {p['reward']:.3f} ± {p['reward_se']:.3f} | "
+                    f"{p['distinct']:.2f} | {'' if accuracy is None else f'{accuracy:.3f}'} |")
+    return Measured(metrics, notes, {"Frontier": ["![reward vs KL](frontier.png)", "", *rows]})
+
+
+def _drift_table(finished: Finished) -> Measured:
+    """The report's table of the log-prob drift `_held_out_pairs` measured; a step of its own, so that it follows the
+    frontier's in the report."""
+    m = finished.metrics
+    return Measured(sections={"Log-prob drift on held-out pairs": [
+        "Mean change of the sequence log-prob from the reference, chosen and rejected responses (both falling is the "
+        "known failure where DPO lowers the rejected response faster than the chosen one):", "",
+        "| arm | chosen | rejected |", "|---|---:|---:|",
+        *(f"| {a.name} | {m[f'{a.name}/logp_chosen_change']:+.2f} | {m[f'{a.name}/logp_rejected_change']:+.2f} |"
+          for a in finished.module.arms)]})
+
+
+def claims(config: DPOConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    arms = [Arm(**a) for a in config.dpo.arms]
+
+    def point(name: str, **about: Any) -> dict[str, Any] | None:
+        """The frontier's point of `name` as `_frontier` measured it, or None where it measured none."""
+        kl, reward = metrics.get(f"frontier/{name}/kl"), metrics.get(f"frontier/{name}/true_reward")
+        return None if kl is None or reward is None else {"kl": kl, "reward": reward, **about}
+
+    dpo_points = [p for p in (point(a.name, beta=a.beta) for a in arms if kind_of(a) == "DPO") if p]
+    ppo_points = [p for p in (point(f"ppo-kl{t:g}", kl_target=t) for t in config.frontier.kl_targets) if p]
     if dpo_points and ppo_points:
         beaten = undominated(dpo_points, ppo_points)
-        claims.append(check_below(
+        frontier = check_below(
             claim="DPO's reward/KL frontier dominates PPO's on controlled sentiment generation", source=SOURCE,
             metric="PPO points no DPO point matches (KL at most, reward at least)", measured=len(beaten), bound=1, factor=1.0,
             paper="DPO's frontier lies above PPO's at every KL (Fig. 2 left)", bound_name="one point",
             detail=f"{len(dpo_points)} DPO points (betas {', '.join(format(p['beta'], 'g') for p in dpo_points)}), {len(ppo_points)} "
                    f"PPO points (KL targets {', '.join(format(p['kl_target'], 'g') for p in ppo_points)}), the same "
                    f"{config.data.eval_prompts} held-out prompts",
-        ))
+        )
     else:
-        claims.append(not_measured("DPO's frontier dominates PPO's", SOURCE, "reward/KL points", "DPO above PPO",
-                                   "needs DPO arms, PPO arms (frontier.kl_targets) and the embedded sentiment task"))
-    main = module.arms[0]
-    claims.append(check_above(
+        frontier = not_measured("DPO's frontier dominates PPO's", SOURCE, "reward/KL points", "DPO above PPO",
+                                "needs DPO arms, PPO arms (frontier.kl_targets) and the embedded sentiment task")
+    main = arms[0]
+    return [frontier, check_above(
         claim="DPO's implicit reward ranks held-out preference pairs", source="DPO (Rafailov et al. 2023), Sec. 5",
         metric=f"held-out pairs whose implicit reward beta*(log pi - log ref) orders them right, arm {main.name}",
-        measured=final.get(f"val/{main.name}/accuracy"), bound=ACCURACY, factor=1.0,
+        measured=metrics.get(f"val/{main.name}/accuracy"), bound=ACCURACY, factor=1.0,
         paper="the policy is a reward model", bound_name="the reward model's target",
-    ))
-    run_dir = Path(module.trainer.default_root_dir)
-    sections: dict[str, list[str]] = {}
-    if points:
-        (run_dir / "frontier.png").write_bytes(frontier_plot(points, "Reward vs KL on held-out prompts"))
-        rows = ["| arm | kind | beta / KL target | KL(pi \\|\\| ref), nats | true reward (± s.e.) | distinct | implicit-reward accuracy |",
-                "|---|---|---:|---:|---:|---:|---:|"]
-        for name, p in points.items():
-            setting = p.get("beta", p.get("kl_target", ""))
-            accuracy = metrics.get(f"{name}/implicit_reward_accuracy")
-            rows.append(f"| {name} | {p['kind']} | {setting} | {p['kl']:.2f} | {p['reward']:.3f} ± {p['reward_se']:.3f} | "
-                        f"{p['distinct']:.2f} | {'' if accuracy is None else f'{accuracy:.3f}'} |")
-        sections["Frontier"] = ["![reward vs KL](frontier.png)", "", *rows]
-    if drift:
-        sections["Log-prob drift on held-out pairs"] = [
-            "Mean change of the sequence log-prob from the reference, chosen and rejected responses (both falling is the "
-            "known failure where DPO lowers the rejected response faster than the chosen one):", "",
-            "| arm | chosen | rejected |", "|---|---:|---:|",
-            *(f"| {name} | {c:+.2f} | {r:+.2f} |" for name, (c, r) in drift.items())]
-    notes = [f"Base (reference, and the start of every arm): {module.base_dir}; pairs and prompts: {module.reward_dir}.",
-             f"Every point: {config.data.eval_prompts} held-out prompts x {SAMPLES} samples at temperature 1; KL is the "
-             "sampled sum over response tokens of log pi - log ref; the true reward is VADER's compound score.",
-             f"PPO arms: {config.frontier.ppo_steps} iterations of {config.frontier.ppo_batch_size} prompts against the true reward."]
-    return Findings(metrics=metrics, claims=claims, notes=notes, sections=sections)
+    )]
 
 
 @torch.no_grad()
@@ -265,7 +279,9 @@ register(
         module=DPOModule,
         build=build,
         fits=ppo_arms,
-        findings=findings,
+        steps=(DATA, Step("held-out pairs", _held_out_pairs), Step("frontier", _frontier),
+               Step("log-prob drift table", _drift_table)),
+        claims=claims,
         requires=("reward",),
         eval_tasks=("repro_corpus_ppl",),
         step_metrics=("train/loss",),

@@ -15,7 +15,7 @@ import random
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from scipy.stats import spearmanr
@@ -27,10 +27,11 @@ from evaluation.build_tasks import corpus_of_run, held_out_texts
 from evaluation.sentiment import sentiment
 from modules.training.pretrain import OptimConfig
 from modules.training.reward import RewardModule, concordance
-from reports.claims import check_above, not_measured
+from reports.claims import ClaimResult, check_above, not_measured
 from repro.checkpoints import load_model
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Findings, Technique, register
+from repro.registry import Finished, Measured, Step, Technique, register
+from repro.steps import DATA, SPEED
 from repro.trainer import TrainConfig
 
 SOURCE = "Stiennon et al. 2020; InstructGPT (Ouyang et al. 2022)"
@@ -117,46 +118,58 @@ def agreement(model: Any, preferences: dict[str, Any], k: int) -> dict[str, floa
                   "reward_model/spearman_ceiling_with_ties": float(spearmanr((truth + jitter).numpy(), truth.numpy()).statistic)}
 
 
-def findings(config: RewardConfig, final: dict[str, float], module: RewardModule, datamodule: PreferenceDataModule,
-             speed: list[dict[str, float]]) -> Findings:
-    metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items()}
-    tokens = [r["tokens_per_s"] for r in speed if "tokens_per_s" in r]
-    if tokens:
-        metrics["perf/tokens_per_s"] = statistics.median(tokens)
-    preferences = datamodule.preferences
-    if preferences is not None:
-        (Path(module.trainer.default_root_dir) / PREFERENCES).write_text(json.dumps(preferences))
-        metrics |= agreement(module.model, preferences, config.data.samples_per_prompt)
-    c_index = metrics.get("reward_model/concordance_true_reward")
-    accuracy = final.get("val/accuracy")
-    claims = [check_above(
-        claim="A Bradley-Terry reward model learns the pairwise preferences", source=SOURCE,
-        metric="pairwise accuracy on held-out pairs", measured=accuracy, bound=ACCURACY, factor=1.0,
-        paper="InstructGPT's reward models: about 72% on held-out human comparisons", bound_name="target",
-        detail=f"{datamodule.stats['pairs_val']} held-out pairs; chance is 0.5",
-    )]
-    if c_index is not None:
-        claims.append(check_above(
-            claim="The reward model agrees with the ground-truth reward it never saw", source=SOURCE,
-            metric="concordance (Harrell's C) with VADER over all held-out samples", measured=c_index, bound=CONCORDANCE,
-            factor=1.0, paper="reward models track the preference they were trained on", bound_name="target",
-            detail=f"{len(preferences['samples_held_out']['rewards'])} samples of held-out prompts, compared across prompts too; "
-                   f"chance is 0.5; Spearman {metrics['reward_model/spearman_true_reward']:.3f} (at most "
-                   f"{metrics['reward_model/spearman_ceiling_with_ties']:.3f} with these ties)",
-        ))
-    else:
-        why = "pairs from a file or the hub carry no ground-truth reward" if preferences is None else \
-            "every held-out sample has the same true reward"
-        claims.append(not_measured("The reward model agrees with the ground-truth reward", SOURCE, "rank correlation",
-                                   "tracks the preference", why))
+def _preferences(finished: Finished) -> Measured:
+    """Keep the prompts and pairs in the run folder for the stages after it; say where the base and the pairs came from."""
+    module, preferences = finished.module, finished.datamodule.preferences
     notes = [f"Base: the pretrain stage at {module.base_dir}."]
     if preferences is not None:
-        c = config.data
+        (finished.run_dir / PREFERENCES).write_text(json.dumps(preferences))
+        c = finished.config.data
         which = "every pair" if c.every_pair else "the best and the worst"
         notes.append(f"Pairs: {which} of {c.samples_per_prompt} continuations ({c.response_tokens} tokens, "
                      f"temperature {c.temperature}) of {c.prompt_tokens}-token prompts from held-out corpus paragraphs, "
                      f"labelled by VADER; gaps under {c.min_gap} are ties and dropped.")
-    return Findings(metrics=metrics, claims=claims, notes=notes)
+    return Measured(notes=notes)
+
+
+def _agreement(finished: Finished) -> Measured:
+    """The trained reward model's agreement with the true reward over the held-out samples (`agreement`)."""
+    preferences = finished.datamodule.preferences
+    if preferences is None:  # pairs from a file or the hub: no ground-truth reward
+        return Measured()
+    return Measured(agreement(finished.module.model, preferences, finished.config.data.samples_per_prompt))
+
+
+def claims(config: RewardConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    pairs = metrics.get("data/pairs_val")
+    results = [check_above(
+        claim="A Bradley-Terry reward model learns the pairwise preferences", source=SOURCE,
+        metric="pairwise accuracy on held-out pairs", measured=metrics.get("val/accuracy"), bound=ACCURACY, factor=1.0,
+        paper="InstructGPT's reward models: about 72% on held-out human comparisons", bound_name="target",
+        detail=f"{pairs} held-out pairs; chance is 0.5" if pairs is not None else "",
+    )]
+    agreement_keys = ("reward_model/concordance_true_reward", "reward_model/spearman_true_reward",
+                      "reward_model/spearman_ceiling_with_ties")
+    c_index, spearman, ceiling = (metrics.get(k) for k in agreement_keys)
+    if None not in (c_index, spearman, ceiling):
+        samples = config.data.held_out_prompts * config.data.samples_per_prompt  # every held-out prompt, k samples each
+        results.append(check_above(
+            claim="The reward model agrees with the ground-truth reward it never saw", source=SOURCE,
+            metric="concordance (Harrell's C) with VADER over all held-out samples", measured=c_index, bound=CONCORDANCE,
+            factor=1.0, paper="reward models track the preference they were trained on", bound_name="target",
+            detail=f"{samples} samples of held-out prompts, compared across prompts too; "
+                   f"chance is 0.5; Spearman {spearman:.3f} (at most {ceiling:.3f} with these ties)",
+        ))
+    else:
+        if config.data.source != SENTIMENT:
+            why = "pairs from a file or the hub carry no ground-truth reward"
+        elif "true_reward/held_out_mean" in metrics:
+            why = "every held-out sample has the same true reward"
+        else:
+            why = "the held-out samples were not scored"
+        results.append(not_measured("The reward model agrees with the ground-truth reward", SOURCE, "rank correlation",
+                                    "tracks the preference", why))
+    return results
 
 
 register(
@@ -166,7 +179,8 @@ register(
         config=RewardConfig,
         module=RewardModule,
         build=build,
-        findings=findings,
+        steps=(DATA, SPEED, Step("preferences", _preferences), Step("agreement", _agreement)),
+        claims=claims,
         requires=("pretrain",),
         eval_tasks=(),
         step_metrics=("train/loss", "train/accuracy"),

@@ -17,7 +17,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -26,13 +26,14 @@ from datamodules.tokenizer import EOT_ID
 from evaluation.sentiment import sentiment
 from modules.training.ppo import PPOConfig, PPOModule
 from modules.training.reward import RewardModule
-from reports.claims import check_above, check_below, not_measured
+from reports.claims import ClaimResult, check_above, check_below, not_measured
 from reports.plots import reward_kl
 from repro.callbacks import History
 from repro.checkpoints import load_model, load_module
 from repro.config import ConfigError
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Findings, Technique, register
+from repro.registry import Finished, Measured, Step, Technique, register
+from repro.steps import SPEED
 from repro.techniques.reward import PREFERENCES, base_of
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
@@ -114,70 +115,78 @@ def _samples_table(tokenizer: Any, prompts: list[list[int]], before: dict, after
     return lines
 
 
-def findings(config: RLHFConfig, final: dict[str, float], module: PPOModule, datamodule: PromptDataModule,
-             speed: list[dict[str, float]]) -> Findings:
-    c = config.ppo
+def _reward_kl_plot(finished: Finished) -> Measured:
+    """The true reward, the score and the KL over training, from the run's history (its trainer's `History`)."""
+    c = finished.config.ppo
+    history = next(cb for cb in finished.module.trainer.callbacks if isinstance(cb, History)).series
+    (finished.run_dir / "reward_kl.png").write_bytes(
+        reward_kl(history, f"PPO against the {'reward model' if c.reward == 'model' else 'true reward'}", c.kl_target))
+    return Measured(sections={"Reward and KL over training": ["![reward and KL over training](reward_kl.png)"]})
+
+
+def _held_out_samples(finished: Finished) -> Measured:
+    """The PPO policy and the base (its reference) sampled on the held-out prompts, the same seed for both."""
+    module, datamodule, c = finished.module, finished.datamodule, finished.config.ppo
     prompts = datamodule.val_prompts
     batch = torch.tensor(prompts, device=module.device)
     after = module.evaluate_prompts(batch, seed=20_000, samples=SAMPLES)
     before = module.evaluate_prompts(batch, seed=20_000, samples=SAMPLES, policy=module.reference)
     (ppo_mean, ppo_se), (base_mean, base_se) = _mean_se(after["true_reward"]), _mean_se(before["true_reward"])
-    kl = statistics.fmean(after["kl"])
     metrics: dict[str, Any] = {
         "true_reward/base": base_mean, "true_reward/ppo": ppo_mean, "true_reward/base_se": base_se, "true_reward/ppo_se": ppo_se,
-        "kl/ppo": kl, "kl/target": c.kl_target if c.kl_target is not None else "none", "kl/final_coef": float(module.kl_coef),
-        "distinct/base": before["distinct"], "distinct/ppo": after["distinct"],
+        "kl/ppo": statistics.fmean(after["kl"]), "kl/target": c.kl_target if c.kl_target is not None else "none",
+        "kl/final_coef": float(module.kl_coef), "distinct/base": before["distinct"], "distinct/ppo": after["distinct"],
         "eval/prompts": len(prompts), "eval/samples_per_prompt": SAMPLES,
     }
-    reward_metrics = module.reward_dir / "metrics.json"
-    if reward_metrics.is_file():
-        record = json.loads(reward_metrics.read_text())["metrics"]
-        for key in ("val/accuracy", "reward_model/spearman_true_reward"):
-            if key in record:
-                metrics[f"reward_stage/{key.split('/')[-1]}"] = record[key]
-    tokens = [r["tokens_per_s"] for r in speed if "tokens_per_s" in r]
-    if tokens:
-        metrics["perf/tokens_per_s"] = statistics.median(tokens)
+    notes = [
+        f"Base (SFT policy and frozen reference): {module.base_dir}; reward model and prompts: {module.reward_dir}.",
+        f"Held-out: {len(prompts)} prompts the reward model's pairs and PPO's rollouts never used, {SAMPLES} samples each "
+        f"at temperature {c.temperature}; KL is the sampled sum over response tokens of log pi - log ref.",
+    ]
+    return Measured(metrics, notes, {"Samples before and after": _samples_table(datamodule.tokenizer, prompts, before, after)})
 
-    run_dir = Path(module.trainer.default_root_dir)
-    history = next(cb for cb in module.trainer.callbacks if isinstance(cb, History)).series
-    (run_dir / "reward_kl.png").write_bytes(reward_kl(history, f"PPO against the {'reward model' if c.reward == 'model' else 'true reward'}",
-                                                      c.kl_target))
-    se = math.hypot(ppo_se, base_se)
-    claims = [
+
+def _reward_stage(finished: Finished) -> Measured:
+    """The reward stage's own held-out accuracy and rank correlation with the true reward, beside this run's."""
+    path = finished.module.reward_dir / "metrics.json"
+    if not path.is_file():
+        return Measured()
+    record = json.loads(path.read_text())["metrics"]
+    return Measured({f"reward_stage/{key.split('/')[-1]}": record[key]
+                     for key in ("val/accuracy", "reward_model/spearman_true_reward") if key in record})
+
+
+def claims(config: RLHFConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    c = config.ppo
+    optimized = "learned reward model" if c.reward == "model" else "true reward"
+    ppo_mean, ppo_se, base_mean, base_se = (metrics.get(f"true_reward/{k}") for k in ("ppo", "ppo_se", "base", "base_se"))
+    measured_all = None not in (ppo_mean, ppo_se, base_mean, base_se)
+    n = metrics.get("eval/prompts", 0) * metrics.get("eval/samples_per_prompt", 0)  # samples of each policy
+    base_distinct, ppo_distinct = metrics.get("distinct/base"), metrics.get("distinct/ppo")
+    return [
         check_above(
             claim="PPO raises the reward: the policy's samples score higher on the ground truth than the SFT policy's",
             source=SOURCE, metric="mean true reward (VADER) of samples on held-out prompts, PPO policy",
-            measured=ppo_mean, bound=base_mean + SE_MARGIN * se, factor=1.0,
+            measured=ppo_mean, bound=base_mean + SE_MARGIN * math.hypot(ppo_se, base_se) if measured_all else None, factor=1.0,
             paper="reward rises over training (Ziegler et al. Fig. 2; InstructGPT)",
             bound_name=f"base's mean + {SE_MARGIN:g} standard errors",
             detail=f"base {base_mean:.3f} ± {base_se:.3f} -> PPO {ppo_mean:.3f} ± {ppo_se:.3f} (mean ± s.e., "
-                   f"{len(after['true_reward'])} samples each); optimized against the {'learned reward model' if c.reward == 'model' else 'true reward'}",
+                   f"{n} samples each); optimized against the {optimized}" if measured_all else "",
         ),
         check_below(
             claim="The KL penalty keeps the policy near the reference", source=SOURCE,
-            metric="mean KL(pi || ref) per sequence on held-out prompts (nats)", measured=kl,
+            metric="mean KL(pi || ref) per sequence on held-out prompts (nats)", measured=metrics.get("kl/ppo"),
             bound=c.kl_target, factor=KL_SLACK, paper="the adaptive controller holds KL near its target",
             bound_name="KL target",
         ) if c.kl_target is not None else not_measured("The KL penalty keeps the policy near the reference", SOURCE,
                                                       "KL per sequence", "KL near the target", "ppo.kl_target is null (fixed coefficient)"),
         check_above(
             claim="No collapse to one completion", source=SOURCE,
-            metric=f"distinct samples per held-out prompt, share of {SAMPLES}", measured=after["distinct"], bound=DISTINCT, factor=1.0,
+            metric=f"distinct samples per held-out prompt, share of {SAMPLES}", measured=ppo_distinct, bound=DISTINCT, factor=1.0,
             paper="a KL-regularized policy keeps its diversity", bound_name="stated floor",
-            detail=f"base {before['distinct']:.3f} -> PPO {after['distinct']:.3f}",
+            detail=f"base {base_distinct:.3f} -> PPO {ppo_distinct:.3f}" if None not in (base_distinct, ppo_distinct) else "",
         ),
     ]
-    notes = [
-        f"Base (SFT policy and frozen reference): {module.base_dir}; reward model and prompts: {module.reward_dir}.",
-        f"Held-out: {len(prompts)} prompts the reward model's pairs and PPO's rollouts never used, {SAMPLES} samples each "
-        f"at temperature {c.temperature}; KL is the sampled sum over response tokens of log pi - log ref.",
-    ]
-    sections = {
-        "Reward and KL over training": ["![reward and KL over training](reward_kl.png)"],
-        "Samples before and after": _samples_table(datamodule.tokenizer, prompts, before, after),
-    }
-    return Findings(metrics=metrics, claims=claims, notes=notes, sections=sections)
 
 
 register(
@@ -187,7 +196,9 @@ register(
         config=RLHFConfig,
         module=PPOModule,
         build=build,
-        findings=findings,
+        steps=(Step("reward-KL plot", _reward_kl_plot), Step("held-out samples", _held_out_samples),
+               Step("reward stage", _reward_stage), SPEED),
+        claims=claims,
         requires=("reward",),
         eval_tasks=("repro_corpus_ppl",),
         step_metrics=("train/loss", "ppo/score", "ppo/true_reward", "ppo/kl", "ppo/kl_coef"),

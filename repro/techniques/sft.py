@@ -12,17 +12,18 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from datamodules.chat import INIT_FROM, add_chat_tokens
 from datamodules.sft import FAMILIES, VERIFIABLE, SFTDataConfig, SFTDataModule
 from datamodules.tokenizer import EOT, EOT_ID
 from modules.training.sft import LoraSettings, SFTModule, SFTOptimConfig
-from reports.claims import check_above, check_below, not_measured
+from reports.claims import ClaimResult, check_above, check_below, not_measured
 from repro.checkpoints import load_model
 from repro.evaluate import evaluate
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Findings, Technique, register
+from repro.registry import Finished, Measured, Step, Technique, register
+from repro.steps import DATA, SPEED
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
 SOURCE = "InstructGPT (Ouyang et al. 2022)"
@@ -75,43 +76,52 @@ def _scores(results: dict[str, Any], families: list[str]) -> dict[str, float]:
     return {f: results["results"][task_of(f)]["exact_match,strip"] for f in families if task_of(f) in results["results"]}
 
 
-def findings(config: SFTConfig, final: dict[str, float], module: SFTModule, datamodule: SFTDataModule,
-             speed: list[dict[str, float]]) -> Findings:
-    families = evaluated_families(config)
-    # the claims are about what SFT teaches: the families trained on, when the data is the embedded source
-    taught = [f for f in families if f in config.data.families] if config.data.source == VERIFIABLE else families
-    metrics: dict[str, Any] = {f"data/{k}": v for k, v in datamodule.stats.items()}
-    metrics["data/supervised_share"] = datamodule.stats.get("supervised_tokens", 0) / max(1, datamodule.stats.get("tokens", 1))
+def _data(finished: Finished) -> Measured:
+    """The shared `data` step, and the share of the conversations' tokens the loss is taken on."""
+    measured, stats = DATA.run(finished), finished.datamodule.stats
+    measured.metrics["data/supervised_share"] = stats.get("supervised_tokens", 0) / max(1, stats.get("tokens", 1))
+    return measured
+
+
+def _arms(finished: Finished) -> Measured:
+    """Per arm (full, lora): its trained parameters, its optimizer state and its training seconds."""
+    module, metrics = finished.module, {}
     for arm in module.arms:
         metrics[f"{arm}/trained_params"] = module.trained_params(arm)
         metrics[f"{arm}/train_state_mib"] = module.optimizer_state_bytes(arm) / 2**20
         metrics[f"{arm}/train_seconds"] = module.seconds[arm]
-    values = [r["peak_mem_gib"] for r in speed if "peak_mem_gib" in r]
-    if values:
-        metrics["perf/peak_mem_gib"] = max(values)
-    tokens = [r["tokens_per_s"] for r in speed if "tokens_per_s" in r]
-    if tokens:
-        metrics["perf/tokens_per_s"] = statistics.median(tokens)
+    return Measured(metrics)
 
-    scores: dict[str, dict[str, float]] = {}
-    if config.eval.enabled:
-        device, settings = str(module.device), config.eval
-        tasks = [task_of(f) for f in families]
-        run_dir = Path(module.trainer.default_root_dir)
-        scores["base"] = _scores(evaluate(module.base_dir, tasks, settings.limit, settings.batch_size, device), families)
-        scores["full"] = {f: final[f"eval/{task_of(f)}/exact_match (strip)"] for f in families
-                          if f"eval/{task_of(f)}/exact_match (strip)" in final}
-        if "lora" in module.arms:
-            scores["lora"] = _scores(evaluate(run_dir, tasks, settings.limit, settings.batch_size, device, arm="lora"), families)
-        for arm, by_family in scores.items():
-            for family, value in by_family.items():
-                metrics[f"exact_match/{family}/{arm}"] = value
 
-    claims = []
-    full, base, lora = ({f: v for f, v in scores.get(arm, {}).items() if f in taught} for arm in ("full", "base", "lora"))
+def _exact_match(finished: Finished) -> Measured:
+    """Held-out exact match per family (`exact_match/<family>/<arm>`) of the base, the full fine-tune (the run's own
+    lm-eval scores) and the LoRA fine-tune, through lm-eval."""
+    config, module = finished.config, finished.module
+    notes = [f"Base: the pretrain stage at {module.base_dir}. Exact match on the first {config.eval.limit or 'all'} held-out rows "
+             "per family; the base reads plain `Q: ...\\nA:` prompts, the fine-tunes the same prompts through the chat template."]
+    if not config.eval.enabled:
+        return Measured(notes=notes)
+    families, settings, device = evaluated_families(config), config.eval, str(module.device)
+    tasks = [task_of(f) for f in families]
+    scores = {"base": _scores(evaluate(module.base_dir, tasks, settings.limit, settings.batch_size, device), families),
+              "full": {f: finished.metrics[f"eval/{task_of(f)}/exact_match (strip)"] for f in families
+                       if f"eval/{task_of(f)}/exact_match (strip)" in finished.metrics}}
+    if "lora" in module.arms:
+        scores["lora"] = _scores(evaluate(finished.run_dir, tasks, settings.limit, settings.batch_size, device, arm="lora"), families)
+    metrics = {f"exact_match/{family}/{arm}": value for arm, by_family in scores.items() for family, value in by_family.items()}
+    return Measured(metrics, notes)
+
+
+def claims(config: SFTConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    families = evaluated_families(config)
+    # the claims are about what SFT teaches: the families trained on, when the data is the embedded source
+    taught = [f for f in families if f in config.data.families] if config.data.source == VERIFIABLE else families
+    full, base, lora = ({f: metrics[f"exact_match/{f}/{arm}"] for f in taught if f"exact_match/{f}/{arm}" in metrics}
+                        for arm in ("full", "base", "lora"))
+    results = []
     if full:
         easiest = max(full, key=full.get)
-        claims.append(check_above(
+        results.append(check_above(
             claim="Supervised demonstrations teach instruction following: held-out exact match rises from near 0 (base) to high",
             source=SOURCE, metric=f"held-out exact match, easiest family trained on ({easiest}), full SFT",
             measured=full[easiest], bound=EASIEST_TARGET, factor=1.0,
@@ -119,27 +129,25 @@ def findings(config: SFTConfig, final: dict[str, float], module: SFTModule, data
             detail=f"base {base.get(easiest, float('nan')):.3g} -> SFT {full[easiest]:.3g} on {easiest}; per family in the results",
         ))
     else:
-        claims.append(not_measured("Supervised demonstrations teach instruction following", SOURCE, "held-out exact match",
-                                   "rises after SFT", "lm-eval was off (eval.enabled=false)"))
+        results.append(not_measured("Supervised demonstrations teach instruction following", SOURCE, "held-out exact match",
+                                    "rises after SFT", "lm-eval was off (eval.enabled=false)"))
     if full and lora:
         full_mean, lora_mean = statistics.fmean(full.values()), statistics.fmean(lora[f] for f in full if f in lora)
-        claims.append(check_above(
+        results.append(check_above(
             claim="LoRA reaches near full fine-tuning", source=LORA_SOURCE,
             metric="mean held-out exact match over the families trained on, LoRA", measured=lora_mean, bound=full_mean, factor=LORA_NEAR,
             paper="LoRA matches or nears full fine-tuning", bound_name="full fine-tuning's",
         ))
     else:
-        claims.append(not_measured("LoRA reaches near full fine-tuning", LORA_SOURCE, "mean held-out exact match", "near full FT",
-                                   "needs lm-eval and the LoRA arm (lora.enabled)"))
-    if "lora" in module.arms:
-        claims.append(check_below(
+        results.append(not_measured("LoRA reaches near full fine-tuning", LORA_SOURCE, "mean held-out exact match", "near full FT",
+                                    "needs lm-eval and the LoRA arm (lora.enabled)"))
+    if config.lora.enabled:  # the LoRA arm trained
+        results.append(check_below(
             claim="LoRA trains far fewer parameters", source=LORA_SOURCE, metric="trained parameters, LoRA",
-            measured=metrics["lora/trained_params"], bound=metrics["full/trained_params"], factor=LORA_FEW,
+            measured=metrics.get("lora/trained_params"), bound=metrics.get("full/trained_params"), factor=LORA_FEW,
             paper="10,000x fewer for GPT-3 175B", bound_name="full fine-tuning's",
         ))
-    notes = [f"Base: the pretrain stage at {module.base_dir}. Exact match on the first {config.eval.limit or 'all'} held-out rows "
-             "per family; the base reads plain `Q: ...\\nA:` prompts, the fine-tunes the same prompts through the chat template."]
-    return Findings(metrics=metrics, claims=claims, notes=notes)
+    return results
 
 
 register(
@@ -149,7 +157,8 @@ register(
         config=SFTConfig,
         module=SFTModule,
         build=build,
-        findings=findings,
+        steps=(Step("data", _data), Step("arms", _arms), SPEED, Step("exact match", _exact_match)),
+        claims=claims,
         requires=("pretrain",),
         eval_tasks=tuple(task_of(f) for f in FAMILIES),
         step_metrics=("train/loss", "train/loss_lora"),
