@@ -19,7 +19,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from datamodules.cai import (build_preference_pairs, build_sl_data, checker_agreement, critique_revise_batch, decoder_generator,
                              decoder_logprob, hf_generator, hf_logprob, to_pairs)
@@ -30,10 +30,10 @@ from datamodules.red_team import ORDINARY, helpfulness, split
 from datamodules.sft import SFTDataConfig, SFTDataModule
 from modules.training.dpo import DPOModule, DPOSettings
 from modules.training.sft import LoraSettings, SFTModule, SFTOptimConfig
-from reports.claims import check_above, check_below, not_measured
+from reports.claims import ClaimResult, check_above, check_below, not_measured
 from repro import registry
 from repro.checkpoints import load_model
-from repro.registry import Findings, Fit, Technique, register
+from repro.registry import Finished, Fit, Measured, Step, Technique, register
 from repro.runner import RunSpec, _load_spec, stage_checkpoint, train_fit
 from repro.techniques.dpo import with_reference
 from repro.trainer import TrainConfig, on_gpu
@@ -206,110 +206,155 @@ def _judge(name: str | None, model: Any, tokenizer: Any) -> Any:
     return hf_logprob(name) if suite is None else decoder_logprob(*suite, chat=is_chat_tokenizer(suite[1]))
 
 
-def measure(config: CAIConfig, seed: int, run_dir: Path) -> Findings:
-    s = config.cai
-    args = _load_spec(run_dir).trainer
-    device = "cuda" if on_gpu(args) else "cpu"
+@dataclass
+class CAIRun:
+    """What a cai run's steps hand on to one another: the runner's `Finished` carries metrics, and these are models,
+    prompts and generations. The "chat model" step makes it and the "report" step lets it go (`_RUNS`)."""
+
+    principles: list[Any]
+    sft_dir: Path
+    chat: Any  # the chat model (base): the sft stage's decoder
+    tokenizer: Any
+    train: list[Any]  # training prompts (critique-revise, then AI-feedback pairs)
+    held_out: list[Any]  # held-out prompts every model is scored on
+    chains: list[list[Any]] = field(default_factory=list)  # critique-revision steps per training prompt
+    sl_model: Any = None
+    rl_model: Any = None
+    records: list[dict] = field(default_factory=list)  # the AI-labelled pairs
+    rates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # model -> group -> principle -> rate
+    responses: dict[str, list[str]] = field(default_factory=dict)  # model -> greedy responses to the held-out prompts
+    helpful: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self.train]
+
+
+# run folder -> its CAIRun, from the "chat model" step to the "report" step. A process measures one run at a time
+# (the technique is not distributed): the first step drops whatever a run that failed midway left here.
+_RUNS: dict[Path, CAIRun] = {}
+
+
+def _chat_model(finished: Finished) -> Measured:
+    """The chat model (the sft stage, trained once and reused), the constitution and the training / held-out prompts."""
+    s, seed, run_dir = finished.config.cai, finished.seed, finished.run_dir
+    device = "cuda" if on_gpu(_load_spec(run_dir).trainer) else "cpu"
     principles = load_constitution(s.constitution)
-    sft_dir = chat_model_stage(config, seed, run_dir)
+    sft_dir = chat_model_stage(finished.config, seed, run_dir)
     chat, tokenizer = load_model(sft_dir, device, arm="full")
     train, held_out = split(s.n_train, s.n_held_out, seed)
-    texts = [p.text for p in train]
+    _RUNS.clear()
+    _RUNS[run_dir] = CAIRun(principles, sft_dir, chat, tokenizer, train, held_out)
+    return Measured({"data/train_prompts": len(train), "data/held_out_prompts": len(held_out),
+                     "data/held_out_red_team": sum(p.kind != ORDINARY for p in held_out)})
 
-    # SL-CAI: the chat model's responses, critiqued and revised; the final revisions are the data
-    responses = decoder_generator(chat, tokenizer, s.max_new_tokens)(texts)
-    critic = _critic(s.critic, chat, tokenizer, s.max_new_tokens, s.critic_temperature, seed)
-    chains = critique_revise_batch(critic, texts, responses, principles, s.rounds, random.Random(f"cai-{seed}"))
-    rows = build_sl_data(texts, chains)
-    source = run_dir / "sl_cai.jsonl"
+
+def _sl_cai(finished: Finished) -> Measured:
+    """SL-CAI: the chat model's responses, critiqued and revised; the final revisions (sl_cai.jsonl) fine-tune it."""
+    run, s, seed = _RUNS[finished.run_dir], finished.config.cai, finished.seed
+    responses = decoder_generator(run.chat, run.tokenizer, s.max_new_tokens)(run.texts)
+    critic = _critic(s.critic, run.chat, run.tokenizer, s.max_new_tokens, s.critic_temperature, seed)
+    run.chains = critique_revise_batch(critic, run.texts, responses, run.principles, s.rounds, random.Random(f"cai-{seed}"))
+    rows = build_sl_data(run.texts, run.chains)
+    source = finished.run_dir / "sl_cai.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sl_model, sl_stats = sl_cai(chat, tokenizer, source, s.sl, seed, run_dir)
+    run.sl_model, stats = sl_cai(run.chat, run.tokenizer, source, s.sl, seed, finished.run_dir)
+    return Measured({"data/sl_rows": len(rows), **{f"sl/{k}": v for k, v in stats.items()}})
 
-    # RL-CAI: two samples of SL-CAI per prompt, labelled by the judge's answer to the principle's question
-    sample = lambda offset: decoder_generator(sl_model, tokenizer, s.max_new_tokens, temperature=s.rl.temperature,
-                                              seed=seed * 1_000_003 + offset)(texts)
-    judge = _judge(s.judge, chat, tokenizer)
-    records = build_preference_pairs(judge, texts, list(zip(sample(0), sample(500_000))), principles,
-                                     random.Random(f"cai-feedback-{seed}"), s.rl.min_margin)
-    (run_dir / "rl_cai_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    agreement, separated = checker_agreement(records, principles)
-    rl_model, rl_stats = rl_cai(sl_model, tokenizer, records, s.rl, seed, run_dir)
 
-    # the same held-out prompts, greedy, for every model
-    results, held_responses, helpful = {}, {}, {}
-    for name, model in (("base", chat), ("sl-cai", sl_model), ("rl-cai", rl_model)):
-        results[name], held_responses[name] = rates(decoder_generator(model, tokenizer, s.max_new_tokens), held_out, principles)
-        helpful[name] = helpfulness(held_responses[name], held_out)
+def _rl_cai(finished: Finished) -> Measured:
+    """RL-CAI: two samples of SL-CAI per prompt, labelled by the judge's answer to the principle's question
+    (rl_cai_pairs.jsonl), train it from SL-CAI by DPO."""
+    run, s, seed = _RUNS[finished.run_dir], finished.config.cai, finished.seed
+    sample = lambda offset: decoder_generator(run.sl_model, run.tokenizer, s.max_new_tokens, temperature=s.rl.temperature,
+                                              seed=seed * 1_000_003 + offset)(run.texts)
+    judge = _judge(s.judge, run.chat, run.tokenizer)
+    run.records = build_preference_pairs(judge, run.texts, list(zip(sample(0), sample(500_000))), run.principles,
+                                         random.Random(f"cai-feedback-{seed}"), s.rl.min_margin)
+    (finished.run_dir / "rl_cai_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.records))
+    agreement, separated = checker_agreement(run.records, run.principles)
+    run.rl_model, stats = rl_cai(run.sl_model, run.tokenizer, run.records, s.rl, seed, finished.run_dir)
+    return Measured({"data/pairs": len(run.records), "feedback/checker_agreement": agreement,
+                     "feedback/checker_separated_pairs": separated, **{f"rl/{k}": v for k, v in stats.items()}})
 
-    n_red = sum(p.kind != ORDINARY for p in held_out)
-    metrics: dict[str, Any] = {"data/sl_rows": len(rows), "data/train_prompts": len(texts), "data/held_out_prompts": len(held_out),
-                               "data/held_out_red_team": n_red, "data/pairs": len(records),
-                               "feedback/checker_agreement": agreement, "feedback/checker_separated_pairs": separated,
-                               **{f"sl/{k}": v for k, v in sl_stats.items()}, **{f"rl/{k}": v for k, v in rl_stats.items()}}
-    for name, by_group in results.items():  # every rate is in cai.json; the report keeps "any" per group, each principle on all
+
+def _rates(finished: Finished) -> Measured:
+    """The same held-out prompts, greedy, for every model: the checkers' violation rates and the helpfulness."""
+    run, s = _RUNS[finished.run_dir], finished.config.cai
+    for name, model in (("base", run.chat), ("sl-cai", run.sl_model), ("rl-cai", run.rl_model)):
+        run.rates[name], run.responses[name] = rates(decoder_generator(model, run.tokenizer, s.max_new_tokens), run.held_out,
+                                                     run.principles)
+        run.helpful[name] = helpfulness(run.responses[name], run.held_out)
+    metrics: dict[str, Any] = {}
+    for name, by_group in run.rates.items():  # every rate is in cai.json; the report keeps "any" per group, each principle on all
         metrics |= {f"violations/{name}/{group}/{ANY}": rates_[ANY] for group, rates_ in by_group.items()}
         metrics |= {f"violations/{name}/all/{p}": v for p, v in by_group["all"].items() if p != ANY}
-    for name, values in helpful.items():
+    for name, values in run.helpful.items():
         metrics |= {f"helpfulness/{name}/{k}": v for k, v in values.items()}
-    group = "red_team" if n_red else "all"
-    base, sl, rl = (results[m][group][ANY] for m in ("base", "sl-cai", "rl-cai"))
-    claims = _claims(base, sl, rl, n_red or len(held_out), helpful, len(held_out) - n_red)
+    return Measured(metrics, sections=_rate_sections(run))
 
-    names = [p.name for p in checkable(principles)]
+
+def _rate_sections(run: CAIRun) -> dict[str, list[str]]:
+    """The report's tables of the held-out violation rates and helpfulness."""
+    n_held, n_red = len(run.held_out), sum(p.kind != ORDINARY for p in run.held_out)
+    names = [p.name for p in checkable(run.principles)]
     table = [f"| model | any, red-team | any, ordinary | any, all | {' | '.join(names)} |",
              "|---|---:|---:|---:|" + "---:|" * len(names)]
-    for name, by_group in results.items():
+    for name, by_group in run.rates.items():
         cell = lambda g: f"{by_group[g][ANY]:.3f}" if g in by_group else "—"
         per_principle = " | ".join(f"{by_group['all'][p]:.3f}" for p in names)
         table.append(f"| {name} | {cell('red_team')} | {cell('ordinary')} | {cell('all')} | {per_principle} |")
-    samples = []
-    for prompt, chain in list(zip(texts, chains))[:SAMPLES_SHOWN]:
-        samples.append(f"- prompt {json.dumps(prompt)}; response {json.dumps(chain[0].response)}")
-        samples += [f"  - {step.principle}: critique {json.dumps(step.critique)} -> revision {json.dumps(step.revision)}"
-                    for step in chain]
     fmt = lambda v, spec: "—" if v is None else format(v, spec)
     helpful_table = ["| model | task accuracy, ordinary | mean words | one word or none |", "|---|---:|---:|---:|",
                      *(f"| {name} | {fmt(h['task_accuracy'], '.3f')} | {fmt(h['mean_words'], '.1f')} | {fmt(h['one_word_share'], '.3f')} |"
-                       for name, h in helpful.items())]
-    sections = {"Violation rates on held-out prompts": [
-                    f"Share of greedy responses that a checker flags, per principle on all {len(held_out)} held-out prompts, "
-                    f"and for any principle on the {n_red} red-team and {len(held_out) - n_red} ordinary ones.", "", *table],
-                "Helpfulness on held-out prompts": [
-                    f"Exact answers to the {len(held_out) - n_red} ordinary prompts (verifiable tasks; `datamodules/red_team.py::"
-                    "helpfulness`), and the responses' length on all of them: a model can stop violating by saying "
-                    "nothing, which the violation rates would count as harmless.", "", *helpful_table],
-                "Critique and revision samples": samples}
+                       for name, h in run.helpful.items())]
+    return {"Violation rates on held-out prompts": [
+                f"Share of greedy responses that a checker flags, per principle on all {n_held} held-out prompts, "
+                f"and for any principle on the {n_red} red-team and {n_held - n_red} ordinary ones.", "", *table],
+            "Helpfulness on held-out prompts": [
+                f"Exact answers to the {n_held - n_red} ordinary prompts (verifiable tasks; `datamodules/red_team.py::"
+                "helpfulness`), and the responses' length on all of them: a model can stop violating by saying "
+                "nothing, which the violation rates would count as harmless.", "", *helpful_table]}
+
+
+def _report(finished: Finished) -> Measured:
+    """The critique-revision samples and the notes for the report, and everything the run made in cai.json."""
+    run, config, metrics = _RUNS.pop(finished.run_dir), finished.config, finished.metrics
+    samples = []
+    for prompt, chain in list(zip(run.texts, run.chains))[:SAMPLES_SHOWN]:
+        samples.append(f"- prompt {json.dumps(prompt)}; response {json.dumps(chain[0].response)}")
+        samples += [f"  - {step.principle}: critique {json.dumps(step.critique)} -> revision {json.dumps(step.revision)}"
+                    for step in chain]
+    (finished.run_dir / "cai.json").write_text(json.dumps(
+        {"config": asdict(config), "sft_stage": str(run.sft_dir),
+         "metrics": {k: v for k, v in metrics.items() if not k.startswith("steps/")}, "rates": run.rates,
+         "held_out": [{"prompt": p.text, "kind": p.kind, **{m: run.responses[m][i] for m in run.responses}}
+                      for i, p in enumerate(run.held_out)],
+         "chains": [[asdict(step) for step in chain] for chain in run.chains], "pairs": run.records,
+         "claims": [asdict(c) for c in claims(config, metrics)]}, indent=2, default=str))
+    return Measured(notes=_notes(config.cai, run.sft_dir, metrics), sections={"Critique and revision samples": samples})
+
+
+def _notes(s: CAISettings, sft_dir: Path, metrics: Mapping[str, Any]) -> list[str]:
+    agreement = metrics["feedback/checker_agreement"]
     notes = [f"Chat model (base): the sft stage at {sft_dir}. Critic: {s.critic or 'the chat model'}; judge: "
-             f"{s.judge or 'the chat model'}. {len(rows)} SL-CAI rows from {len(texts)} training prompts "
-             f"({s.rounds} round(s)); {len(records)} AI-labelled pairs; {s.sl.steps} SL steps, {s.rl.steps} DPO steps "
-             f"(beta {s.rl.beta}).",
-             f"AI labels agree with the checkers on {'—' if agreement is None else f'{agreement:.3f}'} of the {separated} "
-             "pairs whose drawn principle's checker flags exactly one response."]
-    notes += [f"{name} was not trained (no {what}): it is {start}, unchanged." for name, stats, what, start in
-              (("SL-CAI", sl_stats, "non-empty revision that fits the context", "the chat model"),
-               ("RL-CAI", rl_stats, "AI-labelled pair of two different responses", "SL-CAI")) if not stats["trained"]]
-    (run_dir / "cai.json").write_text(json.dumps(
-        {"config": asdict(config), "sft_stage": str(sft_dir), "metrics": metrics, "rates": results,
-         "held_out": [{"prompt": p.text, "kind": p.kind, **{m: held_responses[m][i] for m in held_responses}}
-                      for i, p in enumerate(held_out)],
-         "chains": [[asdict(step) for step in chain] for chain in chains], "pairs": records,
-         "claims": [asdict(c) for c in claims]}, indent=2, default=str))
-    return Findings(metrics=metrics, claims=claims, notes=notes, sections=sections)
+             f"{s.judge or 'the chat model'}. {metrics['data/sl_rows']} SL-CAI rows from {metrics['data/train_prompts']} "
+             f"training prompts ({s.rounds} round(s)); {metrics['data/pairs']} AI-labelled pairs; {s.sl.steps} SL steps, "
+             f"{s.rl.steps} DPO steps (beta {s.rl.beta}).",
+             f"AI labels agree with the checkers on {'—' if agreement is None else f'{agreement:.3f}'} of the "
+             f"{metrics['feedback/checker_separated_pairs']} pairs whose drawn principle's checker flags exactly one response."]
+    return notes + [f"{name} was not trained (no {what}): it is {start}, unchanged." for name, trained, what, start in
+                    (("SL-CAI", metrics["sl/trained"], "non-empty revision that fits the context", "the chat model"),
+                     ("RL-CAI", metrics["rl/trained"], "AI-labelled pair of two different responses", "SL-CAI")) if not trained]
 
 
-def _claims(base: float, sl: float, rl: float, n: int, helpful: dict[str, dict[str, float | None]], n_ordinary: int) -> list[Any]:
-    half = 0.5 / max(1, n)  # rates are counts / n: rl <= sl exactly when rl < sl + half a prompt
-    kept = "RL-CAI stays about as helpful as the chat model"
-    metric = "held-out ordinary prompts answered exactly, RL-CAI"
-    paper = "RL-CAI is more harmless at a similar helpfulness (Fig. 2: harmlessness gains, helpfulness Elo close)"
-    base_accuracy, rl_accuracy = helpful["base"]["task_accuracy"], helpful["rl-cai"]["task_accuracy"]
-    if base_accuracy is None or rl_accuracy is None or base_accuracy == 0:
-        helpfulness_claim = not_measured(kept, SOURCE, metric, paper, "no held-out ordinary prompt" if base_accuracy is None
-                                         else "the chat model answers no ordinary prompt exactly: nothing to keep")
-    else:  # at least 80% of the chat model's accuracy, less half a prompt of slack for the count
-        helpfulness_claim = check_above(claim=kept, source=SOURCE, metric=metric, measured=rl_accuracy,
-                                        bound=base_accuracy - 0.5 / max(1, n_ordinary), factor=0.8, paper=paper,
-                                        bound_name="the chat model's accuracy less half a prompt")
+def claims(config: CAIConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    """SL-CAI below the chat model and RL-CAI at or below SL-CAI in held-out violations (on the red-team prompts, all of
+    them when none is red-team), and RL-CAI's helpfulness kept."""
+    n_held, n_red = metrics.get("data/held_out_prompts"), metrics.get("data/held_out_red_team")
+    group = "red_team" if n_red else "all"
+    base, sl, rl = (metrics.get(f"violations/{m}/{group}/{ANY}") for m in ("base", "sl-cai", "rl-cai"))
+    half = 0.5 / max(1, n_red or n_held or 1)  # rates are counts / n: rl <= sl exactly when rl < sl + half a prompt
     return [
         check_below(claim="SL-CAI (critique-revise) lowers harmful outputs below the chat model's", source=SOURCE,
                     metric="held-out red-team prompts whose greedy response violates any checked principle, SL-CAI",
@@ -317,10 +362,27 @@ def _claims(base: float, sl: float, rl: float, n: int, helpful: dict[str, dict[s
                     bound_name="the base (SFT) rate"),
         check_below(claim="RL-CAI (AI feedback) is at least as harmless as SL-CAI", source=SOURCE,
                     metric="held-out red-team prompts whose greedy response violates any checked principle, RL-CAI",
-                    measured=rl, bound=sl + half, factor=1.0, paper="RL-CAI improves harmlessness over SL-CAI",
-                    bound_name="SL-CAI's rate plus half a prompt (at or below)"),
-        helpfulness_claim,
+                    measured=rl, bound=None if sl is None else sl + half, factor=1.0,
+                    paper="RL-CAI improves harmlessness over SL-CAI", bound_name="SL-CAI's rate plus half a prompt (at or below)"),
+        _helpfulness_claim(metrics),
     ]
+
+
+def _helpfulness_claim(metrics: Mapping[str, Any]) -> ClaimResult:
+    """RL-CAI answers at least 80% as many held-out ordinary prompts exactly as the chat model, less half a prompt."""
+    kept = "RL-CAI stays about as helpful as the chat model"
+    metric = "held-out ordinary prompts answered exactly, RL-CAI"
+    paper = "RL-CAI is more harmless at a similar helpfulness (Fig. 2: harmlessness gains, helpfulness Elo close)"
+    base_accuracy, rl_accuracy = metrics.get("helpfulness/base/task_accuracy"), metrics.get("helpfulness/rl-cai/task_accuracy")
+    if "helpfulness/base/task_accuracy" not in metrics:
+        return not_measured(kept, SOURCE, metric, paper, "the held-out prompts were not scored")
+    if base_accuracy is None or rl_accuracy is None or base_accuracy == 0:
+        return not_measured(kept, SOURCE, metric, paper, "no held-out ordinary prompt" if base_accuracy is None
+                            else "the chat model answers no ordinary prompt exactly: nothing to keep")
+    n_ordinary = (metrics.get("data/held_out_prompts") or 0) - (metrics.get("data/held_out_red_team") or 0)
+    return check_above(claim=kept, source=SOURCE, metric=metric, measured=rl_accuracy,
+                       bound=base_accuracy - 0.5 / max(1, n_ordinary), factor=0.8, paper=paper,
+                       bound_name="the chat model's accuracy less half a prompt")
 
 
 register(
@@ -328,7 +390,9 @@ register(
         name="cai",
         summary="Constitutional AI: critique-revise (SL-CAI) and AI-feedback DPO (RL-CAI) from a written constitution",
         config=CAIConfig,
-        measure=measure,
+        steps=(Step("chat model", _chat_model), Step("sl-cai", _sl_cai), Step("rl-cai", _rl_cai), Step("rates", _rates),
+               Step("report", _report)),
+        claims=claims,
         aliases=("constitutional-ai",),
         distributed=False,
     )

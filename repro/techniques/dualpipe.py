@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from measurement.dualpipe import real_table
 from modules.parallel.pipeline.real import compare, tiny_config
 from modules.parallel.pipeline.schedules import METHODS, REPORTED, Timing, build, formula_holds, reported_bubble, reported_memory
 from modules.parallel.pipeline.timeline import table2, timeline_png
 from reports.claims import ClaimResult, check_below
-from repro.registry import Findings, Technique, register
+from repro.registry import Finished, Measured, Step, Technique, register
 
 SOURCE = "DeepSeek-V3 technical report (2024), Sec. 3.2.1, Table 2"
 ZB_SOURCE = "Zero Bubble Pipeline Parallelism (Qi et al. 2023)"
@@ -75,60 +74,84 @@ class DualPipeConfig:
     real: RealConfig = field(default_factory=RealConfig)
 
 
-def measure(config: DualPipeConfig, seed: int, run_dir: Path) -> Findings:
-    s = config.simulation
-    plain, overlapped = Timing(s.F, s.B, s.W), Timing(s.F, s.B, s.W, FB=s.FB)
+def _timings(s: SimulationConfig) -> tuple[Timing, Timing]:
+    """(without overlap, with it): the preset's per-chunk times, F&B = F + B in the first."""
+    return Timing(s.F, s.B, s.W), Timing(s.F, s.B, s.W, FB=s.FB)
+
+
+def _simulate(finished: Finished) -> Measured:
+    """The three schedules built and validated at the preset's times: each one's largest bubble beside Table 2's formula,
+    its makespan and memory, Table 2 with and without overlap, and the timelines (timelines.png)."""
+    s = finished.config.simulation
+    plain, overlapped = _timings(s)
     schedules = {method: build(method, s.stages, s.micro_batches, overlapped) for method in METHODS}
-    (run_dir / "timelines.png").write_bytes(timeline_png(list(schedules.values())))
+    (finished.run_dir / "timelines.png").write_bytes(timeline_png(list(schedules.values())))
     metrics: dict[str, Any] = {}
-    claims = []
     for method, schedule in schedules.items():
-        bubble, formula = max(schedule.bubbles()), reported_bubble(method, s.stages, overlapped)
-        params, activations = max(schedule.parameters()), max(schedule.activations())
-        metrics |= {f"{method}/bubble": bubble, f"{method}/bubble_formula": formula, f"{method}/makespan": schedule.makespan,
-                    f"{method}/parameters": params, f"{method}/activations": activations}
-        holds = formula_holds(method, overlapped)
-        agree = abs(bubble - formula) <= 1e-9 and (params, activations) == reported_memory(method, s.stages)
-        claims.append(ClaimResult(
-            claim=f"{method}: bubble {REPORTED[method][0]}, parameters {REPORTED[method][1]}, activations {REPORTED[method][2]}",
-            source=SOURCE, metric=f"largest per-device bubble (and memory) of the simulated schedule, PP={s.stages}, "
-            f"{s.micro_batches} micro-batches", measured=bubble, paper=f"{formula:g} at these times; memory "
-            f"{reported_memory(method, s.stages)}", threshold="simulated = formula",
-            verdict="reproduced" if agree else "not reproduced",
-            detail=f"simulated bubble {bubble:g}, parameters {params}x, activations {activations}"
-            + ("" if holds else " (these times are outside the conditions under which the formula holds)")))
+        metrics |= {f"{method}/bubble": max(schedule.bubbles()), f"{method}/bubble_formula": reported_bubble(method, s.stages, overlapped),
+                    f"{method}/makespan": schedule.makespan, f"{method}/parameters": max(schedule.parameters()),
+                    f"{method}/activations": max(schedule.activations())}
     lines = ["Table 2 at these per-chunk times, without overlap (F&B = F + B) and with it:", ""]
     for timing in (plain, overlapped):
         lines += table2(s.stages, s.micro_batches, timing) + [""]
-    sections = {"Table 2": [*lines, "![timelines](timelines.png)"]}
     notes = ["Bubble: a device's idle time between the step's start and end (makespan minus its busy time); the "
              "table shows the largest over devices. B is the full backward and W its weight part, as the report "
              "defines them; the simulator validates every schedule (dependencies, one op per device at a time)."]
+    return Measured(metrics, notes, {"Table 2": [*lines, "![timelines](timelines.png)"]})
 
-    r = config.real
-    if r.enabled:
-        decoder = tiny_config(r.n_layer, r.n_embd)
-        print(f"real pipelines: {r.stages} processes, GPipe / 1F1B / ZB1P, {r.steps} timed steps each", flush=True)
-        records = compare(r.stages, r.micro_batches, decoder, r.batch_size, r.seq_len, steps=r.steps, warmup=r.warmup)
-        (run_dir / "real_vs_simulated.json").write_text(json.dumps(records, indent=2))
-        idle = {}
-        for rec in records:
-            name = rec["schedule"]
-            idle[name] = statistics.fmean(rec["measured_idle"])
-            metrics |= {f"real/{name}/step_ms": rec["measured_step_ms"], f"real/{name}/step_ms_simulated": rec["simulated_step_ms"],
-                        f"real/{name}/idle": idle[name], f"real/{name}/idle_simulated": statistics.fmean(rec["simulated_idle"])}
-        if "ZB1P" in idle and "1F1B" in idle:
-            claims.append(check_below(
-                claim="Splitting the backward and deferring the weight part idles a real pipeline less than 1F1B",
-                source=ZB_SOURCE, metric=f"mean idle fraction of the {r.stages} stages, ZB1P (torch.distributed.pipelining)",
-                measured=idle["ZB1P"], bound=idle["1F1B"], factor=1.0, paper="ZB-H1: bubble (PP-1)(F+B-2W), a third of 1F1B's at F=B_in=W",
-                bound_name="1F1B's idle fraction"))
-        sections["Real pipelines against the simulator"] = [
-            f"The suite's decoder ({decoder.n_layer} layers x {decoder.n_embd}) split into {r.stages} stages, batch "
-            f"{r.batch_size} x {r.seq_len} in {r.micro_batches} micro-batches, gloo, one process and one thread per stage; "
-            f"median of {r.steps} steps after {r.warmup}. Simulated: the simulator fed each stage's F, B and W measured "
-            "in isolation (mean over stages); it counts no communication.", "", *real_table(records)]
-    return Findings(metrics=metrics, claims=claims, notes=notes, sections=sections)
+
+def _real(finished: Finished) -> Measured:
+    """The suite's decoder as real CPU pipelines under GPipe, 1F1B and ZB1P: each one's measured step time and mean
+    idle fraction beside the simulator's prediction (records in real_vs_simulated.json)."""
+    r = finished.config.real
+    if not r.enabled:
+        return Measured()
+    decoder = tiny_config(r.n_layer, r.n_embd)
+    print(f"real pipelines: {r.stages} processes, GPipe / 1F1B / ZB1P, {r.steps} timed steps each", flush=True)
+    records = compare(r.stages, r.micro_batches, decoder, r.batch_size, r.seq_len, steps=r.steps, warmup=r.warmup)
+    (finished.run_dir / "real_vs_simulated.json").write_text(json.dumps(records, indent=2))
+    metrics: dict[str, Any] = {}
+    for rec in records:
+        name = rec["schedule"]
+        metrics |= {f"real/{name}/step_ms": rec["measured_step_ms"], f"real/{name}/step_ms_simulated": rec["simulated_step_ms"],
+                    f"real/{name}/idle": statistics.fmean(rec["measured_idle"]),
+                    f"real/{name}/idle_simulated": statistics.fmean(rec["simulated_idle"])}
+    section = [f"The suite's decoder ({decoder.n_layer} layers x {decoder.n_embd}) split into {r.stages} stages, batch "
+               f"{r.batch_size} x {r.seq_len} in {r.micro_batches} micro-batches, gloo, one process and one thread per stage; "
+               f"median of {r.steps} steps after {r.warmup}. Simulated: the simulator fed each stage's F, B and W measured "
+               "in isolation (mean over stages); it counts no communication.", "", *real_table(records)]
+    return Measured(metrics, sections={"Real pipelines against the simulator": section})
+
+
+def _table2_claim(method: str, s: SimulationConfig, metrics: Mapping[str, Any]) -> ClaimResult:
+    """Table 2's row for `method`: reproduced when the simulated bubble equals the formula's at these times and the
+    simulated memory equals the row's."""
+    overlapped = _timings(s)[1]
+    formula, memory = reported_bubble(method, s.stages, overlapped), reported_memory(method, s.stages)
+    bubble, params, activations = (metrics.get(f"{method}/{key}") for key in ("bubble", "parameters", "activations"))
+    if bubble is None:
+        verdict, detail = "not measured", "the schedule was not simulated"
+    else:
+        verdict = "reproduced" if abs(bubble - formula) <= 1e-9 and (params, activations) == memory else "not reproduced"
+        detail = (f"simulated bubble {bubble:g}, parameters {params}x, activations {activations}"
+                  + ("" if formula_holds(method, overlapped) else " (these times are outside the conditions under which the formula holds)"))
+    return ClaimResult(
+        claim=f"{method}: bubble {REPORTED[method][0]}, parameters {REPORTED[method][1]}, activations {REPORTED[method][2]}",
+        source=SOURCE, metric=f"largest per-device bubble (and memory) of the simulated schedule, PP={s.stages}, "
+        f"{s.micro_batches} micro-batches", measured=bubble, paper=f"{formula:g} at these times; memory {memory}",
+        threshold="simulated = formula", verdict=verdict, detail=detail)
+
+
+def claims(config: DualPipeConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    """Table 2's three rows from the simulation, and (with `real.enabled`) ZB1P against 1F1B on the real pipelines."""
+    results = [_table2_claim(method, config.simulation, metrics) for method in METHODS]
+    if config.real.enabled:
+        results.append(check_below(
+            claim="Splitting the backward and deferring the weight part idles a real pipeline less than 1F1B",
+            source=ZB_SOURCE, metric=f"mean idle fraction of the {config.real.stages} stages, ZB1P (torch.distributed.pipelining)",
+            measured=metrics.get("real/ZB1P/idle"), bound=metrics.get("real/1F1B/idle"), factor=1.0,
+            paper="ZB-H1: bubble (PP-1)(F+B-2W), a third of 1F1B's at F=B_in=W", bound_name="1F1B's idle fraction"))
+    return results
 
 
 register(
@@ -136,6 +159,7 @@ register(
         name="dualpipe",
         summary="pipeline schedules: 1F1B, ZB1P and DualPipe bubbles (DeepSeek-V3 Table 2) simulated, and real CPU pipelines",
         config=DualPipeConfig,
-        measure=measure,
+        steps=(Step("simulation", _simulate), Step("real pipelines", _real)),
+        claims=claims,
     )
 )

@@ -19,10 +19,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from reports.claims import ClaimResult
 from repro import registry
-from repro.registry import Findings, Technique, register
+from repro.registry import Finished, Measured, Step, Technique, register
 from repro.runner import RunSpec, _load_spec, run, stage_checkpoint, stage_dir
 from repro.serve import Server
 
@@ -107,39 +108,53 @@ def serve_and_ask(run_dir: Path, settings: ServeSettings) -> dict[str, Any]:
             "malformed_error": bad.get("error", {}).get("message"), "status_after_malformed": after}
 
 
-def measure(config: PipelineConfig, seed: int, run_dir: Path) -> Findings:
-    settings = config.pipeline
-    parent = _load_spec(run_dir)
-    out = run_dir.parent.parent
-    rows, folders, metrics = [], {}, {}
-    for name in settings.stages:
-        technique = registry.get(name)
-        preset = parent.preset if parent.preset in technique.presets else technique.default_preset
-        spec = RunSpec(name, preset, stage_overrides(name, settings), seed, parent.trainer)
+def _stage_spec(name: str, finished: Finished) -> RunSpec:
+    """The run of stage `name`: at the pipeline's preset where the technique has it, with the stage's overrides and
+    the pipeline's seed and trainer flags."""
+    parent, technique = _load_spec(finished.run_dir), registry.get(name)
+    preset = parent.preset if parent.preset in technique.presets else technique.default_preset
+    return RunSpec(name, preset, stage_overrides(name, finished.config.pipeline), finished.seed, parent.trainer)
+
+
+def _stages(finished: Finished) -> Measured:
+    """Every stage run (or reused) in order: its seconds and whether it was reused, and a table linking its report."""
+    out = finished.run_dir.parent.parent
+    rows, metrics = [], {}
+    for name in finished.config.pipeline.stages:
+        spec = _stage_spec(name, finished)
         start = time.perf_counter()
         folder, reused = run_stage(spec, out)
         seconds = time.perf_counter() - start
-        folders[name] = folder
-        verdicts = _verdicts(folder)
-        rows.append(f"| {name} | {preset} | [{folder.relative_to(out)}](../../{folder.relative_to(out)}/report.md) | "
-                    f"{'reused' if reused else 'ran'} | {seconds:.1f} | {verdicts} |")
+        rows.append(f"| {name} | {spec.preset} | [{folder.relative_to(out)}](../../{folder.relative_to(out)}/report.md) | "
+                    f"{'reused' if reused else 'ran'} | {seconds:.1f} | {_verdicts(folder)} |")
         metrics.update({f"{name}/seconds": seconds, f"{name}/reused": float(reused)})
-    sections = {"Stages": ["| stage | preset | run (its report) | this time | seconds | claims |",
-                           "|---|---|---|---|---:|---|", *rows]}
-    if settings.serve.stage is not None:
-        served = serve_and_ask(folders[settings.serve.stage], settings.serve)
-        (run_dir / "serving.json").write_text(json.dumps(served, indent=2))
-        metrics.update({"serve/status": served["status"], "serve/seconds": served["seconds"],
-                        "serve/malformed_status": served["malformed_status"]})
-        sections["Serving"] = [
-            f"`repro/serve.py` served the {settings.serve.stage} stage's model at {served['url']}: "
-            f"`{json.dumps({'prompt': settings.serve.prompt, 'max_tokens': settings.serve.max_tokens, 'temperature': 0})}` "
-            f"answered {served['status']} in {served['seconds']:.2f} s with {json.dumps(served['text'])} ({served['usage']}); "
-            f"a malformed body got {served['malformed_status']} (\"{served['malformed_error']}\"), and the next request "
-            f"{served['status_after_malformed']}."]
     notes = ["Each stage is a run of its own technique, with its own report, claims and command; this report links them. "
              "Run the same command again and every finished stage is reused (`this time: reused`)."]
-    return Findings(metrics=metrics, claims=[], notes=notes, sections=sections)
+    return Measured(metrics, notes, {"Stages": ["| stage | preset | run (its report) | this time | seconds | claims |",
+                                                "|---|---|---|---|---:|---|", *rows]})
+
+
+def _serve(finished: Finished) -> Measured:
+    """The chosen stage's model served and asked (serving.json), when `pipeline.serve.stage` names one."""
+    settings = finished.config.pipeline.serve
+    if settings.stage is None:
+        return Measured()
+    # the stage ran in the step before: its folder is the runner's stage folder for its spec
+    served = serve_and_ask(stage_dir(_stage_spec(settings.stage, finished), finished.run_dir.parent.parent), settings)
+    (finished.run_dir / "serving.json").write_text(json.dumps(served, indent=2))
+    request = json.dumps({"prompt": settings.prompt, "max_tokens": settings.max_tokens, "temperature": 0})
+    section = [
+        f"`repro/serve.py` served the {settings.stage} stage's model at {served['url']}: `{request}` "
+        f"answered {served['status']} in {served['seconds']:.2f} s with {json.dumps(served['text'])} ({served['usage']}); "
+        f"a malformed body got {served['malformed_status']} (\"{served['malformed_error']}\"), and the next request "
+        f"{served['status_after_malformed']}."]
+    return Measured({"serve/status": served["status"], "serve/seconds": served["seconds"],
+                     "serve/malformed_status": served["malformed_status"]}, sections={"Serving": section})
+
+
+def claims(config: PipelineConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    """None of its own: each stage's report holds its technique's claims, and the Stages table counts their verdicts."""
+    return []
 
 
 def _verdicts(folder: Path) -> str:
@@ -147,9 +162,8 @@ def _verdicts(folder: Path) -> str:
     path = folder / "metrics.json"
     if not path.is_file():
         return ""
-    claims = json.loads(path.read_text()).get("claims", [])
     counts: dict[str, int] = {}
-    for claim in claims:
+    for claim in json.loads(path.read_text()).get("claims", []):
         counts[claim.get("verdict", "?")] = counts.get(claim.get("verdict", "?"), 0) + 1
     return ", ".join(f"{n} {v}" for v, n in counts.items())
 
@@ -159,6 +173,7 @@ register(
         name="pipeline",
         summary="tokenizer -> pretrain -> SFT -> DPO -> quantization and speculative decoding -> serving, cached per stage",
         config=PipelineConfig,
-        measure=measure,
+        steps=(Step("stages", _stages), Step("serve", _serve)),
+        claims=claims,
     )
 )
