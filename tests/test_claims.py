@@ -10,9 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
-
-from repro.config import build_config
+from repro.config import build_config, load_preset
 from repro.registry import techniques
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -34,7 +32,7 @@ def recorded_metrics(record: dict) -> dict:
 @pytest.mark.parametrize("name", list(DECLARED))
 def test_claims_of_a_run_that_measured_nothing_are_not_measured(name: str) -> None:
     technique = DECLARED[name]
-    config = build_config(technique.config, {})
+    config = build_config(technique.config, load_preset(name, technique.default_preset))
     results = technique.claims(config, {})  # empty for a chain of other techniques (pipeline): each stage's report holds its own
     assert {r.verdict for r in results} <= {"not measured"}, [(r.claim, r.verdict) for r in results]
 
@@ -43,6 +41,6 @@ def test_claims_of_a_run_that_measured_nothing_are_not_measured(name: str) -> No
 def test_claims_recomputed_from_a_committed_report_keep_its_verdicts(folder: Path) -> None:
     record = json.loads((folder / "metrics.json").read_text())
     technique = DECLARED[record["technique"]]
-    config = build_config(technique.config, yaml.safe_load((folder / "config.yaml").read_text()))
+    config = build_config(technique.config, record["config"])  # the resolved config the run wrote beside its metrics
     now = [(c.claim, c.verdict) for c in technique.claims(config, recorded_metrics(record))]
     assert now == [(c["claim"], c["verdict"]) for c in record["claims"]]

@@ -12,21 +12,20 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
-from modules.training.moe import MoEModule, MoESettings, check_has_experts
+from modules.training.moe import MoEArm, MoEModule, MoESettings, check_has_experts
 from modules.nn import DecoderConfig
 from modules.nn.moe import max_violation
 from modules.training.pretrain import OptimConfig
-from reports.claims import check_below, not_measured
+from reports.claims import ClaimResult, check_below, not_measured
 from reports.plots import expert_load_heatmap, loss_curves, metric_curves
-from repro.arm_findings import arm_metrics
-from repro.evaluate import arm_scores
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Findings, Technique, register
+from repro.registry import Finished, Measured, Step, Technique, register
+from repro.steps import ARM_EVAL, DATA, SPEED, arm_eval_scores, arms
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
 SOURCE = "Wang et al. 2024 (arXiv 2408.15664), Table 1; DeepSeek-V3, Sec. 2.1.2"
@@ -67,32 +66,37 @@ def _mean_of_tail(values: list[float], tail: float = 1.0) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def findings(config: MoEConfig, final: dict[str, float], module: MoEModule, datamodule: PretrainDataModule,
-             speed: list[dict[str, float]]) -> Findings:
-    run_dir = Path(module.trainer.default_root_dir)
-    seq = config.model.block_size
+def _sizes(module: MoEModule, arm: MoEArm) -> dict[str, Any]:
+    decoder = module.decoder(arm.name)
+    return {
+        "params": decoder.num_params(),
+        "active_params": decoder.num_params(active=True),  # embeddings included
+        "flops_per_token": decoder.flops_per_token(module.config.block_size),
+    }
+
+
+def _balance(finished: Finished) -> Measured:
+    """Per arm its MaxVio: global on the validation set, and per training batch (its mean over all of training and over
+    the last quarter); the expert loads over training as a heat map, and each batch's MaxVio as curves."""
+    module, run_dir = finished.module, finished.run_dir
     maxvio = {a.name: maxvio_per_step(module, a.name) for a in module.arms}
-
-    def sizes(arm: Any) -> dict[str, Any]:
-        decoder = module.decoder(arm.name)
-        return {
-            "maxvio_global": final.get(f"val/{arm.name}/maxvio_global"),
-            "maxvio_batch": _mean_of_tail(maxvio[arm.name]),
-            "maxvio_batch_last_quarter": _mean_of_tail(maxvio[arm.name], 0.25),
-            "params": decoder.num_params(),
-            "active_params": decoder.num_params(active=True),  # embeddings included
-            "flops_per_token": decoder.flops_per_token(seq),
-        }
-
-    metrics = arm_metrics(module, final, datamodule, speed, sizes)
-    scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
-
-    (run_dir / "arm_losses.png").write_bytes(loss_curves(module.loss_curves(), "Validation and train loss per arm (equal tokens)"))
+    metrics = {}
+    for name, values in maxvio.items():
+        metrics |= {f"{name}/maxvio_global": finished.metrics.get(f"val/{name}/maxvio_global"),
+                    f"{name}/maxvio_batch": _mean_of_tail(values), f"{name}/maxvio_batch_last_quarter": _mean_of_tail(values, 0.25)}
     (run_dir / "expert_load.png").write_bytes(expert_load_heatmap(module.loads, "Expert load over training"))
     curves = {name: list(enumerate(values, 1)) for name, values in maxvio.items() if values}
-    (run_dir / "maxvio.png").write_bytes(metric_curves(curves, "MaxVio of the batch (layer mean)", "Load imbalance per training batch"))
+    (run_dir / "maxvio.png").write_bytes(metric_curves(curves, "MaxVio of the batch (layer mean)",
+                                                       "Load imbalance per training batch"))
+    return Measured(metrics)
 
-    claims = _claims(module, metrics)
+
+def _tables(finished: Finished) -> Measured:
+    """The arms' losses, balance, sizes and lm-eval scores side by side, their loss curves, and how they were trained."""
+    config, module, metrics = finished.config, finished.module, finished.metrics
+    png = loss_curves(module.loss_curves(), "Validation and train loss per arm (equal tokens)")
+    (finished.run_dir / "arm_losses.png").write_bytes(png)
+    scores = arm_eval_scores(metrics, [a.name for a in module.arms])
     tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
     table = ["| arm | balancing | val loss | MaxVio global | MaxVio batch (all / last quarter) | params (active) | train s |"
              + "".join(f" {t} |" for t in tasks), "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
@@ -116,16 +120,17 @@ def findings(config: MoEConfig, final: dict[str, float], module: MoEModule, data
         f"{c.moe_score} affinities, MoE in every {c.moe_every}. block; the dense arm's MLP has the active width "
         f"{c.moe_hidden_dim * (c.moe_top_k + c.moe_shared)}. Aux loss alpha {c.moe_aux_alpha}, sequence-wise alpha "
         f"{c.moe_seq_alpha}, bias rate u {c.moe_bias_rate}.",
-        f"All arms train on the same {config.train.max_steps} batches of {config.data.batch_size} x {seq} tokens; the MoE arms "
-        "from identical weights. MaxVio = (max load - mean load) / mean load over experts (Wang et al. Eq. 5), "
+        f"All arms train on the same {config.train.max_steps} batches of {config.data.batch_size} x {c.block_size} tokens; the MoE "
+        "arms from identical weights. MaxVio = (max load - mean load) / mean load over experts (Wang et al. Eq. 5), "
         "averaged over MoE layers: global over the whole validation set, batch over each training batch.",
     ]
-    return Findings(metrics=metrics, claims=claims, notes=notes, sections=sections)
+    return Measured(notes=notes, sections=sections)
 
 
-def _claims(module: MoEModule, metrics: dict[str, Any]) -> list:
-    aux = next((a.name for a in module.arms if a.balance == "aux"), None)
-    free = next((a.name for a in module.arms if a.balance == "loss_free"), None)
+def claims(config: MoEConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    declared = [MoEArm(**a) if isinstance(a, dict) else a for a in config.moe.arms]
+    aux = next((a.name for a in declared if a.balance == "aux"), None)
+    free = next((a.name for a in declared if a.balance == "loss_free"), None)
     if not (aux and free):
         why = "needs an aux-loss arm and a loss-free arm"
         return [not_measured("Loss-free balancing balances better than the auxiliary loss", SOURCE, "MaxVio_global",
@@ -134,13 +139,13 @@ def _claims(module: MoEModule, metrics: dict[str, Any]) -> list:
     return [
         check_below(
             claim="Loss-free balancing keeps experts better balanced than the auxiliary loss", source=SOURCE,
-            metric=f"MaxVio_global on the validation set, {free}", measured=metrics[f"{free}/maxvio_global"],
-            bound=metrics[f"{aux}/maxvio_global"], factor=1.0, paper="MaxVio_global 0.04 (loss-free) vs 0.72 (aux loss) at 1B",
+            metric=f"MaxVio_global on the validation set, {free}", measured=metrics.get(f"{free}/maxvio_global"),
+            bound=metrics.get(f"{aux}/maxvio_global"), factor=1.0, paper="MaxVio_global 0.04 (loss-free) vs 0.72 (aux loss) at 1B",
             bound_name=f"{aux}'s MaxVio_global"),
         check_below(
             claim="Loss-free balancing reaches a validation loss no worse than the auxiliary loss", source=SOURCE,
-            metric=f"validation loss (nats/token), {free}", measured=metrics[f"{free}/val_loss"],
-            bound=metrics[f"{aux}/val_loss"], factor=1.0, paper="perplexity 9.50 (loss-free) vs 9.56 (aux loss) at 1B",
+            metric=f"validation loss (nats/token), {free}", measured=metrics.get(f"{free}/val_loss"),
+            bound=metrics.get(f"{aux}/val_loss"), factor=1.0, paper="perplexity 9.50 (loss-free) vs 9.56 (aux loss) at 1B",
             bound_name=f"{aux}'s loss"),
     ]
 
@@ -152,7 +157,8 @@ register(
         config=MoEConfig,
         module=MoEModule,
         build=build,
-        findings=findings,
+        steps=(DATA, arms(_sizes), Step("balance", _balance), SPEED, ARM_EVAL, Step("report tables", _tables)),
+        claims=claims,
         golden_overrides=(*CORPUS, *SHRINK, "model.moe_experts=4"),
     )
 )

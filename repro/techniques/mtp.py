@@ -12,19 +12,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from measurement.speculative import PROMPTS_FILE, measure_arms
-from modules.training.mtp import MTPModule, MTPSettings
+from modules.training.mtp import MTPArm, MTPModule, MTPSettings
 from modules.nn import DecoderConfig
 from modules.training.pretrain import OptimConfig
-from reports.claims import check_above, check_below, not_measured
+from reports.claims import ClaimResult, check_above, check_below, not_measured
 from reports.plots import loss_curves
-from repro.arm_findings import arm_metrics
-from repro.evaluate import arm_scores
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Findings, Technique, register
+from repro.registry import Finished, Measured, Step, Technique, register
+from repro.steps import ARM_EVAL, DATA, SPEED, arm_eval_scores, arms
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
 SOURCE = "DeepSeek-V3 technical report (2024), Sec. 2.2 and 5.4.3"
@@ -77,108 +76,126 @@ def _prompts(datamodule: PretrainDataModule, decode: DecodeConfig) -> list[list[
     return [rows[i][: decode.prompt_tokens].tolist() for i in range(0, len(rows), step)][: decode.prompts]
 
 
-def findings(config: MTPConfig, final: dict[str, float], module: MTPModule, datamodule: PretrainDataModule,
-             speed: list[dict[str, float]]) -> Findings:
-    run_dir = Path(module.trainer.default_root_dir)
-    seq = config.model.block_size
-
-    def sizes(arm: Any) -> dict[str, Any]:
-        decoder, heads = module.decoder(arm.name), module.mtp_heads(arm.name)
-        return {
-            **{f"val_mtp{k}": final.get(f"val/{arm.name}/mtp{k}") for k in range(1, arm.depth + 1)},
-            "params": decoder.num_params() + (heads.num_params() if heads else 0),
-            "flops_per_token": decoder.flops_per_token(seq) + (heads.flops_per_token(seq) if heads else 0),
-        }
-
-    metrics = arm_metrics(module, final, datamodule, speed, sizes)
-
-    scores = arm_scores(run_dir, [a.name for a in module.arms], config.eval, str(module.device), final) if config.eval.enabled else {}
-    prompts = _prompts(datamodule, config.decode)
-    (run_dir / PROMPTS_FILE).write_text(json.dumps({"new_tokens": config.decode.new_tokens, "prompts": prompts}))
-    decoding = measure_arms(module, prompts, config.decode.new_tokens, tuple(config.decode.temperatures), config.decode.repeats)
-    (run_dir / "decoding.json").write_text(json.dumps(decoding, indent=2))
-    for r in decoding:
-        tag = f"decode/{r['arm']}/d{r['depth']}/t{r['temperature']:g}"
-        metrics |= {f"{tag}/acceptance_1": r["acceptance"][0], f"{tag}/tokens_per_round": r["tokens_per_round"],
-                    f"{tag}/speedup": r["speedup"]}
-        if "identical" in r:
-            metrics[f"{tag}/identical"] = r["identical"]
-
-    claims = _claims(config, module, final, decoding)
-    sections = _sections(config, module, metrics, scores, decoding)
-    (run_dir / "arm_losses.png").write_bytes(loss_curves(module.loss_curves(), "Main-head loss of each arm (equal tokens)"))
-    sections = {"Arms": ["![main-head loss per arm](arm_losses.png)", "", *sections.pop("Arms")], **sections}
-    notes = [
-        f"All arms train on the same {config.train.max_steps} batches of {config.data.batch_size} x {seq} tokens from the same "
-        f"initial decoder weights; lambda {' then '.join(map(str, config.mtp.lambdas))} (step down at "
-        f"{config.mtp.switch_at:.3f} of training), heads' losses averaged over depth as in DeepSeek-V3.",
-        "Equal tokens, not equal FLOPs: the heads add the FLOPs per token shown beside each arm; the heads are dropped "
-        "for plain generation and lm-eval, which score each arm's decoder alone.",
-        f"Decoding: {len(prompts)} held-out prompts of {config.decode.prompt_tokens} tokens, {config.decode.new_tokens} new "
-        f"tokens each, batch 1, eager PyTorch on {module.device.type}; tokens/s is the best of {config.decode.repeats} passes.",
-    ]
-    return Findings(metrics=metrics, claims=claims, notes=notes, sections=sections)
+def _sizes(module: MTPModule, arm: MTPArm) -> dict[str, Any]:
+    """An arm's parameters and training FLOPs per token: its decoder's and its heads'."""
+    decoder, heads, seq = module.decoder(arm.name), module.mtp_heads(arm.name), module.config.block_size
+    return {
+        "params": decoder.num_params() + (heads.num_params() if heads else 0),
+        "flops_per_token": decoder.flops_per_token(seq) + (heads.flops_per_token(seq) if heads else 0),
+    }
 
 
-def _claims(config: MTPConfig, module: MTPModule, final: dict[str, float], decoding: list[dict[str, Any]]) -> list:
-    claims = []
-    base = next((a for a in module.arms if a.depth == 0), None)
-    mtp = next((a for a in module.arms if a.depth and a.kind == "sequential"), None)
-    if base and mtp:
-        claims.append(check_below(
-            claim="Training with MTP does not hurt the main model's next-token loss at equal tokens", source=SOURCE,
-            metric=f"main-head validation loss of {mtp.name} (nats/token)", measured=final.get(f"val/{mtp.name}/loss"),
-            bound=final.get(f"val/{base.name}/loss"), factor=1 + config.loss_margin,
-            paper="MTP improves most benchmarks at 16B and 228B (Table 4); Gloeckle et al. find it hurts small models",
-            bound_name=f"{base.name}'s loss", detail=f"margin {config.loss_margin:.0%} of the next-token arm's loss"))
-    else:
-        claims.append(not_measured("MTP does not hurt the main model's loss", SOURCE, "main-head validation loss",
-                                   "improves benchmarks", "needs a depth-0 arm and a sequential MTP arm"))
-    greedy = [r for r in decoding if r["temperature"] == 0.0 and r["depth"] == 1 and r["kind"] == "sequential"]
-    first = greedy[0] if greedy else None
-    claims.append(check_above(
-        claim="The MTP module predicts the second token well enough to draft it", source=SOURCE,
-        metric=f"share of drafted second tokens the decoder accepts, greedy, {first['arm'] if first else 'a D=1 arm'}",
-        measured=first["acceptance"][0] if first else None, bound=ACCEPTANCE, factor=1.0,
-        paper="85-90% acceptance of the second token (DeepSeek-V3, 671B)", bound_name="DeepSeek-V3's lower end"))
-    claims.append(check_above(
-        claim="Self-speculative decoding with the MTP module speeds up generation", source=SOURCE,
-        metric=f"tokens/s with drafting / without, batch 1, greedy, {first['arm'] if first else 'a D=1 arm'}",
-        measured=first["speedup"] if first else None, bound=SPEEDUP, factor=1.0,
-        paper="1.8x tokens per second (DeepSeek-V3)", bound_name="DeepSeek-V3's 1.8x"))
-    exact = [r for r in decoding if "identical" in r]
-    claims.append(check_below(
-        claim="Greedy speculative decoding returns exactly the decoder's own tokens", source="Leviathan et al. 2023, Sec. 2.3",
-        metric="prompts whose speculative output differs from plain decoding, all arms and depths",
-        measured=sum(r["prompts"] - r["identical"] for r in exact) if exact else None, bound=1, factor=1.0,
-        paper="identical outputs", bound_name="one prompt"))
-    return claims
+def _head_losses(finished: Finished) -> Measured:
+    """Each arm's heads' validation losses (`<arm>/val_mtp<k>`), beside its main-head loss."""
+    return Measured({f"{arm.name}/val_mtp{k}": finished.metrics.get(f"val/{arm.name}/mtp{k}")
+                     for arm in finished.module.arms for k in range(1, arm.depth + 1)})
 
 
-def _sections(config: MTPConfig, module: MTPModule, metrics: dict[str, Any], scores: dict[str, dict[str, float]],
-              decoding: list[dict[str, Any]]) -> dict[str, list[str]]:
+def _arms_table(finished: Finished) -> Measured:
+    """The arms' losses, sizes and lm-eval scores side by side, their loss curves, and how they were trained."""
+    config, module, metrics = finished.config, finished.module, finished.metrics
+    scores = arm_eval_scores(metrics, [a.name for a in module.arms])
     tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
-    head = ["| arm | heads | main-head val loss | heads' val losses | params | train GFLOPs/token | train s |"
-            + "".join(f" {t} |" for t in tasks),
-            "|---|---|---:|---|---:|---:|---:|" + "---:|" * len(tasks)]
-    rows = []
+    table = ["| arm | heads | main-head val loss | heads' val losses | params | train GFLOPs/token | train s |"
+             + "".join(f" {t} |" for t in tasks),
+             "|---|---|---:|---|---:|---:|---:|" + "---:|" * len(tasks)]
     for arm in module.arms:
         name = arm.name
         heads = ", ".join(f"{metrics[f'{name}/val_mtp{k}']:.3f}" for k in range(1, arm.depth + 1)
                           if metrics.get(f"{name}/val_mtp{k}") is not None)
         kind = f"{arm.kind} D={arm.depth}" if arm.depth else "none"
         loss = metrics.get(f"{name}/val_loss")
-        rows.append(f"| {name} | {kind} | {'' if loss is None else f'{loss:.4f}'} | {heads} | {metrics[f'{name}/params']:,} | "
-                    f"{metrics[f'{name}/flops_per_token'] / 1e9:.4f} | {metrics[f'{name}/train_seconds']:.1f} |"
-                    + "".join(f" {scores.get(name, {}).get(t, float('nan')):.4f} |" for t in tasks))
-    decode = ["| arm | depth | temperature | acceptance per depth | tokens per decoder pass | plain tokens/s | speculative tokens/s "
-              "| speedup | identical (greedy) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for r in decoding:
+        table.append(f"| {name} | {kind} | {'' if loss is None else f'{loss:.4f}'} | {heads} | {metrics[f'{name}/params']:,} | "
+                     f"{metrics[f'{name}/flops_per_token'] / 1e9:.4f} | {metrics[f'{name}/train_seconds']:.1f} |"
+                     + "".join(f" {scores.get(name, {}).get(t, float('nan')):.4f} |" for t in tasks))
+    (finished.run_dir / "arm_losses.png").write_bytes(loss_curves(module.loss_curves(), "Main-head loss of each arm (equal tokens)"))
+    notes = [
+        f"All arms train on the same {config.train.max_steps} batches of {config.data.batch_size} x {config.model.block_size} "
+        f"tokens from the same initial decoder weights; lambda {' then '.join(map(str, config.mtp.lambdas))} (step down at "
+        f"{config.mtp.switch_at:.3f} of training), heads' losses averaged over depth as in DeepSeek-V3.",
+        "Equal tokens, not equal FLOPs: the heads add the FLOPs per token shown beside each arm; the heads are dropped "
+        "for plain generation and lm-eval, which score each arm's decoder alone.",
+    ]
+    return Measured(notes=notes, sections={"Arms": ["![main-head loss per arm](arm_losses.png)", "", *table]})
+
+
+def _tag(arm: str, depth: int, temperature: float) -> str:
+    """The prefix of one decoding record's metrics."""
+    return f"decode/{arm}/d{depth}/t{temperature:g}"
+
+
+def _decode(finished: Finished) -> Measured:
+    """Held-out prompts decoded with each arm's heads drafting and its decoder checking, against plain decoding:
+    per arm, depth and temperature its acceptance of the first draft, tokens per decoder pass, speedup and (greedy)
+    how many prompts came out identical (`decode/<arm>/d<depth>/t<temperature>/...`); the records in decoding.json."""
+    decode, module, run_dir = finished.config.decode, finished.module, finished.run_dir
+    prompts = _prompts(finished.datamodule, decode)
+    (run_dir / PROMPTS_FILE).write_text(json.dumps({"new_tokens": decode.new_tokens, "prompts": prompts}))
+    records = measure_arms(module, prompts, decode.new_tokens, tuple(decode.temperatures), decode.repeats)
+    (run_dir / "decoding.json").write_text(json.dumps(records, indent=2))
+    metrics: dict[str, Any] = {"decode/prompts": len(prompts)}
+    for r in records:
+        tag = _tag(r["arm"], r["depth"], r["temperature"])
+        metrics |= {f"{tag}/acceptance_1": r["acceptance"][0], f"{tag}/tokens_per_round": r["tokens_per_round"],
+                    f"{tag}/speedup": r["speedup"]}
+        if "identical" in r:
+            metrics[f"{tag}/identical"] = r["identical"]
+    table = ["| arm | depth | temperature | acceptance per depth | tokens per decoder pass | plain tokens/s | speculative tokens/s "
+             "| speedup | identical (greedy) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in records:
         accept = ", ".join(f"{a:.2f}" for a in r["acceptance"])
-        decode.append(f"| {r['arm']} | {r['depth']} | {r['temperature']:g} | {accept} | {r['tokens_per_round']:.2f} | "
-                      f"{r['plain_tokens_per_s']:.1f} | {r['speculative_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-                      f"{r.get('identical', '')}{'/' + str(r['prompts']) if 'identical' in r else ''} |")
-    return {"Arms": head + rows, "Self-speculative decoding": decode}
+        table.append(f"| {r['arm']} | {r['depth']} | {r['temperature']:g} | {accept} | {r['tokens_per_round']:.2f} | "
+                     f"{r['plain_tokens_per_s']:.1f} | {r['speculative_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r.get('identical', '')}{'/' + str(r['prompts']) if 'identical' in r else ''} |")
+    note = (f"Decoding: {len(prompts)} held-out prompts of {decode.prompt_tokens} tokens, {decode.new_tokens} new tokens each, "
+            f"batch 1, eager PyTorch on {module.device.type}; tokens/s is the best of {decode.repeats} passes.")
+    return Measured(metrics, notes=[note], sections={"Self-speculative decoding": table})
+
+
+# what a run of MTP arms measures; DeepSeek-V3's technique measures the same, and more
+STEPS = (DATA, arms(_sizes), Step("head losses", _head_losses), SPEED, ARM_EVAL, Step("arms table", _arms_table),
+         Step("decode", _decode))
+
+
+def claims(config: MTPConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    found = []
+    declared = [MTPArm(**a) if isinstance(a, dict) else a for a in config.mtp.arms]
+    base = next((a for a in declared if a.depth == 0), None)
+    mtp = next((a for a in declared if a.depth and a.kind == "sequential"), None)
+    if base and mtp:
+        found.append(check_below(
+            claim="Training with MTP does not hurt the main model's next-token loss at equal tokens", source=SOURCE,
+            metric=f"main-head validation loss of {mtp.name} (nats/token)", measured=metrics.get(f"val/{mtp.name}/loss"),
+            bound=metrics.get(f"val/{base.name}/loss"), factor=1 + config.loss_margin,
+            paper="MTP improves most benchmarks at 16B and 228B (Table 4); Gloeckle et al. find it hurts small models",
+            bound_name=f"{base.name}'s loss", detail=f"margin {config.loss_margin:.0%} of the next-token arm's loss"))
+    else:
+        found.append(not_measured("MTP does not hurt the main model's loss", SOURCE, "main-head validation loss",
+                                  "improves benchmarks", "needs a depth-0 arm and a sequential MTP arm"))
+    greedy = 0.0 in config.decode.temperatures
+    # the greedy draft of one token by the first sequential arm with heads
+    first = mtp.name if mtp and greedy else None
+    tag = _tag(first, 1, 0.0) if first else None
+    found.append(check_above(
+        claim="The MTP module predicts the second token well enough to draft it", source=SOURCE,
+        metric=f"share of drafted second tokens the decoder accepts, greedy, {first or 'a D=1 arm'}",
+        measured=metrics.get(f"{tag}/acceptance_1") if tag else None, bound=ACCEPTANCE, factor=1.0,
+        paper="85-90% acceptance of the second token (DeepSeek-V3, 671B)", bound_name="DeepSeek-V3's lower end"))
+    found.append(check_above(
+        claim="Self-speculative decoding with the MTP module speeds up generation", source=SOURCE,
+        metric=f"tokens/s with drafting / without, batch 1, greedy, {first or 'a D=1 arm'}",
+        measured=metrics.get(f"{tag}/speedup") if tag else None, bound=SPEEDUP, factor=1.0,
+        paper="1.8x tokens per second (DeepSeek-V3)", bound_name="DeepSeek-V3's 1.8x"))
+    # every arm with heads decodes greedily at each depth up to its own
+    identical = [metrics.get(f"{_tag(a.name, d, 0.0)}/identical") for a in declared for d in range(1, a.depth + 1)] if greedy else []
+    # reports written before `decode/prompts` was kept decoded `decode.prompts` prompts (their validation sets hold more blocks)
+    prompts = metrics.get("decode/prompts", config.decode.prompts)
+    differ = sum(prompts - n for n in identical) if identical and None not in identical else None
+    found.append(check_below(
+        claim="Greedy speculative decoding returns exactly the decoder's own tokens", source="Leviathan et al. 2023, Sec. 2.3",
+        metric="prompts whose speculative output differs from plain decoding, all arms and depths",
+        measured=differ, bound=1, factor=1.0, paper="identical outputs", bound_name="one prompt"))
+    return found
 
 
 register(
@@ -188,7 +205,8 @@ register(
         config=MTPConfig,
         module=MTPModule,
         build=build,
-        findings=findings,
+        steps=STEPS,
+        claims=claims,
         golden_overrides=(*CORPUS, *SHRINK, "decode.prompts=2", "decode.prompt_tokens=8", "decode.new_tokens=8",
                           "decode.repeats=1"),
     )
