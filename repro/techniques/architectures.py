@@ -7,8 +7,9 @@ KV-cache bytes per token per arm, and checks the claims from the run: the LLaMA 
 lower loss than GPT-2's, and GQA / MQA / MLA keep that loss at a fraction of the KV cache.
 
 `--technique diff-attn` (differential attention against softmax attention of equal size, with the
-needle-retrieval task of `modules/needle.py`) and `--technique nsa` (native sparse attention against
-full attention) are the same machinery with their own presets and claims.
+needle-retrieval task of `modules/needle.py`; `diff_attn.py`) and `--technique nsa` (native sparse
+attention against full attention; `nsa.py`) are the same machinery, `ARCHITECTURES` (config, module,
+steps), with their own presets and claims.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from modules.needle import NeedleConfig, train_and_score
 from modules.nn import DecoderConfig
 from modules.nn.cache import cache_bytes
 from modules.pretrain import OptimConfig
-from reports.claims import ClaimResult, check_above, check_below, not_measured
+from reports.claims import ClaimResult, check_below, not_measured
 from reports.plots import loss_curves
 from repro.golden import CORPUS, SHRINK
 from repro.registry import Finished, Measured, Step, Technique, register
@@ -204,37 +205,6 @@ def claims(config: ArchitecturesConfig, metrics: Mapping[str, Any]) -> list[Clai
     return results
 
 
-def diff_claims(config: ArchitecturesConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
-    """Differential attention against the softmax arm of twice its heads at half the width (equal size)."""
-    configs = arm_configs(config)
-    diff = next((n for n, c in configs.items() if c.attention == "diff"), None)
-    d = configs.get(diff)
-    twin = next((n for n, c in configs.items() if d and c.attention == "standard" and c.n_head == 2 * d.n_head), None)
-    source = "Differential Transformer (Ye et al., ICLR 2025)"
-    retrieval = "Differential attention cancels attention noise: better key retrieval in long context"
-    needle_paper = "multi-needle retrieval 0.85-0.9 vs 0.55-0.6 at 4k (Table 2)"
-    loss_claim, loss_paper = "DIFF reaches a lower loss than softmax attention of equal size", "matches a 1.5x larger transformer"
-    if d is None:
-        why = "needs an arm with model.attention=diff"
-        return [not_measured(loss_claim, source, "validation loss", loss_paper, why),
-                not_measured(retrieval, source, "needle (key-value lookup) accuracy", needle_paper, why)]
-    if twin is not None and config.needle.enabled:
-        results = [check_above(
-            claim=retrieval, source=source, metric=f"needle lookup accuracy of {diff} against {twin}",
-            measured=metrics.get(f"{diff}/needle_accuracy"), bound=metrics.get(f"{twin}/needle_accuracy"), factor=1.0,
-            paper=needle_paper, bound_name=f"{twin}'s accuracy")]
-    else:
-        results = [not_measured(retrieval, source, "needle (key-value lookup) accuracy", needle_paper,
-                                "set needle.enabled=true (and a softmax arm of twice the heads)")]
-    if twin is None:
-        return [*results, not_measured(loss_claim, source, "validation loss", loss_paper, f"needs a softmax arm with {2 * d.n_head} heads")]
-    return [check_below(
-        claim=loss_claim, source=source,
-        metric=f"validation loss of {diff} ({d.n_head} heads of {d.head_dim}) against {twin} ({2 * d.n_head} heads of "
-        f"{d.head_dim // 2})", measured=metrics.get(f"{diff}/val_loss"), bound=metrics.get(f"{twin}/val_loss"), factor=1.0,
-        paper="about 65% of the size or tokens for the same loss (Fig. 3, 4)", bound_name=f"{twin}'s loss"), *results]
-
-
 def nsa_claims(config: ArchitecturesConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
     """NSA against the full-attention arm of the same shape."""
     configs = arm_configs(config)
@@ -256,6 +226,7 @@ def nsa_claims(config: ArchitecturesConfig, metrics: Mapping[str, Any]) -> list[
         bound_name=f"{full}'s loss"), speed]
 
 
+# What diff-attn and nsa register too: the config, module and steps; each technique states its own claims
 ARCHITECTURES = dict(config=ArchitecturesConfig, module=ArchitecturesModule, build=build, steps=STEPS,
                      golden_overrides=(*CORPUS, *SHRINK, "needle.enabled=false"))
 
@@ -267,7 +238,5 @@ register(
         **ARCHITECTURES,
     )
 )
-register(Technique(name="diff-attn", summary="differential attention against softmax attention of equal size, and needle retrieval",
-                   aliases=("differential-attention",), claims=diff_claims, **ARCHITECTURES))
 register(Technique(name="nsa", summary="native sparse attention (compressed, selected, sliding-window branches) against full attention",
                    aliases=("native-sparse-attention",), claims=nsa_claims, **ARCHITECTURES))
