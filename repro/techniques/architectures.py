@@ -205,27 +205,6 @@ def claims(config: ArchitecturesConfig, metrics: Mapping[str, Any]) -> list[Clai
     return results
 
 
-def nsa_claims(config: ArchitecturesConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
-    """NSA against the full-attention arm of the same shape."""
-    configs = arm_configs(config)
-    nsa = next((k for k, c in configs.items() if c.attention == "nsa"), None)
-    n = configs.get(nsa)
-    full = next((k for k, c in configs.items() if n and c.attention == "standard" and c.kv_heads == n.kv_heads), None)
-    source = "Native Sparse Attention (Yuan et al. 2025)"
-    speed = not_measured("NSA's attention is faster than full attention at long context", source,
-                         "attention ms against context length", "9.0x forward, 6.0x backward at 64k (Fig. 6)",
-                         "kernel timing is `python -m benchmarks.nsa` on a GPU (reports/nsa/README.md)")
-    if full is None:
-        why = f"needs a standard arm with {n.kv_heads} KV heads" if n else "needs an arm with model.attention=nsa"
-        return [not_measured("NSA trains to a loss no worse than full attention", source, "validation loss",
-                             "lower pretraining loss than full attention (Fig. 4)", why), speed]
-    return [check_below(
-        claim="NSA trains to a lower loss than full attention", source=source,
-        metric=f"validation loss of {nsa} against {full}", measured=metrics.get(f"{nsa}/val_loss"),
-        bound=metrics.get(f"{full}/val_loss"), factor=1.0, paper="lower pretraining loss than full attention (Fig. 4, 27B model)",
-        bound_name=f"{full}'s loss"), speed]
-
-
 # What diff-attn and nsa register too: the config, module and steps; each technique states its own claims
 ARCHITECTURES = dict(config=ArchitecturesConfig, module=ArchitecturesModule, build=build, steps=STEPS,
                      golden_overrides=(*CORPUS, *SHRINK, "needle.enabled=false"))
@@ -238,5 +217,3 @@ register(
         **ARCHITECTURES,
     )
 )
-register(Technique(name="nsa", summary="native sparse attention (compressed, selected, sliding-window branches) against full attention",
-                   aliases=("native-sparse-attention",), claims=nsa_claims, **ARCHITECTURES))
