@@ -1,7 +1,7 @@
 """Hogwild! inference (Rodionov et al. 2025): W workers of one model generate at once over one shared KV cache.
 
 Trains nothing of its own: the SFT stage's chat model (its `arm`) answers `rows` sums of `terms` numbers
-(`evaluation/parallel_sum.py`) with 1, 2, 4, ... workers sharing one cache (`modules/hogwild.py`), greedy; the run
+(`evaluation/parallel_sum.py`) with 1, 2, 4, ... workers sharing one cache (`modules/decoding/hogwild.py`), greedy; the run
 ends when a worker closes its line. The claim is the paper's: several workers reach a valid joint answer in fewer
 sequential forward passes than one. Whether the answer is valid is only testable on a model that can do the task:
 where one worker answers too few rows right, the report says so instead of a verdict.
@@ -69,7 +69,7 @@ def _sums(finished: Finished) -> Measured:
              f"{config.sums.terms} numbers, greedy, at most {config.sums.max_new_tokens} new tokens per worker, on "
              f"{finished.device}; the first worker to close its line ends the run and gives the answer.",
              "The paper runs large pretrained reasoning models without fine-tuning, each worker's text contiguous; here "
-             "the workers' tokens interleave one per round (modules/hogwild.py), which a model reads well only if "
+             "the workers' tokens interleave one per round (modules/decoding/hogwild.py), which a model reads well only if "
              "trained on such transcripts."]
     return Measured(metrics, notes=notes, sections={"Workers": table})
 

@@ -16,21 +16,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 import yaml
 
 from datamodules.pretrain import CorpusConfig, PretrainDataModule
 from measurement.inference import PROMPTS_FILE, DecodeSettings, QuantSettings, measure, plot
+from modules.nn.quant import SCHEMES, TORCHAO_SCHEMES
 from modules.training.inference import DrafterSettings, InferenceModule
 from modules.training.pretrain import OptimConfig
-from modules.nn.quant import SCHEMES, TORCHAO_SCHEMES
-from reports.claims import check_above, check_below, not_measured
+from reports.claims import ClaimResult, check_above, check_below, not_measured
 from repro.checkpoints import load_model
 from repro.evaluate import evaluate_model
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Findings, Technique, register
+from repro.registry import Finished, Measured, Step, Technique, register
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
 LEVIATHAN = "Leviathan et al. 2023, Fast Inference from Transformers via Speculative Decoding"
@@ -95,33 +95,50 @@ def _inputs(config: InferenceConfig, datamodule: PretrainDataModule) -> dict[str
     return {"prompts": prompts, "calibration": calibration, "held_out": held_out}
 
 
-def findings(config: InferenceConfig, final: dict[str, float], module: InferenceModule, datamodule: PretrainDataModule,
-             speed: list[dict[str, float]]) -> Findings:
-    run_dir = Path(module.trainer.default_root_dir)
-    inputs = _inputs(config, datamodule)
+def _measure(finished: Finished) -> Measured:
+    """Quantization and speculative decoding of the target (`measurement.inference.measure`), their inputs in
+    decode_prompts.json and their records in inference.json."""
+    config, module, run_dir = finished.config, finished.module, finished.run_dir
+    inputs = _inputs(config, finished.datamodule)
     (run_dir / PROMPTS_FILE).write_text(json.dumps({
         "prompts": inputs["prompts"], "calibration": inputs["calibration"].tolist(), "held_out": inputs["held_out"].tolist(),
         "quant": asdict(config.quant), "decode": asdict(config.decode)}))
-    score = None
-    if config.eval.enabled:
-        _, tokenizer = load_model(module.base_dir)
-
-        def score(model: Any, scheme: str) -> dict[str, float]:
-            return evaluate_model(model, tokenizer, module.base_dir, scheme, config.eval.tasks, config.eval.limit,
-                                  config.eval.batch_size, str(module.device))
+    score = _scorer(config, module) if config.eval.enabled else None
     result = measure(module, inputs["prompts"], inputs["calibration"], inputs["held_out"], config.quant, config.decode, score)
     (run_dir / "inference.json").write_text(json.dumps(result, indent=2))
-    (run_dir / "speculative.png").write_bytes(plot(result))
-    metrics = {"val/eagle_loss": final.get("val/eagle_loss")}
+    metrics = {}
     for r in result["quantization"]:
         metrics.update({f"quant/{r['scheme']}/{k}": v for k, v in r.items() if isinstance(v, (int, float))})
         metrics.update({f"quant/{r['scheme']}/eval/{k}": v for k, v in r.get("scores", {}).items()})
     spec = result["speculation"]
     metrics.update({f"decode/{k}": v for k, v in spec.items() if k != "records"})
     for r in spec["records"]:
-        key = f"spec/{'draft' if r['method'] == 'draft model' else 'eagle'}/t{r['temperature']:g}/g{r['gamma']}"
-        metrics.update({f"{key}/{k}": v for k, v in r.items() if isinstance(v, (int, float)) and k not in ("gamma", "temperature")})
-    return Findings(metrics=metrics, claims=_claims(result), notes=_notes(config, result),
+        metrics.update({f"{_spec_key(r['method'], r['temperature'], r['gamma'])}/{k}": v for k, v in r.items()
+                        if isinstance(v, (int, float)) and k not in ("gamma", "temperature")})
+    return Measured(metrics)
+
+
+def _scorer(config: InferenceConfig, module: InferenceModule) -> Callable[[Any, str], dict[str, float]]:
+    """lm-eval's scores of one (quantized) target on the run's tasks, with the target's tokenizer."""
+    _, tokenizer = load_model(module.base_dir)
+
+    def score(model: Any, scheme: str) -> dict[str, float]:
+        return evaluate_model(model, tokenizer, module.base_dir, scheme, config.eval.tasks, config.eval.limit,
+                              config.eval.batch_size, str(module.device))
+
+    return score
+
+
+def _spec_key(method: str, temperature: float, gamma: int) -> str:
+    """The metrics' prefix of one drafter at one temperature and draft length: `spec/draft/t0/g2`."""
+    return f"spec/{'draft' if method == 'draft model' else 'eagle'}/t{temperature:g}/g{gamma}"
+
+
+def _report(finished: Finished) -> Measured:
+    """Speedup against gamma (speculative.png), the quantization and speculation tables, from inference.json."""
+    result = json.loads((finished.run_dir / "inference.json").read_text())
+    (finished.run_dir / "speculative.png").write_bytes(plot(result))
+    return Measured(notes=_notes(finished.config, result),
                     sections={"Quantization": _quant_table(result),
                               "Speculative decoding": ["![speedup against gamma](speculative.png)", "", *_spec_table(result)]})
 
@@ -164,43 +181,55 @@ def _notes(config: InferenceConfig, result: dict[str, Any]) -> list[str]:
             "the fast path."]
 
 
-def _claims(result: dict[str, Any]) -> list:
-    claims = []
-    quant = {r["scheme"]: r for r in result["quantization"]}
-    base = quant["none"]
-    if "int8" in quant:
-        claims.append(check_below(
+def claims(config: InferenceConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    """int8 and GPTQ against the unquantized target and RTN int4; greedy exactness and the speedup of each drafter."""
+    return [*_quant_claims(config, metrics), *_spec_claims(config, metrics)]
+
+
+def _quant_claims(config: InferenceConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    results = []
+    schemes = ["none", *config.quant.schemes]
+    loss = {scheme: metrics.get(f"quant/{scheme}/held_out_loss") for scheme in schemes}
+    if "int8" in schemes:
+        results.append(check_below(
             claim="Weight-only int8 (absmax per channel) keeps the model's quality", source="LLM.int8() (Dettmers et al. 2022); GPTQ",
-            metric="held-out loss of int8 (nats/token)", measured=quant["int8"]["held_out_loss"], bound=base["held_out_loss"],
+            metric="held-out loss of int8 (nats/token)", measured=loss["int8"], bound=loss["none"],
             factor=INT8_SLACK, paper="no perplexity loss at 8 bits (GPTQ Table 3: RTN 8-bit within 0.1 ppl)",
             bound_name="the unquantized loss"))
-    if "int4" in quant and "gptq-int4" in quant:
-        claims.append(check_below(
+    if "int4" in schemes and "gptq-int4" in schemes:
+        results.append(check_below(
             claim="GPTQ int4 loses less than rounding to nearest at the same format", source=GPTQ,
-            metric="held-out loss of gptq-int4", measured=quant["gptq-int4"]["held_out_loss"], bound=quant["int4"]["held_out_loss"],
+            metric="held-out loss of gptq-int4", measured=loss["gptq-int4"], bound=loss["int4"],
             factor=1.0, paper="4-bit OPT-175B: GPTQ 8.37 vs RTN 10.54 ppl (Table 3)", bound_name="int4 (RTN)'s loss"))
     else:
-        claims.append(not_measured("GPTQ int4 loses less than rounding to nearest", GPTQ, "held-out loss", "Table 3",
-                                   "needs quant.schemes int4 and gptq-int4"))
-    records = result["speculation"]["records"]
-    greedy = [r for r in records if r["temperature"] == 0.0]
-    if greedy:
-        mismatches = sum(r["greedy_mismatches"] for r in greedy)
-        claims.append(check_below(
-            claim="Speculative decoding leaves greedy outputs unchanged", source=LEVIATHAN,
-            metric=f"outputs differing from the target's own, over {len(greedy)} drafter x gamma settings",
-            measured=mismatches, bound=1, factor=1.0, paper="identical outputs (Sec. 2.3)", bound_name="one mismatch"))
+        results.append(not_measured("GPTQ int4 loses less than rounding to nearest", GPTQ, "held-out loss", "Table 3",
+                                    "needs quant.schemes int4 and gptq-int4"))
+    return results
+
+
+def _spec_claims(config: InferenceConfig, metrics: Mapping[str, Any]) -> list[ClaimResult]:
+    """Over the greedy settings (temperature 0), each drafter at each draft length."""
+    if 0.0 not in config.decode.temperatures:
+        return []
+    greedy = [(method, gamma, {k: metrics.get(f"{_spec_key(method, 0.0, gamma)}/{k}") for k in ("greedy_mismatches", "speedup", "alpha")})
+              for method in ("draft model", "EAGLE") for gamma in config.decode.gammas]
+    mismatches = [r["greedy_mismatches"] for _, _, r in greedy]
+    results = [check_below(
+        claim="Speculative decoding leaves greedy outputs unchanged", source=LEVIATHAN,
+        metric=f"outputs differing from the target's own, over {len(greedy)} drafter x gamma settings",
+        measured=None if None in mismatches else sum(mismatches), bound=1, factor=1.0, paper="identical outputs (Sec. 2.3)",
+        bound_name="one mismatch")]
     for method, source, paper in (("draft model", LEVIATHAN, "2-3.4x on T5-XXL (Table 2)"),
                                   ("EAGLE", EAGLE, "2.7-3.5x (EAGLE); up to 6.5x (EAGLE-3) on 7-70B models")):
-        best = max((r for r in greedy if r["method"] == method), key=lambda r: r["speedup"], default=None)
-        if best is None:
-            continue
-        claims.append(check_above(
+        timed = [(gamma, r) for m, gamma, r in greedy if m == method and r["speedup"] is not None]
+        gamma, best = max(timed, key=lambda item: item[1]["speedup"], default=(None, None))
+        alpha = "nan" if best is None or best["alpha"] is None else f"{best['alpha']:.2f}"  # NaN is None in metrics.json
+        results.append(check_above(
             claim=f"Speculative decoding with {'a draft model' if method == 'draft model' else 'an EAGLE head'} is faster than "
             "plain decoding at batch 1", source=source,
-            metric=f"greedy speedup at the best gamma ({best['gamma']}; alpha {best['alpha']:.2f})", measured=best["speedup"],
-            bound=1.0, factor=1.0, paper=paper, bound_name="plain decoding"))
-    return claims
+            metric=f"greedy speedup at the best gamma ({gamma}; alpha {alpha})" if best else "greedy speedup at the best gamma",
+            measured=best["speedup"] if best else None, bound=1.0, factor=1.0, paper=paper, bound_name="plain decoding"))
+    return results
 
 
 register(
@@ -210,7 +239,8 @@ register(
         config=InferenceConfig,
         module=InferenceModule,
         build=build,
-        findings=findings,
+        steps=(Step("measure", _measure), Step("report", _report)),
+        claims=claims,
         aliases=("speculative", "quantization"),
         requires=("pretrain",),
         step_metrics=("train/loss", "train/draft_loss", "train/eagle_loss"),
