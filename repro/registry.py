@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class Findings:
-    """What a technique concludes from its run: extra metrics, claim verdicts, notes and sections for the report."""
+    """What a run concludes (`repro.runner.conclude`): its metrics, claim verdicts, notes and sections for the report."""
 
     metrics: dict[str, Any]
     claims: list["ClaimResult"]
@@ -93,25 +93,20 @@ class Technique:
     build(config, seed, stages) -> (LightningModule, LightningDataModule), where stages maps each
         technique in `requires` to the final checkpoint of its run (trained first, or reused)
     fits(config, module, datamodule, seed) -> [Fit]: the further models its run trains once the main one is
-        trained (every rank trains each, in order); findings then gets them as `fits`, name -> trained module
+        trained (every rank trains each, in order); the steps read them as `Finished.fits`, name -> trained module
     steps: the measurements the runner makes on the finished run (`Step`), in order; their metrics go to metrics.json
     claims(config, metrics) -> [ClaimResult]: the verdicts, a pure function of the run's config and its metrics
         (validation, lm-eval scores, the steps'), so a test can check them on a dict without training
-    findings(config, final_metrics, module, datamodule, speed_records[, fits]) -> Findings: the older form of steps
-        and claims in one function, for techniques not yet declared as steps
     """
 
     name: str
     summary: str
     config: type
+    # module and build: None for a technique that trains nothing (a simulator, a calculator, a decoding algorithm over
+    # its stages' models): its steps measure, and golden trajectories and train-step benchmarks are for those that train
     module: type["L.LightningModule"] | None = None  # its checkpoints load with module.load_from_checkpoint; `.model` is the Decoder
     build: Callable[[Any, int, dict[str, Path]], tuple["L.LightningModule", "L.LightningDataModule"]] | None = None
-    findings: Callable[..., "Findings"] | None = None
     fits: Callable[[Any, "L.LightningModule", "L.LightningDataModule", int], list[Fit]] | None = None
-    # a technique that trains nothing (a simulator, a calculator) measures instead: measure(config, seed, run_dir)
-    # -> Findings, and the runner writes its report as a training run's; golden trajectories and train-step
-    # benchmarks are for the techniques that train
-    measure: Callable[[Any, int, Path], "Findings"] | None = None
     steps: tuple[Step, ...] = ()
     claims: Callable[[Any, Mapping[str, Any]], list["ClaimResult"]] | None = None
     default_preset: str = "tiny"
@@ -134,13 +129,10 @@ class Technique:
     distributed: bool = True
 
     def __post_init__(self) -> None:
-        concludes = self.claims is not None
-        if concludes == (self.findings is not None or self.measure is not None):
-            raise ValueError(f"technique {self.name!r}: give claims (with its steps), or findings / measure (the older form)")
-        if (self.build is None) != (self.module is None) or (self.findings is not None and self.build is None):
-            raise ValueError(f"technique {self.name!r}: give module and build (it trains), or neither (it measures only)")
-        if self.measure is not None and self.build is not None:
-            raise ValueError(f"technique {self.name!r}: measure is for a technique that trains nothing")
+        if self.claims is None:
+            raise ValueError(f"technique {self.name!r}: give claims(config, metrics) (with the steps that measure them)")
+        if (self.build is None) != (self.module is None):
+            raise ValueError(f"technique {self.name!r}: give module and build (it trains), or neither (it only measures)")
 
     @property
     def trains(self) -> bool:

@@ -272,11 +272,8 @@ def train_fit(fit: registry.Fit, run_dir: Path, spec: RunSpec | None = None) -> 
 
 def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: Any, run_dir: Path, stages: dict[str, Path]) -> Path:
     """A technique that trains nothing: its measurements, then the same report as a training run's."""
-    if technique.measure is not None:
-        findings = technique.measure(config, spec.seed, run_dir)
-    else:
-        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {}, stages=stages,
-                                                         device=_device(spec.trainer.accelerator)))
+    findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {}, stages=stages,
+                                                     device=_device(spec.trainer.accelerator)))
     write_report(run_dir, technique=technique.name, title=f"{technique.name}: {technique.summary} (preset {spec.preset}, "
                  f"seed {spec.seed})", command=spec.command(), config=asdict(config), env=collect_env(spec.seed, asdict(spec.trainer)),
                  history={}, metrics=findings.metrics, claims=findings.claims, notes=findings.notes, sections=findings.sections)
@@ -333,12 +330,8 @@ def _report(run_dir, technique, spec, config, trained, datamodule, final, evalua
     # (decoding, sampling, arms' lm-eval) belong on the device the run trained on
     module.to(trainer.strategy.root_device)
     models = {name: fit.module for name, fit in fits.items()}
-    if technique.findings is not None:
-        findings = technique.findings(config, {**final, **scores}, module, datamodule, speed, **({"fits": models} if technique.fits else {}))
-        findings.metrics = {**final, **findings.metrics}
-    else:
-        findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {**final, **scores}, module, datamodule, speed, models,
-                                                         stages, str(trainer.strategy.root_device)))
+    findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {**final, **scores}, module, datamodule, speed, models,
+                                                     stages, str(trainer.strategy.root_device)))
     env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer),
                                   "world_size": trainer.world_size})  # the processes that trained it, whatever was asked
     if speed:
