@@ -59,6 +59,9 @@ class Finished:
     fits: dict[str, "L.LightningModule"] = field(default_factory=dict)
     stages: dict[str, Path] = field(default_factory=dict)  # each prerequisite's final checkpoint
     device: str = "cpu"  # where the run trained, or for one that trains nothing where --accelerator puts its work
+    # what a step hands to later steps of the same run (a model it trained, its generations): kept in memory only,
+    # never read by claims
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from repro.checkpoints import load_model
 from repro.registry import Finished, Fit, Measured, Step, Technique, register
 from repro.runner import RunSpec, _load_spec, stage_checkpoint, train_fit
 from repro.techniques.dpo import with_reference
-from repro.trainer import TrainConfig, on_gpu
+from repro.trainer import TrainConfig
 
 SOURCE = "Constitutional AI (Bai et al. 2022), Fig. 2-3"
 SAMPLES_SHOWN = 3  # critique-revision chains shown in the report
@@ -209,7 +209,7 @@ def _judge(name: str | None, model: Any, tokenizer: Any) -> Any:
 @dataclass
 class CAIRun:
     """What a cai run's steps hand on to one another: the runner's `Finished` carries metrics, and these are models,
-    prompts and generations. The "chat model" step makes it and the "report" step lets it go (`_RUNS`)."""
+    prompts and generations, kept in `Finished.state["cai"]` from the "chat model" step to the "report" step."""
 
     principles: list[Any]
     sft_dir: Path
@@ -230,28 +230,21 @@ class CAIRun:
         return [p.text for p in self.train]
 
 
-# run folder -> its CAIRun, from the "chat model" step to the "report" step. A process measures one run at a time
-# (the technique is not distributed): the first step drops whatever a run that failed midway left here.
-_RUNS: dict[Path, CAIRun] = {}
-
-
 def _chat_model(finished: Finished) -> Measured:
     """The chat model (the sft stage, trained once and reused), the constitution and the training / held-out prompts."""
     s, seed, run_dir = finished.config.cai, finished.seed, finished.run_dir
-    device = "cuda" if on_gpu(_load_spec(run_dir).trainer) else "cpu"
     principles = load_constitution(s.constitution)
     sft_dir = chat_model_stage(finished.config, seed, run_dir)
-    chat, tokenizer = load_model(sft_dir, device, arm="full")
+    chat, tokenizer = load_model(sft_dir, finished.device, arm="full")
     train, held_out = split(s.n_train, s.n_held_out, seed)
-    _RUNS.clear()
-    _RUNS[run_dir] = CAIRun(principles, sft_dir, chat, tokenizer, train, held_out)
+    finished.state["cai"] = CAIRun(principles, sft_dir, chat, tokenizer, train, held_out)
     return Measured({"data/train_prompts": len(train), "data/held_out_prompts": len(held_out),
                      "data/held_out_red_team": sum(p.kind != ORDINARY for p in held_out)})
 
 
 def _sl_cai(finished: Finished) -> Measured:
     """SL-CAI: the chat model's responses, critiqued and revised; the final revisions (sl_cai.jsonl) fine-tune it."""
-    run, s, seed = _RUNS[finished.run_dir], finished.config.cai, finished.seed
+    run, s, seed = finished.state["cai"], finished.config.cai, finished.seed
     responses = decoder_generator(run.chat, run.tokenizer, s.max_new_tokens)(run.texts)
     critic = _critic(s.critic, run.chat, run.tokenizer, s.max_new_tokens, s.critic_temperature, seed)
     run.chains = critique_revise_batch(critic, run.texts, responses, run.principles, s.rounds, random.Random(f"cai-{seed}"))
@@ -265,7 +258,7 @@ def _sl_cai(finished: Finished) -> Measured:
 def _rl_cai(finished: Finished) -> Measured:
     """RL-CAI: two samples of SL-CAI per prompt, labelled by the judge's answer to the principle's question
     (rl_cai_pairs.jsonl), train it from SL-CAI by DPO."""
-    run, s, seed = _RUNS[finished.run_dir], finished.config.cai, finished.seed
+    run, s, seed = finished.state["cai"], finished.config.cai, finished.seed
     sample = lambda offset: decoder_generator(run.sl_model, run.tokenizer, s.max_new_tokens, temperature=s.rl.temperature,
                                               seed=seed * 1_000_003 + offset)(run.texts)
     judge = _judge(s.judge, run.chat, run.tokenizer)
@@ -280,7 +273,7 @@ def _rl_cai(finished: Finished) -> Measured:
 
 def _rates(finished: Finished) -> Measured:
     """The same held-out prompts, greedy, for every model: the checkers' violation rates and the helpfulness."""
-    run, s = _RUNS[finished.run_dir], finished.config.cai
+    run, s = finished.state["cai"], finished.config.cai
     for name, model in (("base", run.chat), ("sl-cai", run.sl_model), ("rl-cai", run.rl_model)):
         run.rates[name], run.responses[name] = rates(decoder_generator(model, run.tokenizer, s.max_new_tokens), run.held_out,
                                                      run.principles)
@@ -319,7 +312,7 @@ def _rate_sections(run: CAIRun) -> dict[str, list[str]]:
 
 def _report(finished: Finished) -> Measured:
     """The critique-revision samples and the notes for the report, and everything the run made in cai.json."""
-    run, config, metrics = _RUNS.pop(finished.run_dir), finished.config, finished.metrics
+    run, config, metrics = finished.state.pop("cai"), finished.config, finished.metrics
     samples = []
     for prompt, chain in list(zip(run.texts, run.chains))[:SAMPLES_SHOWN]:
         samples.append(f"- prompt {json.dumps(prompt)}; response {json.dumps(chain[0].response)}")
