@@ -49,8 +49,12 @@ def test_the_nsa_technique_reports_needle_accuracy_and_its_claims(tmp_path: Path
     assert main(["--technique", "nsa", "--accelerator", "cpu", "--out", str(tmp_path / "out"),
                  *[x for o in overrides for x in ("--set", o)]]) == 0
     run = next((tmp_path / "out" / "nsa").iterdir())
-    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    record = json.loads((run / "metrics.json").read_text())
+    metrics = record["metrics"]
     for arm in ("full", "nsa"):
         assert 0.0 <= metrics[f"{arm}/needle_accuracy"] <= 1.0
+        # each arm's needle model is trained by the runner, as a declared fit: its checkpoint and history are the run's
+        assert (run / "fits" / f"needle-{arm}" / "checkpoints" / "final.ckpt").is_file()
+        assert len(record["history"][f"needle-{arm}/train/loss"]) == 2
     report = (run / "report.md").read_text()
     assert "Needle retrieval" in report and "NSA trains to a lower loss than full attention" in report

@@ -13,12 +13,16 @@ Token ids: 0 the query marker, then `keys` key ids, `values` value ids and `fill
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
 
 from modules.nn import Decoder, DecoderConfig
+from modules.parallel.plan import TechniqueModule
 
 
 @dataclass
@@ -81,41 +85,94 @@ def lookup_loss(model: Decoder, tokens: torch.Tensor, answers: torch.Tensor) -> 
     return loss, (picked.argmax(-1) == target).float().mean()
 
 
-def train_and_score(model_config: DecoderConfig, config: NeedleConfig, seed: int, device: torch.device) -> dict[str, float]:
-    """Train a fresh decoder of `model_config`'s shape on the task; its held-out accuracy and loss.
+class NeedleBatches(IterableDataset):
+    """`count` batches of the task, the same ones on every pass (a generator seeded with `seed` each time)."""
 
-    The same seed gives every arm the same initial random state, the same training batches and the
-    same held-out batches.
-    """
-    shape = replace(model_config, vocab_size=config.vocab_size, block_size=config.context)
-    torch.manual_seed(seed)
-    model = Decoder(shape).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    data = torch.Generator().manual_seed(seed)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    start, curve = time.perf_counter(), []
-    model.train()
-    for step in range(config.steps):
-        lr = config.lr * min(1.0, (step + 1) / max(1, config.steps // 10))  # linear warm-up over a tenth
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        tokens, answers = make_batch(config, config.batch_size, data)
-        with autocast:
-            loss, _ = lookup_loss(model, tokens.to(device), answers.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        curve.append(float(loss.detach()))
-    seconds = time.perf_counter() - start
-    model.eval()
-    held_out = torch.Generator().manual_seed(seed + 1_000_003)
-    losses, right = [], []
-    with torch.no_grad(), autocast:
-        for _ in range(config.eval_batches):
-            tokens, answers = make_batch(config, config.batch_size, held_out)
-            loss, accuracy = lookup_loss(model, tokens.to(device), answers.to(device))
-            losses.append(float(loss))
-            right.append(float(accuracy))
-    return {"accuracy": sum(right) / len(right), "loss": sum(losses) / len(losses), "train_seconds": seconds,
-            "train_loss_last": sum(curve[-20:]) / len(curve[-20:]), "chance": 1 / config.values}
+    def __init__(self, config: NeedleConfig, count: int, seed: int) -> None:
+        self.config, self.count, self.seed = config, count, seed
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.count):
+            yield make_batch(self.config, self.config.batch_size, generator)
+
+
+class NeedleDataModule(L.LightningDataModule):
+    """`steps` training batches from `seed` and `eval_batches` held-out ones from another seed: every arm trained with
+    the same seed sees the same batches and is scored on the same held-out set. Each process of a multi-process fit
+    reads the same batches."""
+
+    def __init__(self, config: NeedleConfig, seed: int) -> None:
+        super().__init__()
+        self.config, self.seed = config, seed
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(NeedleBatches(self.config, self.config.steps, self.seed), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(NeedleBatches(self.config, self.config.eval_batches, self.seed + 1_000_003), batch_size=None)
+
+
+class NeedleModule(TechniqueModule):
+    """A fresh decoder of one arm's shape (`model_config`, its vocabulary and context the task's) trained on the task:
+    AdamW without weight decay, linear warm-up over a tenth of the steps; `val/accuracy` is the share of held-out
+    lookups answered right. Trained as any model of a run is (`repro.runner.train`)."""
+
+    def __init__(self, model_config: DecoderConfig, config: NeedleConfig) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = config
+        self.model = Decoder(replace(model_config, vocab_size=config.vocab_size, block_size=config.context))
+        self.train_seconds, self.curve = 0.0, []  # wall time of the fit; each step's training loss
+        self.held_out: dict[str, float] = {}  # the last validation's mean loss and accuracy
+        self._batches: list[tuple[float, float]] = []
+
+    def on_train_start(self) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self.train_seconds += time.perf_counter() - self._start
+
+    @staticmethod
+    def tokens_in(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        tokens, _ = batch
+        return tokens.shape[0] * (tokens.shape[1] - 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        loss, _ = lookup_loss(self.model, *batch)
+        self.curve.append(float(loss.detach()))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        loss, accuracy = lookup_loss(self.model, *batch)
+        self._batches.append((float(loss), float(accuracy)))
+        self.log_dict({"val/loss": loss, "val/accuracy": accuracy}, on_epoch=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # batches of one size: the mean over them is the mean lookup's (every process reads the same held-out batches)
+        if self._batches:
+            losses, right = zip(*self._batches)
+            self.held_out = {"loss": sum(losses) / len(losses), "accuracy": sum(right) / len(right)}
+        self._batches = []
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:  # a fit restored from final.ckpt reports what it measured
+        checkpoint["needle"] = {"held_out": self.held_out, "train_seconds": self.train_seconds, "curve": self.curve[-20:]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("needle", {})
+        self.held_out, self.train_seconds = saved.get("held_out", {}), saved.get("train_seconds", 0.0)
+        self.curve = list(saved.get("curve", []))
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=0.0)
+        warmup = max(1, self.config.steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def summary(self) -> dict[str, float | None]:
+        """The needle metrics of one arm: held-out accuracy and loss (its last validation), training seconds, the mean
+        training loss of the last 20 steps, and chance."""
+        last = self.curve[-20:]
+        return {"accuracy": self.held_out.get("accuracy"), "loss": self.held_out.get("loss"), "train_seconds": self.train_seconds,
+                "train_loss_last": sum(last) / len(last) if last else None, "chance": 1 / self.config.values}

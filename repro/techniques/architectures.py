@@ -25,12 +25,12 @@ from modules.nn import DecoderConfig
 from modules.nn.cache import cache_bytes
 from modules.training.architectures import ArchitectureSettings, ArchitecturesModule
 from modules.training.arms import ConfigArm
-from modules.training.needle import NeedleConfig, train_and_score
+from modules.training.needle import NeedleConfig, NeedleDataModule, NeedleModule
 from modules.training.pretrain import OptimConfig
 from reports.claims import ClaimResult, check_below, not_measured
 from reports.plots import loss_curves
 from repro.golden import CORPUS, SHRINK
-from repro.registry import Finished, Measured, Step, Technique, register
+from repro.registry import Finished, Fit, Measured, Step, Technique, register
 from repro.steps import ARM_EVAL, DATA, SPEED, arm_eval_scores, arms
 from repro.trainer import EvalConfig, TrainConfig, check_manual_optimization
 
@@ -112,14 +112,24 @@ def _arms(finished: Finished) -> Measured:
     return arms(sizes).run(finished)
 
 
-def _needle(finished: Finished) -> Measured:
-    """Each arm's shape trained from scratch on the needle task (same seed, batches and held-out set for all)."""
-    needle, module = finished.config.needle, finished.module
+def needle_fits(config: ArchitecturesConfig, module: ArchitecturesModule, datamodule: Any, seed: int) -> list[Fit]:
+    """With `needle.enabled`, each arm's shape trained from scratch on the needle task (`needle-<arm>`): the same seed,
+    batches and held-out set for all, one validation at the end."""
+    needle = config.needle
     if not needle.enabled:
-        return Measured()
+        return []
+    train = TrainConfig(max_steps=needle.steps, grad_clip=1.0, val_every=needle.steps, val_batches=needle.eval_batches,
+                        checkpoint_every=needle.steps, speed_window=max(1, min(10, needle.steps // 4)))
+    return [Fit(f"needle-{arm.name}", module=lambda shape=module.decoder(arm.name).config: NeedleModule(shape, needle),
+                datamodule=lambda: NeedleDataModule(needle, seed), train=train, val_metrics=("val/loss", "val/accuracy"))
+            for arm in module.arms]
+
+
+def _needle(finished: Finished) -> Measured:
+    """Each arm's needle fit: held-out accuracy and loss, training seconds, last training loss, chance."""
     metrics = {}
-    for arm in module.arms:
-        result = train_and_score(module.decoder(arm.name).config, needle, seed=0, device=module.device)
+    for arm in finished.module.arms if finished.config.needle.enabled else []:
+        result = finished.fits[f"needle-{arm.name}"].summary()
         metrics |= {f"{arm.name}/needle_{k}": v for k, v in result.items()}
     return Measured(metrics)
 
@@ -209,7 +219,7 @@ def claims(config: ArchitecturesConfig, metrics: Mapping[str, Any]) -> list[Clai
 
 
 # What diff-attn and nsa register too: the config, module and steps; each technique states its own claims
-ARCHITECTURES = dict(config=ArchitecturesConfig, module=ArchitecturesModule, build=build, steps=STEPS,
+ARCHITECTURES = dict(config=ArchitecturesConfig, module=ArchitecturesModule, build=build, fits=needle_fits, steps=STEPS,
                      golden_overrides=(*CORPUS, *SHRINK, "needle.enabled=false"))
 
 register(
