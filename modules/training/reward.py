@@ -9,6 +9,7 @@ responses was preferred.
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,8 +18,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from modules.nn import Decoder, DecoderConfig
-from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
 from modules.parallel.plan import TechniqueModule
+from modules.training.pretrain import OptimConfig, decay_groups, warmup_cosine
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,8 @@ class RewardModel(torch.nn.Module):
 class RewardModule(TechniqueModule):
     """Batches from `collate_pairs`: chosen rows then rejected rows; logs loss, accuracy and margin."""
 
-    def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | OptimConfig, max_steps: int) -> None:
+    def __init__(self, model: dict[str, Any] | DecoderConfig, optim: dict[str, Any] | OptimConfig, max_steps: int,
+                 base_dir: Path | None = None) -> None:
         super().__init__()
         model = asdict(model) if isinstance(model, DecoderConfig) else dict(model)
         optim = asdict(optim) if isinstance(optim, OptimConfig) else dict(optim)
@@ -75,6 +77,7 @@ class RewardModule(TechniqueModule):
         self.optim, self.max_steps = OptimConfig(**optim), max_steps
         self.model = RewardModel(DecoderConfig(**model))
         self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
+        self.base_dir = base_dir  # the pretrain run the trunk starts from, for the report; not a hyperparameter
 
     def init_from_base(self, base: Decoder) -> None:
         self.model.trunk.load_state_dict(base.state_dict())

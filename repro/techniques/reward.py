@@ -79,7 +79,7 @@ def sentiment_data(base_dir: Path, config: PreferenceDataConfig, seed: int) -> d
 def build(config: RewardConfig, seed: int, stages: dict[str, Path]) -> tuple[RewardModule, PreferenceDataModule]:
     base_dir = base_of(stages)
     base, tokenizer = load_model(base_dir)
-    module = RewardModule(base.config, config.optim, config.train.max_steps)
+    module = RewardModule(base.config, config.optim, config.train.max_steps, base_dir=base_dir)
     module.init_from_base(base)
     data = config.data
     if data.source == SENTIMENT:
@@ -94,7 +94,6 @@ def build(config: RewardConfig, seed: int, stages: dict[str, Path]) -> tuple[Rew
         train, val = pairs[n_val:], pairs[:n_val]
     datamodule = PreferenceDataModule(data, train, val, pad_id=EOT_ID, seed=seed)
     datamodule.tokenizer, datamodule.preferences = tokenizer, preferences
-    module.base_dir = base_dir
     return module, datamodule
 
 
