@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -24,7 +23,7 @@ from repro.callbacks import History, SpeedMonitor
 from repro.checkpoints import check_weights_only, locate
 from repro.config import ConfigError, apply_overrides, build_config, load_preset
 from repro.evaluate import evaluate, result_rows, write_results
-from repro.trainer import TrainerArgs, build_trainer, check_trainer_args
+from repro.trainer import TrainerArgs, build_trainer, check_trainer_args, on_gpu
 
 
 @dataclass
@@ -272,19 +271,12 @@ def train_fit(fit: registry.Fit, run_dir: Path, spec: RunSpec | None = None) -> 
 
 def _measure_and_report(technique: registry.Technique, spec: RunSpec, config: Any, run_dir: Path, stages: dict[str, Path]) -> Path:
     """A technique that trains nothing: its measurements, then the same report as a training run's."""
-    findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {}, stages=stages,
-                                                     device=_device(spec.trainer.accelerator)))
+    device = "cuda" if on_gpu(spec.trainer) else "cpu"  # where a Trainer with the run's flags would put its work
+    findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {}, stages=stages, device=device))
     write_report(run_dir, technique=technique.name, title=f"{technique.name}: {technique.summary} (preset {spec.preset}, "
                  f"seed {spec.seed})", command=spec.command(), config=asdict(config), env=collect_env(spec.seed, asdict(spec.trainer)),
                  history={}, metrics=findings.metrics, claims=findings.claims, notes=findings.notes, sections=findings.sections)
     return run_dir
-
-
-def _device(accelerator: str) -> str:
-    """The torch device `--accelerator` names, for a technique that measures without a Trainer."""
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return "cuda"
-    return "mps" if accelerator == "mps" else "cpu"
 
 
 def conclude(technique: registry.Technique, finished: registry.Finished) -> registry.Findings:
@@ -330,8 +322,8 @@ def _report(run_dir, technique, spec, config, trained, datamodule, final, evalua
     # (decoding, sampling, arms' lm-eval) belong on the device the run trained on
     module.to(trainer.strategy.root_device)
     models = {name: fit.module for name, fit in fits.items()}
-    findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {**final, **scores}, module, datamodule, speed, models,
-                                                     stages, str(trainer.strategy.root_device)))
+    findings = conclude(technique, registry.Finished(config, run_dir, spec.seed, {**final, **scores}, module, datamodule, speed,
+                                                     fits=models, stages=stages, device=str(trainer.strategy.root_device)))
     env = collect_env(spec.seed, {"corpus_hash": getattr(datamodule, "corpus_hash", None), **asdict(spec.trainer),
                                   "world_size": trainer.world_size})  # the processes that trained it, whatever was asked
     if speed:
