@@ -1,27 +1,30 @@
-"""Prefill and decode speed of the one decoder, with the KV cache and without it.
+"""Prefill and decode speed of the one decoder: the decode engine against eager paths and transformers.
 
 Prefill is one forward pass over a prompt, with a cache to fill and without. Decode is greedy,
 one token per row per step, each step timed on its own (CUDA events on a GPU, so the host never
 waits between steps) to draw the time per step against the sequence length. Decode modes:
 - `no cache`: the whole sequence through the model every step, as nanoGPT's `generate` does;
-- `cache`: one token through `Decoder.forward` and the static `KVCache`, eager;
-- `cache+graph`: `decode_step` (slot, mask and positions in device tensors) captured once as a
-  CUDA graph and replayed;
-- `cache+compile+graph`: that step compiled by torch.compile, then captured: the fast path of
-  `generate(..., compile=True)`; `cache+compile` is the compiled step without a graph (CPU).
+- `cache`: one token through `Decoder.forward` and the `KVCache`, eager;
+- `engine`: the decode engine's step (`modules/decoding/engine.py`: the static cache's slot view)
+  captured once as a CUDA graph and replayed, `generate`'s default on CUDA;
+- `engine+compile`: that step compiled by torch.compile, then captured (`generate(..., compile=True)`);
+  `engine+compile+math` the same with attention through SDPA's math backend, which inductor fuses
+  into its own kernels instead of calling the memory-efficient attention kernel.
+- `transformers static` / `transformers dynamic`: Hugging Face's `generate` on the same GPT-2
+  shape (random weights), greedy, with its static and its default dynamic cache: what users have.
 Each decode mode is set against the memory-bandwidth bound, the weight bytes per token over the
 copy bandwidth measured in the same call: a step reads every weight matrix once (a tied embedding
 once, as the LM head; a position table or an untied token table only for B rows, so not counted)
 and each row's keys and values of the mean context, and is shared by the B rows of the batch.
 The copy bandwidth counts bytes read plus bytes written (2 x the buffer per copy), STREAM's
 convention: it is the DRAM traffic per second, the same unit as the bytes a step reads, so the
-bound is the time to move those bytes at the rate copying moves bytes. Counting only the bytes
-copied would halve it and put well-run decoding above its bound. A pure read stream runs a few
-percent faster than a copy on GPUs, so a share of the bound slightly over 100% is possible and
-means "at the bound". The static cache makes every step attend over all its slots (prompt +
-new tokens), more than the mean context the bound counts; that gap is the implementation's.
-`python benchmarks/decode.py --preset gpt2-124m --batch 1 16 --new-tokens 256 --out DIR` prints
-a table and writes decode-<preset>.json, .md and .png under --out (three files, nothing else).
+bound is the time to move those bytes at the rate copying moves bytes. A pure read stream runs a
+few percent faster than a copy on GPUs, so a share slightly over 100% means "at the bound".
+The matmul floors are the step's weight products alone, one CUDA graph (cuBLAS, and inductor's
+reductions): no step that runs one kernel per weight matrix is faster. `--profile` lists the
+kernels of one engine step (count, busy time, the gaps between them).
+`python -m benchmarks.decode --preset gpt2-124m --batch 1 16 --new-tokens 256 --out DIR` prints
+a table and writes decode-<preset>.json, .md and .png under --out.
 """
 
 from __future__ import annotations
@@ -44,12 +47,13 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.throughput import preset_model  # noqa: E402
-from modules.decoding.generation import CompiledDecoder  # noqa: E402
+from modules.decoding.engine import DecodeEngine  # noqa: E402
 from modules.nn import Decoder  # noqa: E402
 from modules.nn.cache import KVCache  # noqa: E402
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # recorded with the command: they set the CPU's speed
-MODES = ("no cache", "cache", "cache+graph", "cache+compile+graph", "cache+compile")
+MODES = ("no cache", "cache", "engine", "engine+compile", "engine+compile+math")
+HF_MODES = ("transformers static", "transformers dynamic")
 
 
 def build_model(preset: str, device: torch.device, dtype: torch.dtype) -> Decoder:
@@ -126,9 +130,10 @@ def bandwidth_bound(model: Decoder, batch: int, context: float, bandwidth: float
 
 
 @torch.no_grad()
-def matmul_floor(model: Decoder, batch: int, replays: int = 50) -> dict:
+def matmul_floor(model: Decoder, batch: int, replays: int = 50, compile: bool = False) -> dict:
     """The step's weight matmuls and nothing else: one `F.linear` of (batch, in_features) per
-    `nn.Linear` of the model (the LM head included), in the step's order, captured as one CUDA graph.
+    `nn.Linear` of the model (the LM head included), in the step's order, captured as one CUDA graph;
+    cuBLAS's kernels, or with `compile` inductor's (at batch 1, coordinate-descent tuned reductions).
 
     No decode step that runs these products as separate kernels can be faster. At batch 1 each is
     a matrix-vector product of a few MB, too small to reach the copy bandwidth, so this floor shows
@@ -137,26 +142,27 @@ def matmul_floor(model: Decoder, batch: int, replays: int = 50) -> dict:
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(batch, m.in_features, device=m.weight.device, dtype=m.weight.dtype) for m in linears]
 
-    def products() -> None:
-        for m, x in zip(linears, inputs):
-            torch.nn.functional.linear(x, m.weight, m.bias)
+    def products(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.nn.functional.linear(x, m.weight, m.bias) for m, x in zip(linears, xs)]
 
+    run = torch.compile(products, fullgraph=True, options={"coordinate_descent_tuning": True}) if compile else products
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            products()
+            run(inputs)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        products()
+        run(inputs)
     clock = StepClock(torch.device("cuda"))
     clock.mark()
     for _ in range(replays):
         graph.replay()
         clock.mark()
     seconds = statistics.median(clock.seconds())
-    return {"batch": batch, "kernels": len(linears), "ms_per_step": 1e3 * seconds, "tokens_per_s": batch / seconds}
+    return {"batch": batch, "kernels": len(linears), "compiled": compile, "ms_per_step": 1e3 * seconds,
+            "tokens_per_s": batch / seconds}
 
 
 def random_prompt(model: Decoder, batch: int, length: int) -> torch.Tensor:
@@ -187,12 +193,22 @@ def prefill_speed(model: Decoder, batch: int, prompt_len: int, cached: bool, rep
     return {"batch": batch, "prompt_len": prompt_len, "cache": cached, "ms": 1e3 * seconds, "tokens_per_s": batch * prompt_len / seconds}
 
 
-def _decode(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None, fast: CompiledDecoder | None) -> tuple[list[float], torch.Tensor]:
+def _decode(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCache | None,
+            engine: DecodeEngine | None) -> tuple[list[float], torch.Tensor]:
     """Seconds of each of `new_tokens` greedy steps after the prompt, and the tokens (B, new_tokens)."""
     vocab = model.config.vocab_size
     clock = StepClock(prompt.device)
     tokens = []
-    if cache is None:  # recompute the whole prefix every step
+    if engine is not None:
+        engine.reset()
+        logits = engine.prefill(prompt)  # not timed
+        clock.mark()
+        for _ in range(new_tokens):
+            token = logits[:, :vocab].argmax(-1)  # (B,)
+            tokens.append(token)
+            logits = engine.step(token[:, None])[:, -1]
+            clock.mark()
+    elif cache is None:  # recompute the whole prefix every step
         seq = prompt
         clock.mark()
         for _ in range(new_tokens):
@@ -207,9 +223,35 @@ def _decode(model: Decoder, prompt: torch.Tensor, new_tokens: int, cache: KVCach
         for _ in range(new_tokens):
             token = logits[:, :vocab].argmax(-1)  # (B,)
             tokens.append(token)
-            logits = fast(token) if fast is not None else model(token[:, None], cache)[:, -1]
+            logits = model(token[:, None], cache)[:, -1]
             clock.mark()
     return clock.seconds(), torch.stack(tokens, dim=1)
+
+
+def summarize(mode: str, batch: int, prompt_len: int, new_tokens: int, runs: list[list[float]], warmup_s: float,
+              tokens: torch.Tensor | None) -> dict:
+    """A decode row from the per-step seconds of each timed run (median per step over runs)."""
+    per_step = [statistics.median(s) for s in zip(*runs)]
+    head, tail = per_step[: max(1, new_tokens // 16)], per_step[-max(1, new_tokens // 16) :]
+    return {
+        "mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "tokens_per_s": batch * new_tokens / sum(per_step),
+        "ms_per_step": 1e3 * statistics.median(per_step),
+        "ms_first": 1e3 * statistics.mean(head), "ms_last": 1e3 * statistics.mean(tail),
+        "warmup_s": warmup_s,
+        "seq_len": [prompt_len + i for i in range(new_tokens)],
+        "step_ms": [1e3 * s for s in per_step],
+        "tokens": tokens.tolist() if tokens is not None else None,
+    }
+
+
+def engine_for(model: Decoder, batch: int, max_len: int, mode: str) -> DecodeEngine:
+    """The engine a decode mode runs: `engine`, `engine+compile`, `engine+compile+math`."""
+    from torch.nn.attention import SDPBackend
+
+    cuda = next(model.parameters()).device.type == "cuda"
+    return DecodeEngine(model, batch, max_len, compile="compile" in mode, cuda_graph=cuda,
+                        sdpa=SDPBackend.MATH if mode.endswith("+math") else None)
 
 
 @torch.no_grad()
@@ -221,31 +263,99 @@ def decode_speed(model: Decoder, batch: int, prompt_len: int, new_tokens: int, m
         raise ValueError(f"unknown decode mode {mode!r}; choose from {MODES}")
     device = next(model.parameters()).device
     prompt = random_prompt(model, batch, prompt_len)
-    cache = fast = None
-    if mode != "no cache":
+    cache = engine = None
+    if mode == "cache":
         cache = KVCache(model.config, batch, prompt_len + new_tokens, device, next(model.parameters()).dtype)
-    if mode.startswith("cache+"):
-        fast = CompiledDecoder(model, cache, compile="compile" in mode, cuda_graph="graph" in mode)
+    elif mode.startswith("engine"):
+        engine = engine_for(model, batch, prompt_len + new_tokens, mode)
     runs, tokens = [], None
     for i in range(repeats + 1):
-        seconds, out = _decode(model, prompt, new_tokens, cache, fast)
+        seconds, out = _decode(model, prompt, new_tokens, cache, engine)
         if i == 0:
             warmup_s = sum(seconds)
         else:
             runs.append(seconds)
             tokens = out if tokens is None else tokens
-    per_step = [statistics.median(s) for s in zip(*runs)]
-    head, tail = per_step[: max(1, new_tokens // 16)], per_step[-max(1, new_tokens // 16) :]
-    return {
-        "mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "tokens_per_s": batch * new_tokens / sum(per_step),
-        "ms_per_step": 1e3 * statistics.median(per_step),
-        "ms_first": 1e3 * statistics.mean(head), "ms_last": 1e3 * statistics.mean(tail),
-        "warmup_s": warmup_s,
-        "seq_len": [prompt_len + i for i in range(new_tokens)],
-        "step_ms": [1e3 * s for s in per_step],
-        "tokens": tokens.tolist(),
-    }
+    return summarize(mode, batch, prompt_len, new_tokens, runs, warmup_s, tokens)
+
+
+def hf_model(model: Decoder):
+    """transformers' GPT-2 of `model`'s shape (learned positions, LayerNorm, GELU MLP, tied head), random
+    weights, on its device and in its dtype: the same work per token for Hugging Face's `generate`."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # heavy, and only this baseline needs it
+
+    cfg = model.config
+    weight = next(model.parameters())
+    config = GPT2Config(vocab_size=cfg.padded_vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).to(device=weight.device, dtype=weight.dtype).eval()
+
+
+@torch.no_grad()
+def hf_decode_speed(hf, model: Decoder, batch: int, prompt_len: int, new_tokens: int, mode: str, repeats: int = 3) -> dict:
+    """transformers' `generate`, greedy, exactly `new_tokens` new tokens, with its static or dynamic cache:
+    tokens/s of the median whole call after one warm-up (which compiles what it compiles). The prefill is
+    inside the call; it is one pass of `prompt_len` tokens against `new_tokens` decode steps."""
+    device = next(model.parameters()).device
+    prompt = random_prompt(model, batch, prompt_len)
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   attention_mask=torch.ones_like(prompt))
+    if mode == "transformers static":
+        options["cache_implementation"] = "static"
+    times = []
+    for i in range(repeats + 1):
+        clock = StepClock(device)
+        start = time.perf_counter()
+        clock.mark()
+        hf.generate(prompt, **options)
+        clock.mark()
+        seconds = clock.seconds()[0]
+        if i == 0:
+            warmup_s = time.perf_counter() - start
+        else:
+            times.append(seconds)
+    seconds = statistics.median(times)
+    row = summarize(mode, batch, prompt_len, new_tokens, [[seconds / new_tokens] * new_tokens], warmup_s, None)
+    import transformers
+
+    row["transformers"] = transformers.__version__
+    return row
+
+
+@torch.no_grad()
+def profile_step(engine: DecodeEngine, replays: int = 20) -> dict:
+    """The kernels of one engine step: torch.profiler over `replays` replays of its captured graph.
+
+    Busy time is the sum of kernel durations per step; the rest of the step's wall time is the
+    gaps between kernels (launch latency inside the graph, and kernels too short to fill the GPU).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = engine.model.config.vocab_size
+    prompt = random_prompt(engine.model, engine.batch, 8)
+    engine.reset()
+    token = engine.prefill(prompt)[:, :vocab].argmax(-1, keepdim=True)
+    engine.step(token)  # capture
+    torch.cuda.synchronize()
+    clock = StepClock(prompt.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        clock.mark()
+        for _ in range(replays):
+            engine.step(token)
+            clock.mark()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA" and "memcpy" not in event.name.lower() and "memset" not in event.name.lower():
+            kernels.setdefault(event.name, []).append(event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total)
+    count = sum(len(v) for v in kernels.values()) / replays
+    busy_us = sum(sum(v) for v in kernels.values()) / replays
+    step_ms = statistics.median(clock.seconds()) * 1e3
+    top = sorted(((sum(v) / replays, len(v) / replays, name) for name, v in kernels.items()), reverse=True)[:15]
+    return {"batch": engine.batch, "kernels_per_step": count, "busy_us_per_step": busy_us, "step_us": 1e3 * step_ms,
+            "gap_us_per_step": 1e3 * step_ms - busy_us,
+            "top": [{"us_per_step": us, "calls_per_step": calls, "kernel": name[:120]} for us, calls, name in top]}
 
 
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> int:
@@ -294,27 +404,39 @@ def markdown(meta: dict, prefill: list[dict], decode: list[dict], failed: list[d
     lines += [f"| {r['batch']} | {r['prompt_len']} | {'yes' if r['cache'] else 'no'} | {r['ms']:.2f} | {r['tokens_per_s']:,.0f} |" for r in prefill]
     lines += [
         "", f"## Decode (prompt {meta['prompt_len']}, {meta['new_tokens']} new tokens, median of {meta['repeats']} runs per step)", "",
-        "| batch | mode | ms/step | ms first 1/16 | ms last 1/16 | tokens/s | bound tokens/s | share of bound | steps equal to `cache` |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | mode | ms/step | ms first 1/16 | ms last 1/16 | tokens/s | bound tokens/s | share of bound | vs transformers static | steps equal to `cache` |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in decode:
+        hf = next((h for h in decode if h["batch"] == r["batch"] and h["mode"] == "transformers static"), None)
+        ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else ""
+        agree = "" if r["agree_with_cache"] is None else f"{r['agree_with_cache']}/{r['new_tokens']}"
         lines.append(
             f"| {r['batch']} | {r['mode']} | {r['ms_per_step']:.3f} | {r['ms_first']:.3f} | {r['ms_last']:.3f} | "
-            f"{r['tokens_per_s']:,.0f} | {r['bound_tokens_per_s']:,.0f} | {r['share_of_bound']:.1%} | {r['agree_with_cache']}/{r['new_tokens']} |"
+            f"{r['tokens_per_s']:,.0f} | {r['bound_tokens_per_s']:,.0f} | {r['share_of_bound']:.1%} | {ratio} | {agree} |"
         )
     for f in failed:
-        lines.append(f"| {f['batch']} | {f['mode']} | failed or skipped: {f['error']} | | | | | | |")
+        lines.append(f"| {f['batch']} | {f['mode']} | failed or skipped: {f['error']} | | | | | | | |")
     for r in meta.get("matmul_floor", []):
         lines.append(
-            f"| {r['batch']} | *floor: the {r['kernels']} weight matmuls alone, one CUDA graph* | {r['ms_per_step']:.3f} | | | "
-            f"{r['tokens_per_s']:,.0f} | {r['bound_tokens_per_s']:,.0f} | {r['share_of_bound']:.1%} | |"
+            f"| {r['batch']} | *floor: the {r['kernels']} weight matmuls alone ({'inductor' if r['compiled'] else 'cuBLAS'}), one CUDA graph* "
+            f"| {r['ms_per_step']:.3f} | | | {r['tokens_per_s']:,.0f} | {r['bound_tokens_per_s']:,.0f} | {r['share_of_bound']:.1%} | | |"
         )
     lines += [
-        "", "Steps equal to `cache`: leading steps at which every row's greedy token equals the eager cached path's. "
+        "", "transformers rows time whole `generate` calls (prefill included) and spread them evenly over the steps. "
+        "Steps equal to `cache`: leading steps at which every row's greedy token equals the eager cached path's. "
         "Random weights give nearly flat logits (top-2 gaps of a few hundredths), so in bf16 a rounding "
         "difference between kernels flips an argmax within a few steps and the sequences part; in fp32 "
         "the modes agree step for step (tests/test_generation.py checks tokens and logits).",
     ]
+    for prof in meta.get("profile", []):
+        lines += [
+            "", f"## One `{prof['mode']}` step at batch {prof['batch']}, profiled", "",
+            f"{prof['kernels_per_step']:.0f} kernels per step, busy {prof['busy_us_per_step']:.1f} us of a "
+            f"{prof['step_us']:.1f} us step: {prof['gap_us_per_step']:.1f} us between kernels.", "",
+            "| us per step | calls per step | kernel |", "|---|---|---|",
+        ]
+        lines += [f"| {t['us_per_step']:.1f} | {t['calls_per_step']:.0f} | `{t['kernel']}` |" for t in prof["top"]]
     return "\n".join(lines) + "\n"
 
 
@@ -326,9 +448,11 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=None, help="long prefill (default 512 on CUDA, 128 on CPU, capped at block_size)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="time the torch.compile'd step (default: on CUDA only)")
-    parser.add_argument("--budget-s", type=float, default=240,
+    parser.add_argument("--modes", nargs="+", choices=[*MODES, *HF_MODES], default=None,
+                        help="decode modes (default: all on CUDA; no cache, cache and engine on the CPU)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                        help="profile one step of the fastest engine mode per batch (default: on CUDA)")
+    parser.add_argument("--budget-s", type=float, default=300,
                         help="skip a decode mode that would end past this many seconds, judged by its time at the previous batch size")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -336,13 +460,13 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    compile = cuda if args.compile is None else args.compile
     model = build_model(args.preset, device, dtype)
     cfg = model.config
     if args.prompt + args.new_tokens > cfg.block_size:
         parser.error(f"--prompt + --new-tokens = {args.prompt + args.new_tokens} exceeds block_size {cfg.block_size}")
     long_prompt = min(args.long_prompt or (512 if cuda else 128), cfg.block_size)
-    modes = ["no cache", "cache"] + (["cache+graph"] if cuda else []) + (["cache+compile+graph" if cuda else "cache+compile"] if compile else [])
+    modes = args.modes or ([*MODES, *HF_MODES] if cuda else ["no cache", "cache", "engine"])
+    profile = cuda if args.profile is None else args.profile
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
@@ -359,6 +483,7 @@ def main() -> None:
                 log(f"prefill {json.dumps(row)}")
     mean_context = args.prompt + (args.new_tokens + 1) / 2
     decode, failed = [], []
+    hf = hf_model(model) if any(m in HF_MODES for m in modes) else None
     took: dict[str, float] = {}  # wall seconds of each mode at the last batch size, compile and capture included
     for batch in args.batch:
         for mode in modes:
@@ -368,7 +493,10 @@ def main() -> None:
                 continue
             began = time.perf_counter()
             try:
-                row = decode_speed(model, batch, args.prompt, args.new_tokens, mode, repeats=args.repeats)
+                if mode in HF_MODES:
+                    row = hf_decode_speed(hf, model, batch, args.prompt, args.new_tokens, mode, repeats=args.repeats)
+                else:
+                    row = decode_speed(model, batch, args.prompt, args.new_tokens, mode, repeats=args.repeats)
             except Exception as err:  # a fast path that fails here is reported, not fatal
                 traceback.print_exc()
                 failed.append({"batch": batch, "mode": mode, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
@@ -380,27 +508,41 @@ def main() -> None:
             decode.append(row)
             summary = {k: row[k] for k in ("batch", "mode", "tokens_per_s", "ms_per_step", "ms_first", "ms_last", "share_of_bound", "warmup_s")}
             log(f"decode {json.dumps(summary)}")
-    floor = []
+    floor, profiles = [], []
     if cuda:
         for batch in args.batch:
-            row = matmul_floor(model, batch)
-            row["bound_tokens_per_s"] = bandwidth_bound(model, batch, mean_context, bandwidth)
-            row["share_of_bound"] = row["tokens_per_s"] / row["bound_tokens_per_s"]
-            floor.append(row)
-            log(f"matmul floor {json.dumps(row)}")
+            for compiled in (False, True):
+                try:
+                    row = matmul_floor(model, batch, compile=compiled)
+                except Exception as err:  # the compiled floor is a probe, not the benchmark
+                    log(f"matmul floor batch {batch} compiled={compiled} FAILED: {type(err).__name__}: {err}")
+                    continue
+                row["bound_tokens_per_s"] = bandwidth_bound(model, batch, mean_context, bandwidth)
+                row["share_of_bound"] = row["tokens_per_s"] / row["bound_tokens_per_s"]
+                floor.append(row)
+                log(f"matmul floor {json.dumps(row)}")
+    if profile and cuda:
+        for batch in args.batch:
+            engines = [r for r in decode if r["batch"] == batch and r["mode"].startswith("engine")]
+            if not engines:
+                continue
+            best = max(engines, key=lambda r: r["tokens_per_s"])["mode"]
+            prof = profile_step(engine_for(model, batch, args.prompt + args.new_tokens, best))
+            profiles.append({"mode": best, **prof})
+            log(f"profile {json.dumps(profiles[-1])}")
     for row in decode:
         reference = next((r for r in decode if r["batch"] == row["batch"] and r["mode"] == "cache"), None)
-        row["agree_with_cache"] = agreement(row["tokens"], reference["tokens"]) if reference else None
+        row["agree_with_cache"] = agreement(row["tokens"], reference["tokens"]) if reference and row["tokens"] else None
     for row in decode:  # the tokens of random weights say nothing past that agreement, and are most of the JSON
         del row["tokens"]
 
     device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     meta = {"preset": args.preset, "model": asdict(cfg), "device": device_name, "dtype": str(dtype).removeprefix("torch."),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "command": shlex.join([f"{k}={os.environ[k]}" for k in THREAD_VARS if k in os.environ] + ["python", *sys.argv]),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "command": shlex.join([f"{k}={os.environ[k]}" for k in THREAD_VARS if k in os.environ] + ["python", "-m", "benchmarks.decode", *sys.argv[1:]]),
             "copy_bandwidth_bytes_per_s": bandwidth,
             "weight_bytes": weight_bytes(model), "mean_context": mean_context,
             "prompt_len": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "matmul_floor": floor,
-            "seconds": time.perf_counter() - start}
+            "profile": profiles, "seconds": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"decode-{args.preset}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": decode, "failed": failed}, indent=1))

@@ -29,7 +29,7 @@ LENGTHS = {
     "cpu": dict(prefill=96, prompt=32, new_tokens=16, repeats=1),
     "cuda": dict(prefill=512, prompt=32, new_tokens=128, repeats=3),
 }
-DECODE_MODES = {"cpu": ["no cache", "cache"], "cuda": ["no cache", "cache", "cache+compile+graph"]}
+DECODE_MODES = {"cpu": ["no cache", "cache", "engine"], "cuda": ["no cache", "cache", "engine+compile"]}
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from datamodules.chat import END, is_chat_tokenizer, render
 from datamodules.tokenizer import EOT_ID  # <|endoftext|>: separates documents in training; the model has no BOS
+from modules.decoding.engine import Engines
 from modules.decoding.generation import generate, truncate_at_stop
 from repro.checkpoints import load_model
 
@@ -69,6 +70,7 @@ class ReproLM(TemplateLM):
         else:
             self.model, self.bpe = model.to(self._device).eval(), tokenizer
         self.arm = arm
+        self.engines = Engines(self.model)  # generate_until's batches reuse each captured shape
         # A chat model (SFT) reads its template's tags as special tokens, as `datamodules.chat.encode` wrote
         # them, and ends a turn with <|end|>. Otherwise, as in pretraining, "<|endoftext|>" in a text is bytes.
         self.chat = is_chat_tokenizer(self.bpe)
@@ -183,7 +185,7 @@ class ReproLM(TemplateLM):
             until = settings.pop("until")
             max_new = min(settings.pop("max_gen_toks"), self.max_length - 1)
             prompts = [self.tok_encode(context)[-(self.max_length - max_new) :] or [EOT_ID] for context, _ in chunk]
-            outputs = generate(self.model, prompts, max_new, eos_id=self.stop_id, **settings)
+            outputs = generate(self.model, prompts, max_new, eos_id=self.stop_id, engines=self.engines, **settings)
             for (context, gen_kwargs), ids in zip(chunk, outputs):
                 text = truncate_at_stop(self.tok_decode([i for i in ids if i != self.stop_id]), until)
                 answers.append(text)

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from modules.decoding.generation import CompiledDecoder
+from modules.decoding.engine import DecodeEngine
 from modules.nn import Decoder, DecoderConfig
-from modules.nn.cache import KVCache, cache_bytes
+from modules.nn.cache import cache_bytes
 
 
 def _sync(device: torch.device) -> None:
@@ -38,21 +38,19 @@ def measure(model: Decoder, context: int, batch: int, new_tokens: int = 64, pref
     ids = torch.randint(0, model.config.vocab_size, (batch, context + new_tokens), device=device, generator=generator)
     _sync(device)
     before = torch.cuda.memory_allocated(device) if cuda else 0
-    cache = KVCache(model.config, batch, context + new_tokens, device, dtype)
+    engine = DecodeEngine(model, batch, context + new_tokens, cuda_graph=graph)  # the decode engine's static cache
+    cache = engine.cache
     start = time.perf_counter()
     for chunk in range(0, context, prefill_chunk):
-        logits = model(ids[:, chunk : min(context, chunk + prefill_chunk)], cache)[:, -1]
-        del logits
+        engine.prefill(ids[:, chunk : min(context, chunk + prefill_chunk)])
     _sync(device)
     prefill_s = time.perf_counter() - start
     measured = torch.cuda.memory_allocated(device) - before if cuda else cache.nbytes()
-    step = CompiledDecoder(model, cache, compile=False, cuda_graph=True) if graph else None
-    decode = step if step is not None else (lambda token: model(token[:, None], cache)[:, -1])
-    decode(ids[:, context])  # the first step captures the graph: not timed
+    engine.step(ids[:, context : context + 1])  # the first step captures the graph: not timed
     _sync(device)
     start = time.perf_counter()
     for t in range(context + 1, context + new_tokens):
-        decode(ids[:, t])
+        engine.step(ids[:, t : t + 1])
     _sync(device)
     seconds = time.perf_counter() - start
     return {

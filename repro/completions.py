@@ -21,9 +21,9 @@ from tokenizers import Tokenizer
 
 from datamodules.chat import END, is_chat_tokenizer
 from datamodules.tokenizer import EOT
-from modules.decoding.generation import generate, sample_next, truncate_at_stop
+from modules.decoding.engine import Engines
+from modules.decoding.generation import decode, generate, truncate_at_stop
 from modules.nn import Decoder
-from modules.nn.cache import KVCache
 
 MAX_PROMPTS = 64  # prompts in one request, generated as one batch
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -90,6 +90,7 @@ class Completions:
         # a completion ends at the token that ends a document (a chat model's: the end of its turn)
         self.stop_id = tokenizer.token_to_id(END if is_chat_tokenizer(tokenizer) else EOT)
         self.lock = threading.Lock()  # one generation at a time on the model
+        self.engines = Engines(model)  # each batch size and cache length captured once, reused by later requests
 
     def parse(self, body: Any) -> CompletionRequest:
         """A checked request from the JSON body; RequestError (400, or 404 for another model) otherwise."""
@@ -167,7 +168,8 @@ class Completions:
     def complete(self, request: CompletionRequest) -> dict[str, Any]:
         """The response to a request without `stream`: every prompt generated in one batch."""
         with self.lock, torch.inference_mode():
-            rows = generate(self.model, request.prompts, request.max_tokens, eos_id=self.stop_id, **_sampling(request))
+            rows = generate(self.model, request.prompts, request.max_tokens, eos_id=self.stop_id, engines=self.engines,
+                            **_sampling(request))
         choices = []
         for index, ids in enumerate(rows):
             text = self.tokenizer.decode(ids)
@@ -185,7 +187,7 @@ class Completions:
             for index, prompt in enumerate(request.prompts):
                 ids, sent, finish = [], "", "length"
                 for token in stream_tokens(self.model, prompt, request.max_tokens, eos_id=self.stop_id,
-                                           **_sampling(request)):
+                                           engines=self.engines, **_sampling(request)):
                     ids.append(token)
                     text = self.tokenizer.decode(ids)
                     if token == self.stop_id or len(truncate_at_stop(text, request.stop)) < len(text):
@@ -229,23 +231,18 @@ def stream_tokens(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    engines: Engines | None = None,
 ) -> Iterator[int]:
     """The tokens `generate(model, [prompt], ...)` returns, yielded as each is sampled.
 
-    The same steps as `generate` for a batch of one (a prefill, then one cached position per token,
-    one generator seeded once), so the same seed draws the same tokens.
+    The same steps on the same engine as `generate` for a batch of one (a prefill, then one cached
+    position per token, one generator seeded once), so the same seed draws the same tokens.
     """
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, device, dtype)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    vocab = model.config.vocab_size
-    logits = model(torch.tensor([prompt], device=device), cache)[:, -1, :vocab]  # (1, vocab)
-    for produced in range(1, max_new_tokens + 1):
-        token = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
+    engine = (engines or Engines(model)).get(1, len(prompt) + max_new_tokens)
+    for token in decode(engine, [prompt], max_new_tokens, temperature, top_k, top_p, eos_id, seed, check_every=1):
         yield int(token)
-        if int(token) == eos_id or produced == max_new_tokens:
+        if int(token) == eos_id:
             return
-        logits = model(token[:, None], cache)[:, -1, :vocab]
 
 
 def settled_length(text: str, stop: tuple[str, ...]) -> int:

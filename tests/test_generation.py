@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-from modules.decoding import generation
-from modules.decoding.generation import CompiledDecoder, generate, sample_next
+from modules.decoding.engine import DecodeEngine, Engines
+from modules.decoding.generation import decode, generate, sample_next
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.cache import KVCache
 
@@ -104,24 +102,28 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def greedy(
-    m: Decoder, cache: KVCache, prompts: list[list[int]], n: int, step: CompiledDecoder | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens (B, n) and the logits each was taken from (B, n, vocab), from an emptied `cache`.
+def greedy(m: Decoder, prompts: list[list[int]], n: int, engine: DecodeEngine | None = None,
+           device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens (B, n) and the logits each was taken from (B, n, vocab).
 
-    Prefill through `Decoder.forward`; then each step through `step` (`decode_step` at a device
-    slot) or, without one, through `Decoder.forward` on one token (the eager cached path).
+    Without an engine, the eager cached path: `Decoder.forward` over a fresh `KVCache`, one token a
+    step. With one, its prefill and then its step program (the slot view; compiled or captured as
+    the engine says), from an emptied cache.
     """
     vocab = m.config.vocab_size
-    cache.reset()
-    idx, valid = left_padded(prompts)
-    logits = m(idx.to(cache.valid.device), cache, valid.to(cache.valid.device))[:, -1, :vocab]
+    idx, valid = (t.to(device) for t in left_padded(prompts))
+    if engine is None:
+        cache = KVCache(m.config, len(prompts), idx.shape[1] + n, torch.device(device), torch.float32)
+        logits = m(idx, cache, valid)[:, -1, :vocab]
+    else:
+        engine.reset()
+        logits = engine.prefill(idx, valid)[:, :vocab]
     tokens, steps = [], []
     for i in range(n):
         steps.append(logits.float().cpu())
         tokens.append(logits.argmax(-1))
         if i < n - 1:
-            logits = (step(tokens[-1]) if step else m(tokens[-1][:, None], cache)[:, -1])[:, :vocab]
+            logits = (engine.step(tokens[-1][:, None]) if engine else m(tokens[-1][:, None], cache))[:, -1, :vocab]
     return torch.stack(tokens, 1).cpu(), torch.stack(steps, 1)
 
 
@@ -132,18 +134,17 @@ def recomputed_logits(m: Decoder, prompt: list[int], tokens: list[int]) -> torch
     return m(seq)[0, len(prompt) - 1 :, : m.config.vocab_size]
 
 
-def cpu_cache(m: Decoder, batch: int, length: int) -> KVCache:
-    return KVCache(m.config, batch, length, torch.device("cpu"), torch.float32)
+def engine(m: Decoder, batch: int, length: int, **options) -> DecodeEngine:
+    return DecodeEngine(m, batch, length, **{"cuda_graph": False, **options})
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_slot_decode_step_equals_cached_forward_and_recomputing(variant: dict) -> None:
-    """`decode_step` through a `SlotCache` (what `CompiledDecoder` compiles and captures), run eagerly."""
+def test_engine_step_equals_cached_forward_and_recomputing(variant: dict) -> None:
+    """The slot view's step (what the engine compiles and captures), run eagerly."""
     m, n = model(**variant), 12
     length = max(map(len, PROMPTS)) + n
-    eager_tokens, eager_logits = greedy(m, cpu_cache(m, len(PROMPTS), length), PROMPTS, n)
-    cache = cpu_cache(m, len(PROMPTS), length)
-    slot_tokens, slot_logits = greedy(m, cache, PROMPTS, n, CompiledDecoder(m, cache, compile=False, cuda_graph=False))
+    eager_tokens, eager_logits = greedy(m, PROMPTS, n)
+    slot_tokens, slot_logits = greedy(m, PROMPTS, n, engine(m, len(PROMPTS), length))
     assert slot_tokens.tolist() == eager_tokens.tolist() == generate(m, PROMPTS, n)
     torch.testing.assert_close(slot_logits, eager_logits, atol=1e-5, rtol=1e-5)
     for row, prompt in enumerate(PROMPTS):
@@ -152,22 +153,34 @@ def test_slot_decode_step_equals_cached_forward_and_recomputing(variant: dict) -
         torch.testing.assert_close(slot_logits[row], reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if "mamba" not in str(v.values[0])])
+def test_a_step_of_several_tokens_equals_feeding_them_one_by_one(variant: dict) -> None:
+    """Speculative decoding's verification pass: k tokens per row at once through the slot view."""
+    m = model(**variant)
+    tokens = torch.tensor([[3, 9, 27, 14], [5, 1, 2, 8]])
+    one, many = engine(m, 2, 16), engine(m, 2, 16)
+    prompts = [[5, 17, 3], [42, 1, 4]]
+    one.prefill(*left_padded(prompts))
+    many.prefill(*left_padded(prompts))
+    singles = torch.cat([one.step(tokens[:, i : i + 1]) for i in range(4)], dim=1)
+    torch.testing.assert_close(many.step(tokens), singles, atol=1e-5, rtol=1e-5)
+    assert one.cache.length == many.cache.length == 7
+
+
 @pytest.mark.parametrize("variant", VARIANTS[:-1])  # not the MoE: see the test below
-def test_compiled_step_equals_eager(variant: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_step_equals_eager(variant: dict) -> None:
     """torch.compile through AOTAutograd (`aot_eager`): the graph inductor gets, with its in-place
     writes to the cache's buffers functionalized and written back, run without inductor's codegen,
     which costs 40-50 s per model on a 2-core CPU; `test_compiled_generate_with_inductor` runs that."""
     m, n = model(**variant), 12
     length = max(map(len, PROMPTS)) + n
-    cache = cpu_cache(m, len(PROMPTS), length)
-    compiled = CompiledDecoder(m, cache, compile=True, cuda_graph=False, backend="aot_eager")
-    tokens, logits = greedy(m, cache, PROMPTS, n, compiled)
-    eager_tokens, eager_logits = greedy(m, cpu_cache(m, len(PROMPTS), length), PROMPTS, n)
+    tokens, logits = greedy(m, PROMPTS, n, engine(m, len(PROMPTS), length, compile=True, backend="aot_eager"))
+    eager_tokens, eager_logits = greedy(m, PROMPTS, n)
     assert tokens.tolist() == eager_tokens.tolist()
     torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
-    # generate(compile=True) wires the same decoder in; here with the cheap backend
-    monkeypatch.setattr(generation, "CompiledDecoder", functools.partial(CompiledDecoder, backend="aot_eager"))
-    assert generate(m, PROMPTS, n, compile=True) == eager_tokens.tolist()
+    # generate through kept engines wires the same program in; here with the cheap backend
+    engines = Engines(m, compile=True, cuda_graph=False, backend="aot_eager")
+    assert generate(m, PROMPTS, n, engines=engines) == eager_tokens.tolist()
 
 
 @pytest.mark.slow
@@ -179,39 +192,65 @@ def test_compiled_generate_with_inductor() -> None:
     assert generate(m, PROMPTS, 12, compile=True, **sampled) == generate(m, PROMPTS, 12, **sampled)
 
 
-@pytest.mark.parametrize("slot", [False, True], ids=["forward", "slot"])
-def test_reset_cache_gives_the_same_output_as_a_new_one(slot: bool) -> None:
+def test_reset_engine_gives_the_same_output_as_a_new_one() -> None:
     m, n = model(position="rope", n_kv_head=2), 8
     first, second = PROMPTS, [[9, 8, 7, 6, 5, 4, 3, 2], [1], [33, 34], [2, 4, 6]]
-    cache = cpu_cache(m, 4, 8 + n)
-    step = CompiledDecoder(m, cache, compile=False, cuda_graph=False) if slot else None
-    a_tokens, a_logits = greedy(m, cache, first, n, step)
-    b_tokens, b_logits = greedy(m, cache, second, n, step)  # over the first run's keys and values
-    fresh = cpu_cache(m, 4, 8 + n)
-    fresh_tokens, fresh_logits = greedy(m, fresh, second, n, CompiledDecoder(m, fresh, False, False) if slot else None)
+    kept = engine(m, 4, 8 + n)
+    a_tokens, a_logits = greedy(m, first, n, kept)
+    b_tokens, b_logits = greedy(m, second, n, kept)  # over the first run's keys and values
+    fresh_tokens, fresh_logits = greedy(m, second, n, engine(m, 4, 8 + n))
     assert torch.equal(b_tokens, fresh_tokens) and torch.equal(b_logits, fresh_logits)
-    again_tokens, again_logits = greedy(m, cache, first, n, step)
+    again_tokens, again_logits = greedy(m, first, n, kept)
     assert torch.equal(again_tokens, a_tokens) and torch.equal(again_logits, a_logits)
 
 
-def test_compiled_decoder_rejects_a_full_cache_a_cpu_graph_a_wrong_batch_and_experts() -> None:
-    with pytest.raises(ValueError, match="mixture of experts routes tokens with data-dependent shapes"):
-        jamba = model(**VARIANTS[-1].values[0])
-        CompiledDecoder(jamba, cpu_cache(jamba, 1, 4), compile=True, cuda_graph=False)
+def test_kept_engines_are_reused_rounded_up_and_rebuilt_when_the_model_changes() -> None:
+    m = model(position="rope")
+    engines = Engines(m, keep=2)
+    first = engines.get(4, 20)
+    assert first.cache.max_len == 32 and engines.get(4, 17) is first  # 17 and 20 slots both round up to 32
+    assert engines.get(4, 9).cache.max_len == 16 and engines.get(2, 9) is not first
+    assert engines.get(4, 20) is not first  # kept two: the first was dropped
+    again = engines.get(4, 20)
+    m.train()
+    assert engines.get(4, 20) is not again  # dropout on: another pass
+    m.eval()
+    assert generate(m, PROMPTS, 6, engines=engines) == generate(m, PROMPTS, 6)
+    assert generate(m, PROMPTS[:1], 6, temperature=1.0, seed=2, engines=engines) == generate(
+        m, PROMPTS[:1], 6, temperature=1.0, seed=2)
+    with pytest.raises(ValueError, match="exceeds the model's block_size 32"):
+        engines.get(1, 33)
+
+
+def test_eos_is_checked_every_few_steps_and_rows_are_cut_after_it() -> None:
     m = model()
-    cache = cpu_cache(m, 2, 5)
+    free = generate(m, PROMPTS, 20, temperature=1.0, seed=11)
+    eos = free[0][1]
+    steps = list(decode(engine(m, 4, 32), PROMPTS, 20, temperature=1.0, seed=11, eos_id=eos, check_every=4))
+    assert len(steps) in (20, *range(4, 21, 4))  # stops only at a check, once every row has produced eos
+    cut = generate(m, PROMPTS, 20, temperature=1.0, seed=11, eos_id=eos)
+    assert cut == [row[: row.index(eos) + 1] if eos in row else row for row in free]
+
+
+def test_engine_rejects_a_full_cache_a_cpu_graph_a_wrong_batch_and_experts() -> None:
+    jamba = model(**VARIANTS[-1].values[0])
+    with pytest.raises(ValueError, match="mixture of experts routes tokens with data-dependent shapes"):
+        DecodeEngine(jamba, 1, 4, compile=True)
+    assert not DecodeEngine(jamba, 1, 4).cuda_graph  # eager by default, on any device
+    m = model()
     with pytest.raises(ValueError, match="CUDA graph needs a CUDA cache; this one is on cpu"):
-        CompiledDecoder(m, cache, compile=False, cuda_graph=True)
-    step = CompiledDecoder(m, cache, compile=False, cuda_graph=False)
-    with torch.no_grad():
-        m(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache)
-    with pytest.raises(ValueError, match="expected 2 tokens, one per cache row"):
-        step(torch.tensor([7]))
-    step(torch.tensor([7, 8]))
-    step(torch.tensor([9, 10]))
-    with pytest.raises(ValueError, match="cache full: all 5 slots are used"):
-        step(torch.tensor([11, 12]))
-    assert cache.length == 5
+        DecodeEngine(m, 2, 5, cuda_graph=True).step(torch.tensor([[1], [2]]))
+    kept = engine(m, 2, 5)
+    kept.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    with pytest.raises(ValueError, match=r"expected tokens for 2 rows, one per cache row; got shape \(1, 1\)"):
+        kept.step(torch.tensor([[7]]))
+    kept.step(torch.tensor([[7], [8]]))
+    kept.step(torch.tensor([[9], [10]]))
+    with pytest.raises(ValueError, match=r"cache full: 5 \+ 1 tokens > 5 slots"):
+        kept.step(torch.tensor([[11], [12]]))
+    assert kept.cache.length == 5
+    with pytest.raises(ValueError, match="expected 2 prompts"):
+        kept.prefill(torch.tensor([[1, 2]]))
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -221,30 +260,34 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
     "compile", [pytest.param(False, id="eager-graph"), pytest.param(True, id="compiled-graph", marks=pytest.mark.slow)]
 )
-@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2], VARIANTS[4]])
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2], VARIANTS[4], VARIANTS[5]])
 def test_cuda_graph_replay_equals_eager_cached_decoding(variant: dict, compile: bool) -> None:
     """The captured step, replayed at later slots and again after `reset()` with other prompts."""
     m, n = model(**variant).cuda(), 12
-    device = torch.device("cuda")
-    cache = KVCache(m.config, 4, 8 + n, device, torch.float32)
-    step = CompiledDecoder(m, cache, compile=compile, cuda_graph=True)
+    kept = DecodeEngine(m, 4, 8 + n, compile=compile, cuda_graph=True)
     for prompts in (PROMPTS, [[9, 8, 7, 6, 5, 4, 3, 2], [1], [33, 34], [2, 4, 6]]):
-        tokens, logits = greedy(m, cache, prompts, n, step)
-        eager_tokens, eager_logits = greedy(m, KVCache(m.config, 4, 8 + n, device, torch.float32), prompts, n)
+        tokens, logits = greedy(m, prompts, n, kept, device="cuda")
+        eager_tokens, eager_logits = greedy(m, prompts, n, device="cuda")
         assert tokens.tolist() == eager_tokens.tolist()
         torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
-    assert step.graph is not None
+    assert all(program.graph is not None for program in kept.programs.values())
 
 
-def test_compiled_decoders_of_many_shapes_in_one_process() -> None:
+@CUDA
+def test_graphed_generate_equals_eager_generate_on_the_gpu() -> None:
+    """generate's default on CUDA (a captured step), greedy and sampled, against the eager engine."""
+    m = model(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2).cuda()
+    engines, eager = Engines(m), Engines(m, cuda_graph=False)
+    for sampling in ({}, dict(temperature=1.0, top_k=20, seed=5)):
+        assert generate(m, PROMPTS, 12, engines=engines, **sampling) == generate(m, PROMPTS, 12, engines=eager, **sampling)
+
+
+def test_compiled_engines_of_many_shapes_in_one_process() -> None:
     """Dynamo allows 8 compiled versions of one function; with fullgraph the 9th used to fail hard.
-    Each decoder compiles its own copy of the step, so generate(compile=True) over many prompt
-    lengths keeps working."""
+    Each program compiles its own copy of its pass, so many cache lengths keep working."""
     m = model(n_layer=1)
     for length in range(4, 14):
-        cache = cpu_cache(m, 1, length)
-        step = CompiledDecoder(m, cache, compile=True, cuda_graph=False, backend="eager")
-        with torch.no_grad():
-            m(torch.tensor([[1, 2]]), cache)
-        step(torch.tensor([3]))
-    assert cache.length == 3
+        kept = engine(m, 1, length, compile=True, backend="eager")
+        kept.prefill(torch.tensor([[1, 2]]))
+        kept.step(torch.tensor([[3]]))
+    assert kept.cache.length == 3

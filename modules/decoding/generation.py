@@ -1,13 +1,13 @@
-"""Incremental decoding with a KV cache: batched prompts of different lengths, greedy or sampled."""
+"""Generation on the decode engine: batched prompts of different lengths, greedy or sampled, on the device."""
 
 from __future__ import annotations
 
-import types
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 
-from modules.nn.cache import KVCache, SlotCache
+from modules.decoding.engine import DecodeEngine, Engines
 from modules.nn.decoder import Decoder
 
 if TYPE_CHECKING:
@@ -47,108 +47,58 @@ def sampling_probs(
     return logits.softmax(-1)
 
 
-def decode_step(model: Decoder, token: torch.Tensor, cache: SlotCache) -> torch.Tensor:
-    """Logits (B, padded_vocab) for one new token per row, token (B, 1), fed at `cache.slot`.
+def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts as one batch idx (B, T0), left-padded, and `valid` (B, T0) marking real tokens (None: no padding)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no prompt may be empty")
+    T0 = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), T0, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T0, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        idx[row, T0 - len(prompt) :] = torch.tensor(prompt)
+        valid[row, T0 - len(prompt) :] = True
+    padded = any(len(p) < T0 for p in prompts)
+    return idx.to(device), valid.to(device) if padded else None
 
-    `model(token, kv_cache)[:, -1]` at slot `kv_cache.length`, with the slot, the mask and the
-    positions taken from device tensors instead of Python ints, so one trace serves every
-    position. The mask is additive (0 or -inf) and built once for all layers.
+
+@torch.no_grad()
+def decode(
+    engine: DecodeEngine,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    check_every: int = 16,
+) -> Iterator[torch.Tensor]:
+    """Each step's new tokens (B,), on the device, for prompts prefilled into `engine` (emptied first).
+
+    Sampling stays on the device and nothing waits for the GPU, except every `check_every` steps a
+    look at whether every row has produced `eos_id` (then it stops); rows that finished earlier go
+    on sampling, and callers cut them after their first `eos_id`.
     """
-    visible = cache.visible()  # (B, max_len)
-    positions = visible.sum(-1, keepdim=True) - 1  # (B, 1): real tokens before this one, as Decoder.forward counts
-    dtype = cache.cache.dtype
-    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
-    mask = mask[:, None, None, :]  # (B, 1, 1, max_len)
-    x = model.wte(token)  # (B, 1, C)
-    if model.wpe is not None:
-        x = x + model.wpe(positions)
-    x = model.drop(x)
-    rope = None if model.rope is None else model.rope[:, positions].unsqueeze(2)  # (2, B, 1, 1, hs)
-    for layer, block in enumerate(model.blocks):
-        x = block(x, rope, cache, layer, mask)
-    return model.lm_head(model.norm(x))[:, -1]
-
-
-class CompiledDecoder:
-    """`decode_step` over one `KVCache`, compiled once and, on CUDA, captured once as a CUDA graph.
-
-    At batch 1 an eager step of a small model is bound by Python and kernel launches, not by
-    the GPU; replaying a captured step costs one launch. Prefill the cache with `Decoder.forward`,
-    then call this with each token (B,): it feeds the token at the cache's next slot and returns
-    the logits (B, padded_vocab), in a buffer that the next call overwrites. The graph reads and
-    writes this cache's buffers: to start again, `cache.reset()` and prefill the same cache, which
-    reuses the compiled step and the graph (a new decoder traces and compiles again).
-    `backend` is torch.compile's: "inductor" generates kernels; "aot_eager" traces the same graph
-    and runs it with eager kernels (the CPU tests' choice: seconds instead of most of a minute).
-    """
-
-    def __init__(
-        self,
-        model: Decoder,
-        cache: KVCache,
-        compile: bool = True,
-        cuda_graph: bool | None = None,
-        backend: str = "inductor",
-    ) -> None:
-        device = cache.valid.device
-        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        if (compile or self.cuda_graph) and model.moe_layers():
-            raise ValueError("a mixture of experts routes tokens with data-dependent shapes, which one compiled or "
-                             "captured step cannot hold: decode it eagerly (generate(..., compile=False))")
-        if self.cuda_graph and device.type != "cuda":
-            raise ValueError(f"a CUDA graph needs a CUDA cache; this one is on {device}")
-        self.model, self.cache = model, cache
-        self.token = torch.zeros(cache.valid.shape[0], 1, dtype=torch.long, device=device)  # (B, 1), read by the graph
-        self.slots = SlotCache(cache, torch.zeros(1, dtype=torch.long, device=device))
-        self.step = decode_step
-        if compile:
-            # Shapes are static, so each batch size and cache length is its own program. Dynamo keeps
-            # compiled programs on the function's code object, at most 8 per process, and with
-            # fullgraph the 9th shape fails hard (FailOnRecompileLimitHit): each decoder compiles a
-            # private copy of decode_step, whose programs live and die with it.
-            code = decode_step.__code__.replace()
-            private = types.FunctionType(code, decode_step.__globals__, decode_step.__name__)
-            # coordinate-descent tuning lets inductor turn batch-1 matmuls into fused reductions
-            # that reach memory bandwidth (gpt-fast's setting); it changes nothing on the CPU
-            options = {"coordinate_descent_tuning": True} if backend == "inductor" else None
-            self.step = torch.compile(private, fullgraph=True, dynamic=False, backend=backend, options=options)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits = torch.empty(0)
-
-    @torch.no_grad()
-    def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        if self.cache.length >= self.cache.max_len:
-            raise ValueError(f"cache full: all {self.cache.max_len} slots are used")
-        if token.numel() != self.token.shape[0]:  # copy_ would broadcast one token over every row
-            raise ValueError(f"expected {self.token.shape[0]} tokens, one per cache row; got shape {tuple(token.shape)}")
-        self.token.copy_(token.reshape(-1, 1))
-        self.slots.slot.fill_(self.cache.length)
-        if self.cuda_graph:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-        else:
-            self.logits = self.step(self.model, self.token, self.slots)
-        self.cache.advance(1)
-        return self.logits
-
-    def _capture(self) -> None:
-        # Warm up on a side stream (compilation, autotuning, cuBLAS handles), then record. Each
-        # run writes this token's keys and values at this slot, which the replay writes again; a
-        # Mamba state would move on with each run, so it is put back as it was before the replay.
-        states = [t for state in self.cache.mamba if state is not None for t in (state.conv, state.ssm)]
-        saved = [t.clone() for t in states]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.step(self.model, self.token, self.slots)
-        torch.cuda.current_stream().wait_stream(stream)
-        for tensor, value in zip(states, saved):
-            tensor.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step(self.model, self.token, self.slots)
+    model = engine.model
+    idx, valid = left_pad(prompts, engine.cache.valid.device)
+    if idx.shape[1] + max_new_tokens > engine.cache.max_len:
+        raise ValueError(f"prompt {idx.shape[1]} + {max_new_tokens} new tokens exceed the engine's "
+                         f"{engine.cache.max_len} cache slots")
+    engine.reset()
+    generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
+    vocab = model.config.vocab_size
+    logits = engine.prefill(idx, valid)[:, :vocab]  # padded vocabulary rows are never sampled
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for produced in range(1, max_new_tokens + 1):
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        yield token
+        if produced == max_new_tokens:
+            return
+        if eos_id is not None:
+            done |= token == eos_id
+            if produced % check_every == 0 and bool(done.all()):
+                return
+        logits = engine.step(token[:, None])[:, -1, :vocab]
 
 
 @torch.no_grad()
@@ -162,45 +112,26 @@ def generate(
     eos_id: int | None = None,
     seed: int | None = None,
     compile: bool = False,
+    engines: Engines | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt, at most `max_new_tokens`, cut after `eos_id`.
 
-    Prompts are left-padded into one batch and prefilled in one forward pass; each further
-    token costs one forward pass of one position per row over the cached keys and values.
-    `compile=True` runs those steps through a `CompiledDecoder` (torch.compile, and a CUDA graph
-    on CUDA): the same tokens, without Python and launch overhead per step, after a compile for
-    this call's batch size and cache length (prompt + max_new_tokens) that every call pays again
-    (about 30 s for gpt2-124m on an H100): worth it for long generations, not for many short ones.
+    Prompts are left-padded into one batch and prefilled in one forward pass; each further token
+    costs one pass of one position per row over the static cache (`engine.DecodeEngine`), captured
+    as a CUDA graph on CUDA. `compile=True` also compiles that step with torch.compile: faster per
+    token, after a compile for this batch size and cache length (about 30 s for gpt2-124m on an
+    H100). `engines` keeps engines across calls (pass the same `Engines(model)` to each), so each
+    shape is captured and compiled once; without it each call builds its own.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, and no prompt may be empty")
-    device = next(model.parameters()).device
-    T0 = max(len(p) for p in prompts)
-    idx = torch.zeros(len(prompts), T0, dtype=torch.long, device=device)
-    valid = torch.zeros(len(prompts), T0, dtype=torch.bool, device=device)
-    for row, prompt in enumerate(prompts):
-        idx[row, T0 - len(prompt) :] = torch.tensor(prompt, device=device)
-        valid[row, T0 - len(prompt) :] = True
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, len(prompts), T0 + max_new_tokens, device, dtype)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    vocab = model.config.vocab_size
-
-    step = CompiledDecoder(model, cache) if compile else None
-    logits = model(idx, cache, valid)[:, -1, :vocab]  # prefill; padded vocabulary rows are never sampled
-    out = torch.empty(len(prompts), 0, dtype=torch.long, device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
-        out = torch.cat([out, token[:, None]], dim=1)
-        if eos_id is not None:
-            done |= token == eos_id
-            if bool(done.all()):
-                break
-        if out.shape[1] == max_new_tokens:
-            break
-        logits = (step(token) if step else model(token[:, None], cache)[:, -1])[:, :vocab]
-    rows = out.tolist()
+    if engines is None:
+        length = max((len(p) for p in prompts), default=0) + max_new_tokens
+        if length > model.config.block_size:
+            raise ValueError(f"cache of {length} slots exceeds the model's block_size {model.config.block_size}")
+        engine = DecodeEngine(model, len(prompts), length, compile=compile)
+    else:
+        engine = engines.get(len(prompts), max((len(p) for p in prompts), default=0) + max_new_tokens)
+    steps = list(decode(engine, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed))
+    rows = torch.stack(steps, dim=1).tolist()
     if eos_id is not None:
         rows = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
     return rows

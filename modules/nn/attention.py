@@ -133,7 +133,8 @@ class LatentAttention(nn.Module):
             q_lat = torch.einsum("bhtd,hdr->bhtr", q_c, w_k)  # the query read in latent space
             keys = torch.cat([c, k_r], dim=-1).expand(B, H, -1, r + dr)
             out = F.scaled_dot_product_attention(torch.cat([q_lat, q_r], dim=-1), keys, c.expand(B, H, -1, r),
-                                                 attn_mask=mask, dropout_p=dropout, scale=self.scale)  # (B, H, T, r)
+                                                 attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                                 scale=self.scale)  # (B, H, T, r)
             y = torch.einsum("bhtr,hdr->bhtd", out, w_v)
         else:
             k_c = torch.einsum("bxsr,hdr->bhsd", c, w_k)  # (B, H, S, d)

@@ -61,6 +61,7 @@ class KVCache:
             torch.zeros(batch, inner, config.mamba_d_state, device=device, dtype=torch.float32)) for a in attention]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots filled so far
+        self.padded = False  # some slot holds padding: positions count real tokens per row
         self.max_len, self.dtype = max_len, dtype
 
     def nbytes(self) -> int:
@@ -73,24 +74,42 @@ class KVCache:
         """(B, T): which of the T tokens being fed are real (set by `attention_mask` first)."""
         return self.valid[:, self.length : self.length + T]
 
-    def attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
-        """Mark `valid` (B, T) for the next T slots; mask (B, 1, T, max_len): causal over slots, no padding."""
-        T = valid.shape[1]
+    def attention_mask(self, T: int, valid: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Mark the next T slots real where `valid` (B, T) says (default: every row's tokens are real).
+
+        Returns the mask (B, 1, T, length + T) over the slots filled so far, causal, no padding, or
+        None for causal attention over the T new tokens alone: the first tokens of an unpadded batch,
+        which then run the causal kernel (flash) as a pass without a cache does.
+        """
         if self.length + T > self.max_len:
             raise ValueError(f"cache full: {self.length} + {T} tokens > {self.max_len} slots")
-        self.valid[:, self.length : self.length + T] = valid
-        slots = torch.arange(self.max_len, device=valid.device)
-        queries = torch.arange(self.length, self.length + T, device=valid.device)
-        causal = slots[None, :] <= queries[:, None]  # (T, max_len)
+        end = self.length + T
+        if valid is None:
+            self.valid[:, self.length : end] = True
+            if self.length == 0:
+                return None
+        else:
+            self.valid[:, self.length : end] = valid
+            self.padded = True
+        slots = torch.arange(end, device=self.valid.device)
+        queries = slots[self.length :]
+        causal = slots[None, :] <= queries[:, None]  # (T, end)
         itself = slots[None, :] == queries[:, None]  # a padding slot sees itself, so no row is all -inf (NaN)
-        return ((causal[None] & self.valid[:, None, :]) | itself[None])[:, None]  # (B, 1, T, max_len)
+        return ((causal[None] & self.valid[:, None, :end]) | itself[None])[:, None]  # (B, 1, T, end)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Positions of the next T tokens, after `attention_mask`: (T,) when no row is padded, else (B, T)
+        counting each row's real tokens, so a left-padded row gets the positions of its prompt alone."""
+        if not self.padded:
+            return torch.arange(self.length, self.length + T, device=self.valid.device)
+        return (self.valid[:, : self.length + T].cumsum(-1)[:, self.length :] - 1).clamp(min=0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hs) at the next T slots of `layer`; return that layer's full buffers."""
-        T = k.shape[2]
-        self.k[layer][:, :, self.length : self.length + T] = k
-        self.v[layer][:, :, self.length : self.length + T] = v
-        return self.k[layer], self.v[layer]
+        """Write k, v (B, n_kv, T, hs) at the next T slots of `layer`; return that layer's slots filled so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -108,6 +127,7 @@ class KVCache:
     def reset(self) -> None:
         """Empty the cache in place, keeping its buffers (a graph captured over them stays valid)."""
         self.valid.zero_()
+        self.padded = False
         for state in self.mamba:
             if state is not None:
                 state.conv.zero_()
@@ -116,33 +136,57 @@ class KVCache:
 
 
 class SlotCache:
-    """A `KVCache` written one token per row at the slot held in the device tensor `slot` (1,).
+    """A `KVCache` fed T real tokens per row at slots slot .. slot + T - 1, `slot` a device tensor (1,).
 
-    `KVCache.update` slices at the Python int `length`, so each position is a different program.
-    Here no index is a host value: a decode step through this view runs the same kernels with
-    the same arguments at every position, so it can be compiled once and captured once as a CUDA
-    graph; the caller moves on by writing the next slot into `slot`.
+    `KVCache` slices at the Python int `length`, so each position is a different program. Here no
+    index is a host value: a forward pass through this view runs the same kernels with the same
+    arguments at every position, so it is compiled once and captured once as a CUDA graph. Attention
+    reads all `max_len` slots under the mask. The owner moves on: it writes the next slot into
+    `slot` before each pass and advances the cache's `length` after (`advance` here does nothing,
+    so no host value changes inside a traced pass).
     """
 
-    def __init__(self, cache: KVCache, slot: torch.Tensor) -> None:
-        self.cache, self.slot = cache, slot
+    def __init__(self, cache: KVCache, slot: torch.Tensor | None = None) -> None:
+        self.cache = cache
+        self.slot = torch.zeros(1, dtype=torch.long, device=cache.valid.device) if slot is None else slot
         self.mamba = cache.mamba
+        self.max_len = cache.max_len
 
     def new_valid(self, T: int) -> None:
-        """Every row's new token is real: no mask for the Mamba blocks."""
+        """Every row's new tokens are real: no mask for the Mamba blocks."""
         return None
 
-    def visible(self) -> torch.Tensor:
-        """Mark the slot valid for every row; (B, max_len) True where the new token may attend."""
+    def _new(self, T: int) -> torch.Tensor:
+        return self.slot + torch.arange(T, device=self.slot.device)  # (T,): the slots being written
+
+    def attention_mask(self, T: int, valid: None = None) -> torch.Tensor:
+        """Mark the T slots real for every row; the additive mask (B, 1, T, max_len), 0 where a query
+        may attend (causal, no padding) and -inf elsewhere, built once for all layers."""
+        if valid is not None:
+            raise ValueError("a slot cache is fed real tokens only: prefill padded prompts through the KVCache")
         cache = self.cache
-        cache.valid.index_fill_(1, self.slot, True)
+        new = self._new(T)
+        cache.valid.index_fill_(1, new, True)
+        slots = torch.arange(cache.max_len, device=new.device)
+        visible = cache.valid[:, None, :] & (slots[None, :] <= new[:, None])[None]  # (B, T, max_len)
+        mask = torch.zeros(visible.shape, dtype=cache.dtype, device=new.device).masked_fill(~visible, float("-inf"))
+        return mask[:, None]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T): each row's real tokens before each new one, as `KVCache.positions` counts."""
+        cache = self.cache
         slots = torch.arange(cache.max_len, device=self.slot.device)
-        return cache.valid & (slots <= self.slot)[None]  # (B, max_len): causal, no padding
+        before = (cache.valid & (slots < self.slot)[None]).sum(-1, keepdim=True)  # (B, 1)
+        return before + torch.arange(T, device=self.slot.device)[None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, 1, hs) at the slot of `layer`; return that layer's full buffers."""
+        """Write k, v (B, n_kv, T, hs) at the slots of `layer`; return that layer's full buffers."""
         k_buffer, v_buffer = self.cache.k[layer], self.cache.v[layer]
+        new = self._new(k.shape[2])
         # in the buffers' dtype, as `KVCache.update`'s slice assignment casts (autocast may hand bf16 to a float32 cache)
-        k_buffer.index_copy_(2, self.slot, k.to(k_buffer.dtype))
-        v_buffer.index_copy_(2, self.slot, v.to(v_buffer.dtype))
+        k_buffer.index_copy_(2, new, k.to(k_buffer.dtype))
+        v_buffer.index_copy_(2, new, v.to(v_buffer.dtype))
         return k_buffer, v_buffer
+
+    def advance(self, n: int) -> None:
+        """Nothing: the owner advances the cache after the pass."""

@@ -15,7 +15,7 @@ from modules.nn.mamba import MambaMixer
 from modules.nn.mlp import build_mlp
 from modules.nn.moe import MoE
 from modules.nn.norm import build_norm
-from modules.nn.position import rope_cache
+from modules.nn.position import rope_at, rope_cache
 
 IGNORE = -100  # the label of a position the loss skips (a prompt's tokens, padding): F.cross_entropy's ignore_index
 
@@ -124,17 +124,13 @@ class Decoder(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
             positions, mask = torch.arange(T, device=idx.device), None  # (T,)
         else:
-            valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
-            mask = cache.attention_mask(valid)
-            positions = (cache.valid[:, : cache.length + T].cumsum(-1)[:, cache.length :] - 1).clamp(min=0)  # (B, T)
+            mask = cache.attention_mask(T, valid)
+            positions = cache.positions(T)  # (T,) or (B, T)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(positions)
         x = self.drop(x)
-        rope = None
-        if self.rope is not None:
-            rope = self.rope[:, positions]  # (2, T, hs) or (2, B, T, hs)
-            rope = rope if positions.dim() == 1 else rope.unsqueeze(2)  # (2, B, 1, T, hs): broadcast over heads
+        rope = None if self.rope is None else rope_at(self.rope, positions)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, mask)
         if cache is not None:

@@ -32,6 +32,7 @@ from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
 from modules.nn.decoder import Block, Decoder, init_weights
 from modules.nn.norm import RMSNorm, build_norm
+from modules.nn.position import rope_at
 
 
 def fusion_layers(n_layer: int) -> tuple[int, int, int]:
@@ -155,9 +156,9 @@ class EagleHead(nn.Module):
     def step(self, target: Decoder, state: torch.Tensor, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Predicted features (B, n, C) at the next n slots of the head's cache: slot j reads state (B, n, C)
         (from `from_target`, or the head's own earlier prediction) and tokens j + 1 (B, n)."""
-        n, start = state.shape[1], cache.length
-        mask = cache.attention_mask(torch.ones(state.shape[0], n, dtype=torch.bool, device=state.device))
-        rope = None if target.rope is None else target.rope[:, start : start + n]
+        n = state.shape[1]
+        mask = cache.attention_mask(n)
+        rope = None if target.rope is None else rope_at(target.rope, cache.positions(n))
         out = self.block(self._input(target, state, tokens), rope, cache, 0, mask)
         cache.advance(n)
         return self.norm(out)

@@ -29,6 +29,7 @@ from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
 from modules.nn.decoder import Block, Decoder, init_weights
 from modules.nn.norm import RMSNorm, build_norm
+from modules.nn.position import rope_at
 
 Kind = Literal["sequential", "parallel"]
 
@@ -95,9 +96,8 @@ class MTPHeads(nn.Module):
         """Depth k's hidden states (1, n, C) for the next n positions of its cache: `previous` (1, n, C)
         holds the previous depth's hidden states there and `tokens` (1, n) the tokens i+k."""
         n = previous.shape[1]
-        start = cache.length
-        mask = cache.attention_mask(torch.ones(previous.shape[0], n, dtype=torch.bool, device=previous.device))
-        rope = None if decoder.rope is None else decoder.rope[:, start : start + n]
+        mask = cache.attention_mask(n)
+        rope = None if decoder.rope is None else rope_at(decoder.rope, cache.positions(n))
         x = self._input(decoder, k, previous, tokens)
         out = self.blocks[k - 1](x, rope, cache, 0, mask)
         cache.advance(n)

@@ -19,3 +19,10 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_at(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The angles `apply_rope` takes at `positions`: (T,) gives (2, T, hs), shared by every row; (B, T)
+    gives (2, B, 1, T, hs), per row and broadcast over heads."""
+    angles = cache[:, positions]
+    return angles if positions.dim() == 1 else angles.unsqueeze(2)
