@@ -25,7 +25,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from modules.decoding.draft import draft_speculative_generate, eagle_generate, estimate_alpha, expected_speedup, expected_tokens_per_round
+from modules.decoding.draft import (draft_speculative_generate, draft_speculator, eagle_generate, eagle_speculator,
+                                    estimate_alpha, expected_speedup, expected_tokens_per_round)
+from modules.decoding.engine import Engines
 from modules.decoding.generation import generate
 from modules.nn.decoder import Decoder
 from modules.nn.eagle import EagleHead
@@ -88,9 +90,12 @@ def held_out_loss(model: Decoder, blocks: torch.Tensor, batch: int = 8) -> float
 
 
 def decode_rate(model: Decoder, prompts: list[list[int]], settings: DecodeSettings, device: torch.device) -> tuple[list, float]:
-    """Greedy outputs of every prompt (one at a time) and tokens/s over them (best of `repeats`)."""
+    """Greedy outputs of every prompt (one at a time, on the decode engine: each shape captured in the warm-up
+    call) and tokens/s over them (best of `repeats`)."""
+    engines = Engines(model)
+
     def run() -> list[list[int]]:
-        return [generate(model, [p], settings.new_tokens)[0] for p in prompts]
+        return [generate(model, [p], settings.new_tokens, engines=engines)[0] for p in prompts]
 
     outputs, seconds = best_time(run, settings.repeats, device)
     return outputs, sum(map(len, outputs)) / seconds
@@ -129,9 +134,12 @@ def speculation(target: Decoder, draft: Decoder, head: EagleHead, prompts: list[
     c_eagle = eagle_step_ratio(target, head, prompts[0], decode, device, target_rate)
     plain = {"target_tokens_per_s": target_rate, "draft_tokens_per_s": draft_rate, "c_draft": c_draft, "c_eagle": c_eagle}
     print(json.dumps(plain), flush=True)
+    with_draft, with_eagle = draft_speculator(target, draft), eagle_speculator(target, head)  # captured once each
     drafters = {
-        "draft model": (lambda p, g, t, s: draft_speculative_generate(target, draft, p, decode.new_tokens, g, t, seed=s), c_draft),
-        "EAGLE": (lambda p, g, t, s: eagle_generate(target, head, p, decode.new_tokens, g, t, seed=s), c_eagle),
+        "draft model": (lambda p, g, t, s: draft_speculative_generate(target, draft, p, decode.new_tokens, g, t, seed=s,
+                                                                      speculator=with_draft), c_draft),
+        "EAGLE": (lambda p, g, t, s: eagle_generate(target, head, p, decode.new_tokens, g, t, seed=s,
+                                                    speculator=with_eagle), c_eagle),
     }
     records = []
     for method, (fn, c) in drafters.items():
@@ -163,21 +171,21 @@ def speculation(target: Decoder, draft: Decoder, head: EagleHead, prompts: list[
 @torch.no_grad()
 def eagle_step_ratio(target: Decoder, head: EagleHead, prompt: list[int], decode: DecodeSettings, device: torch.device,
                      target_rate: float) -> float:
-    """c for the EAGLE head: the time of one head step on one position (its block over its cache) over one
-    target decoding step (1 / target tokens/s)."""
-    dtype = target.wte.weight.dtype
+    """c for the EAGLE head: the time of one drafting step of the head (its block over its cache, the
+    program speculative decoding runs, captured on CUDA) over one target decoding step (1 / target tokens/s)."""
     steps = decode.new_tokens
-    state = torch.zeros(1, 1, target.config.n_embd, device=device, dtype=dtype)
+    drafter = eagle_speculator(target, head).get(steps + 1)[1]
+    feature = torch.zeros(1, 1, target.config.n_embd, device=device, dtype=target.wte.weight.dtype)
     token = torch.tensor([prompt[:1]], device=device)
 
     def run() -> None:
-        cache = head.cache(steps + 1, device, dtype)
-        s = state
-        for _ in range(steps):
-            s = head.step(target, s, token, cache)
+        drafter.reset()
+        f = feature
+        for _ in range(steps - 1):
+            f, _ = drafter.chain(f, token)
 
     _, seconds = best_time(run, decode.repeats, device)
-    return (seconds / steps) * target_rate
+    return (seconds / (steps - 1)) * target_rate
 
 
 @contextmanager

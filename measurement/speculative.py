@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
+from modules.decoding.engine import Engines
 from modules.decoding.generation import generate
+from modules.decoding.speculative import SpeculativeStats, mtp_speculator, self_speculative_generate
 from modules.nn.decoder import Decoder
 from modules.nn.mtp import MTPHeads
-from modules.decoding.speculative import SpeculativeStats, self_speculative_generate
 
 PROMPTS_FILE = "decode_prompts.json"
 
@@ -34,20 +35,25 @@ def measure(decoder: Decoder, heads: MTPHeads, prompts: list[list[int]], new_tok
     target pass, and (greedy) how many prompts gave exactly the plain tokens."""
     device = decoder.wte.weight.device
     decoder.eval(), heads.eval()
-    generate(decoder, prompts[:1], new_tokens, temperature=temperature, seed=seed)
-    self_speculative_generate(decoder, heads, prompts[0], new_tokens, depth, temperature=temperature, seed=seed)
+    # both on the decode engine, each shape captured in the warm-up
+    engines, speculator = Engines(decoder), mtp_speculator(decoder, heads, depth)
+    generate(decoder, prompts[:1], new_tokens, temperature=temperature, seed=seed, engines=engines)
+    self_speculative_generate(decoder, heads, prompts[0], new_tokens, depth, temperature=temperature, seed=seed,
+                              speculator=speculator)
     plain_s, spec_s = float("inf"), float("inf")
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        plain = [generate(decoder, [p], new_tokens, temperature=temperature, seed=seed + i)[0] for i, p in enumerate(prompts)]
+        plain = [generate(decoder, [p], new_tokens, temperature=temperature, seed=seed + i, engines=engines)[0]
+                 for i, p in enumerate(prompts)]
         _sync(device)
         plain_s = min(plain_s, time.perf_counter() - start)
         stats = SpeculativeStats(depth)
         start = time.perf_counter()
         spec = []
         for i, p in enumerate(prompts):
-            tokens, one = self_speculative_generate(decoder, heads, p, new_tokens, depth, temperature=temperature, seed=seed + i)
+            tokens, one = self_speculative_generate(decoder, heads, p, new_tokens, depth, temperature=temperature,
+                                                    seed=seed + i, speculator=speculator)
             spec.append(tokens)
             stats = stats.merge(one)
         _sync(device)

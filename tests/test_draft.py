@@ -14,7 +14,9 @@ from scipy.stats import chisquare
 from modules.decoding import speculative as speculative_module
 from modules.decoding.draft import (
     draft_speculative_generate,
+    draft_speculator,
     eagle_generate,
+    eagle_speculator,
     estimate_alpha,
     expected_speedup,
     expected_tokens_per_round,
@@ -74,6 +76,44 @@ def test_greedy_eagle_decoding_gives_the_targets_tokens(position: str, variant: 
         for prompt in prompts(50, 2):
             tokens, stats = eagle_generate(target, head, prompt, 25, gamma)
             assert tokens == generate(target, [prompt], 25)[0] and stats.tokens == 25
+
+
+@pytest.mark.parametrize("kind", ["draft model", "EAGLE"])
+def test_a_speculator_kept_across_prompts_gives_what_fresh_ones_give(kind: str) -> None:
+    """One target engine and drafter, reset between prompts of different lengths, greedy and sampled."""
+    cfg = config(position="rope", n_layer=3)
+    target = sharpened(Decoder(cfg), 0, 0.3)
+    if kind == "draft model":
+        drafter = sharpened(Decoder(config(position="rope", n_layer=1, n_embd=16)), 1, 0.3)
+        run, make = draft_speculative_generate, draft_speculator
+    else:
+        drafter = sharpened(EagleHead(cfg, EagleConfig.eagle3(3)), 2, 0.3)
+        run, make = eagle_generate, eagle_speculator
+    kept = make(target, drafter)
+    for prompt, gamma, sampling in itertools.product(prompts(50), (1, 3), ({}, dict(temperature=1.0, seed=4))):
+        fresh = run(target, drafter, prompt, 20, gamma, **sampling)
+        again = run(target, drafter, prompt, 20, gamma, speculator=kept, **sampling)
+        assert again[0] == fresh[0] and again[1].accepted == fresh[1].accepted
+    assert len(kept.kept) == 1  # every prompt fit the one cache length
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["draft model", "EAGLE"])
+def test_graphed_speculation_gives_the_targets_tokens_on_the_gpu(kind: str) -> None:
+    cfg = config(position="rope", n_layer=3)
+    target = sharpened(Decoder(cfg), 0, 0.3).cuda()
+    if kind == "draft model":
+        drafter = sharpened(Decoder(config(position="rope", n_layer=1, n_embd=16)), 1, 0.3).cuda()
+        run, make = draft_speculative_generate, draft_speculator
+    else:
+        drafter = sharpened(EagleHead(cfg, EagleConfig.eagle3(3)), 2, 0.3).cuda()
+        run, make = eagle_generate, eagle_speculator
+    kept = make(target, drafter)
+    for prompt in prompts(50):
+        tokens, _ = run(target, drafter, prompt, 20, 3, speculator=kept)
+        assert tokens == generate(target, [prompt], 20)[0]
+    engine, _ = next(iter(kept.kept.values()))
+    assert engine.cuda_graph and all(p.graph is not None for p in engine.programs.values())
 
 
 def test_eos_cuts_the_output_as_generate_does() -> None:

@@ -14,7 +14,7 @@ from modules.training.mtp import MTPModule, MTPSettings
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.mtp import MTPHeads
 from modules.training.pretrain import OptimConfig
-from modules.decoding.speculative import SpeculativeStats, accept_drafts, self_speculative_generate
+from modules.decoding.speculative import SpeculativeStats, accept_drafts, mtp_speculator, self_speculative_generate
 
 
 def tiny(vocab: int = 50, position: str = "learned", block: int = 96) -> DecoderConfig:
@@ -83,6 +83,32 @@ def test_greedy_self_speculative_decoding_gives_the_decoders_own_tokens(kind: st
             tokens, stats = self_speculative_generate(decoder, heads, prompt, 30, depth=depth)
             assert tokens == generate(decoder, [prompt], 30)[0]
             assert stats.tokens == 30 and stats.rounds >= 29 / (depth + 1)
+
+
+def test_a_kept_speculator_gives_what_fresh_ones_give() -> None:
+    decoder, heads = sharpened(tiny(position="rope"), 3, "sequential")
+    kept = mtp_speculator(decoder, heads, 2)
+    for seed in range(3):
+        prompt = torch.randint(0, 50, (5 + 2 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        for sampling in ({}, dict(temperature=1.0, seed=seed)):
+            fresh = self_speculative_generate(decoder, heads, prompt, 24, depth=2, **sampling)
+            again = self_speculative_generate(decoder, heads, prompt, 24, depth=2, speculator=kept, **sampling)
+            assert again[0] == fresh[0] and again[1].accepted == fresh[1].accepted
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["sequential", "parallel"])
+def test_graphed_self_speculation_gives_the_decoders_own_tokens_on_the_gpu(kind: str) -> None:
+    """On CUDA the target's verification and each head's pass are captured programs, replayed every round."""
+    decoder, heads = sharpened(tiny(position="rope"), 2, kind)
+    decoder, heads = decoder.cuda(), heads.cuda()
+    kept = mtp_speculator(decoder, heads, 2)
+    for seed in range(3):
+        prompt = torch.randint(0, 50, (5 + seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        tokens, _ = self_speculative_generate(decoder, heads, prompt, 30, depth=2, speculator=kept)
+        assert tokens == generate(decoder, [prompt], 30)[0]
+    engine, drafter = next(iter(kept.kept.values()))
+    assert engine.cuda_graph and all(p.graph is not None for p in [*engine.programs.values(), *drafter.passes.programs.values()])
 
 
 def _reference_drafts(decoder: Decoder, heads: MTPHeads, prompt: list[int], new: int, depth: int) -> list[list[int]]:

@@ -14,33 +14,42 @@ from __future__ import annotations
 
 import torch
 
-from modules.nn.cache import KVCache
+from modules.decoding.engine import DecodeEngine
+from modules.decoding.speculative import Sampler, Speculator, SpeculativeStats, cache_length, drafter_passes, speculate
+from modules.nn.cache import KVCache, SlotCache
 from modules.nn.decoder import Decoder
 from modules.nn.eagle import EagleHead
-from modules.decoding.speculative import Sampler, SpeculativeStats, cache_length, speculate
 
 
 class _DraftModel:
-    """An independent draft decoder with its own cache, holding every settled token it has read."""
+    """An independent draft decoder on its own decode engine, holding every settled token it has read."""
 
     def __init__(self, target: Decoder, draft: Decoder, max_len: int) -> None:
         self.target, self.draft = target, draft
-        self.cache = KVCache(draft.config, 1, max_len, draft.wte.weight.device, draft.wte.weight.dtype)
+        self.engine = DecodeEngine(draft, 1, max_len)
 
-    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.target.features(idx, cache)
+    def read(self, idx: torch.Tensor, cache: KVCache | SlotCache) -> tuple[torch.Tensor, ...]:
+        return (self.target(idx, cache),)
 
-    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor:
+    def keep(self, start: int, kept: tuple[torch.Tensor, ...]) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.engine.reset()
+
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor | None:
         # slots up to m - 1 hold settled tokens (accepted drafts are settled); later ones were rejected
-        self.cache.truncate(min(self.cache.length, m))
-        logits = self.draft(tokens[:, self.cache.length : m + 1], self.cache)[0, -1]
+        engine, cache = self.engine, self.engine.cache
+        cache.truncate(min(cache.length, m))
+        unread = tokens[:, cache.length : m + 1]
+        logits = engine.prefill(unread) if cache.length == 0 else engine.step(unread)[:, -1]
         dists = []
         for k in range(gamma):
-            dists.append(sampler.dist(logits))
+            dists.append(sampler.dist(logits[0]))
             tokens[0, m + 1 + k] = sampler.pick(dists[-1])
             if k < gamma - 1:
-                logits = self.draft(tokens[:, m + 1 + k : m + 2 + k], self.cache)[0, -1]
-        return torch.stack(dists)
+                logits = engine.step(tokens[:, m + 1 + k : m + 2 + k])[:, -1]
+        return None if sampler.greedy else torch.stack(dists)
 
 
 class _EagleDrafter:
@@ -51,30 +60,65 @@ class _EagleDrafter:
         device, dtype = target.wte.weight.device, target.wte.weight.dtype
         self.target, self.head = target, head
         self.cache = head.cache(max_len, device, dtype)
+        self.view = SlotCache(self.cache)
+        self.passes = drafter_passes(target)
         layers = head.eagle.fuse_layers
         width = target.config.n_embd * (len(layers) if layers else 1)
         self.read_out = torch.zeros(1, max_len, width, device=device, dtype=dtype)  # what the head reads at each position
         self.settled = 0
 
-    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        start = cache.length
-        features, read = self.head.read_target(self.target, idx, cache)
-        self.read_out[:, start : start + idx.shape[1]] = read  # positions past the accepted prefix are read again later
-        return features
+    def reset(self) -> None:
+        self.cache.reset()
+        self.settled = 0
 
-    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor:
-        head = self.head
+    def read(self, idx: torch.Tensor, cache: KVCache | SlotCache) -> tuple[torch.Tensor, ...]:
+        features, read = self.head.read_target(self.target, idx, cache)
+        return self.target.lm_head(features), read
+
+    def keep(self, start: int, kept: tuple[torch.Tensor, ...]) -> None:
+        (read,) = kept
+        self.read_out[:, start : start + read.shape[1]] = read  # positions past the accepted prefix are read again later
+
+    def _catch_up(self, read: torch.Tensor, next_tokens: torch.Tensor, cache: KVCache | SlotCache) -> tuple[torch.Tensor, ...]:
+        head, target = self.head, self.target
+        feature = head.step(target, head.from_target(read), next_tokens, cache)[:, -1:]
+        return feature, head.logits(target, feature)[0, -1]
+
+    def _chain(self, feature: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feature = self.head.step(self.target, feature, token, self.view)
+        return feature, self.head.logits(self.target, feature)[0, -1]
+
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor | None:
         self.cache.truncate(self.settled)  # forget the last chain; catch up on the positions the target has read since
-        state = head.from_target(self.read_out[:, self.settled : m])
-        feature = head.step(self.target, state, tokens[:, self.settled + 1 : m + 1], self.cache)[:, -1:]
+        inputs = (self.read_out[:, self.settled : m], tokens[:, self.settled + 1 : m + 1])
+        if self.settled == 0:  # the prompt's positions: one eager pass
+            feature, logits = self._catch_up(*inputs, self.cache)
+        else:
+            catch_up = lambda read, next_tokens: self._catch_up(read, next_tokens, self.view)  # noqa: E731
+            feature, logits = self.passes.run("catch-up", catch_up, inputs, [(self.view, m - self.settled)])
         self.settled = m
         dists = []
         for k in range(gamma):
-            dists.append(sampler.dist(head.logits(self.target, feature)[0, -1]))
+            dists.append(sampler.dist(logits))
             tokens[0, m + 1 + k] = sampler.pick(dists[-1])
             if k < gamma - 1:
-                feature = head.step(self.target, feature, tokens[:, m + 1 + k : m + 2 + k], self.cache)
-        return torch.stack(dists)
+                feature, logits = self.chain(feature, tokens[:, m + 1 + k : m + 2 + k])
+        return None if sampler.greedy else torch.stack(dists)
+
+    def chain(self, feature: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One drafting step at the head cache's next slot: the predicted feature (1, 1, C) and the logits of
+        the token after `token` (1, 1), as a program (captured on CUDA)."""
+        return self.passes.run("chain", self._chain, (feature, token), [(self.view, 1)])
+
+
+def draft_speculator(target: Decoder, draft: Decoder) -> Speculator:
+    """A `Speculator` drafting with a separate draft decoder."""
+    return Speculator(target, lambda max_len: _DraftModel(target, draft, max_len), (draft,))
+
+
+def eagle_speculator(target: Decoder, head: EagleHead) -> Speculator:
+    """A `Speculator` drafting with an EAGLE head over the target's features."""
+    return Speculator(target, lambda max_len: _EagleDrafter(target, head, max_len))
 
 
 @torch.no_grad()
@@ -89,21 +133,24 @@ def draft_speculative_generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    speculator: Speculator | None = None,
 ) -> tuple[list[int], SpeculativeStats]:
     """New tokens for one prompt, drafted `gamma` at a time by a small `draft` decoder of the same
     vocabulary and checked by `target` (Leviathan et al. 2023); the tokens of `generation.generate(target, ...)`
     at temperature 0, its distribution when sampling (same temperature, top_k, top_p on both models).
 
-    The draft decodes its gamma proposals one position at a time in its own cache; the target reads its
+    The draft decodes its gamma proposals one position at a time on its own engine; the target reads its
     newest token and the drafts in one pass. Both caches keep the accepted prefix. Both decoders must be
-    attention-only (a Mamba state cannot roll back).
+    attention-only (a Mamba state cannot roll back). Pass the same `draft_speculator(target, draft)` to
+    each call to capture the programs once.
     """
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) must be the target's "
                          f"({target.config.vocab_size}): drafts are token ids the target scores")
     max_len = cache_length(target, prompt, max_new_tokens, gamma, {"draft": draft})
     sampler = Sampler(target.config.vocab_size, temperature, top_k, top_p, seed, target.wte.weight.device)
-    return speculate(target, _DraftModel(target, draft, max_len), prompt, max_new_tokens, gamma, max_len, sampler, eos_id)
+    speculator = speculator or draft_speculator(target, draft)
+    return speculate(speculator, prompt, max_new_tokens, gamma, max_len, sampler, eos_id)
 
 
 @torch.no_grad()
@@ -118,6 +165,7 @@ def eagle_generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    speculator: Speculator | None = None,
 ) -> tuple[list[int], SpeculativeStats]:
     """New tokens for one prompt, drafted `gamma` at a time in a chain (no tree) by an EAGLE head reading the
     target's features, and checked by the target; exact as `draft_speculative_generate`.
@@ -131,8 +179,8 @@ def eagle_generate(
                          f"the target has {target.config.n_embd} and {target.config.vocab_size}")
     max_len = cache_length(target, prompt, max_new_tokens, gamma, {})
     sampler = Sampler(target.config.vocab_size, temperature, top_k, top_p, seed, target.wte.weight.device)
-    return speculate(target, _EagleDrafter(target, head, max_len), prompt, max_new_tokens, gamma, max_len, sampler,
-                      eos_id)
+    speculator = speculator or eagle_speculator(target, head)
+    return speculate(speculator, prompt, max_new_tokens, gamma, max_len, sampler, eos_id)
 
 
 def _check_alpha(alpha: float, gamma: int) -> None:

@@ -127,27 +127,55 @@ def fast_paths(model: Decoder, compile: bool, cuda_graph: bool | None) -> tuple[
     return compile, cuda_graph
 
 
+class Passes:
+    """Programs by name and input shapes, built on first use with one set of options: a decode engine's,
+    or a drafter's over its own caches (`SlotCache` views of them, listed as each program's `feeds`)."""
+
+    def __init__(self, compile: bool = False, cuda_graph: bool = False, backend: str = "inductor",
+                 sdpa: SDPBackend | None = None) -> None:
+        self.options = dict(compile=compile, cuda_graph=cuda_graph, backend=backend, sdpa=sdpa)
+        self.programs: dict[tuple, Program] = {}
+
+    def run(self, name: str, fn: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...],
+            feeds: list[tuple[SlotCache, int]]) -> Outputs:
+        """`fn(*inputs)` as the program `name` for these input shapes. `fn` must read its caches through the
+        views in `feeds` and keep no state of its own: a replay runs only its kernels."""
+        key = (name, *(tuple(x.shape) for x in inputs))
+        program = self.programs.get(key)
+        if program is None:
+            program = self.programs[key] = Program(fn, inputs, feeds, **self.options)
+        return program(*inputs)
+
+
 class DecodeEngine:
     """One decoder's static cache for `batch` rows of `max_len` slots, and the programs that feed it.
 
-    `prefill(idx, valid)` writes a (left-padded) prompt batch at slot 0 in one eager pass; `step(tokens)`
-    feeds T tokens per row at the next slots through the program for T; `program(name, fn, inputs)` is
-    the same for any pass over this cache's `view` (a drafter's read of the target, say). `reset()`
-    empties the cache and keeps every program: a captured graph reads and writes these buffers.
+    `prefill(idx, valid)` writes a (left-padded) prompt batch at the next slots in one eager pass;
+    `step(tokens)` feeds T tokens per row at the next slots through the program for T; `program(name,
+    fn, inputs)` is the same for any pass over this cache's `view` (a drafter's read of the target).
+    `reset()` empties the cache and keeps every program: a captured graph reads and writes these buffers.
     """
 
     def __init__(self, model: Decoder, batch: int, max_len: int, compile: bool = False,
                  cuda_graph: bool | None = None, backend: str = "inductor", sdpa: SDPBackend | None = None) -> None:
-        self.compile, self.cuda_graph = fast_paths(model, compile, cuda_graph)
+        compile, cuda_graph = fast_paths(model, compile, cuda_graph)
         weight = next(model.parameters())
-        self.model, self.backend, self.sdpa = model, backend, sdpa
+        self.model = model
         self.cache = KVCache(model.config, batch, max_len, weight.device, weight.dtype)
         self.view = SlotCache(self.cache)
-        self.programs: dict[tuple, Program] = {}
+        self.passes = Passes(compile, cuda_graph, backend, sdpa)
 
     @property
     def batch(self) -> int:
         return self.cache.valid.shape[0]
+
+    @property
+    def cuda_graph(self) -> bool:
+        return self.passes.options["cuda_graph"]
+
+    @property
+    def programs(self) -> dict[tuple, Program]:
+        return self.passes.programs
 
     def reset(self) -> None:
         self.cache.reset()
@@ -160,20 +188,11 @@ class DecodeEngine:
             raise ValueError(f"expected {self.batch} prompts, one per cache row; got {idx.shape[0]}")
         return self.model.lm_head(self.model.features(idx, self.cache, valid)[:, -1])  # the last position only
 
-    def program(self, name: str, fn: Callable[..., Outputs], *inputs: torch.Tensor,
-                feeds: list[tuple[SlotCache, int]] | None = None) -> Outputs:
-        """Run `fn(*inputs)` as the program `name` for these input shapes (built on first use). `fn` must
-        read this engine's cache through `self.view` (or other views listed in `feeds`) and keep no state of
-        its own: a replay runs only its kernels. `feeds` default: this cache, fed inputs[0].shape[1] tokens."""
-        if feeds is None and inputs[0].shape[0] != self.batch:  # one program per shape would take it
+    def program(self, name: str, fn: Callable[..., Outputs], *inputs: torch.Tensor) -> Outputs:
+        """`fn(*inputs)` over this cache's `view`, fed inputs[0].shape[1] tokens per row (see `Passes.run`)."""
+        if inputs[0].shape[0] != self.batch:  # one program per shape would take it
             raise ValueError(f"expected tokens for {self.batch} rows, one per cache row; got shape {tuple(inputs[0].shape)}")
-        key = (name, *(tuple(x.shape) for x in inputs))
-        program = self.programs.get(key)
-        if program is None:
-            feeds = feeds if feeds is not None else [(self.view, inputs[0].shape[1])]
-            program = Program(fn, inputs, feeds, self.compile, self.cuda_graph, self.backend, self.sdpa)
-            self.programs[key] = program
-        return program(*inputs)
+        return self.passes.run(name, fn, inputs, [(self.view, inputs[0].shape[1])])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, padded_vocab) for tokens (B, T) fed at the next T slots of every row."""

@@ -44,8 +44,8 @@ from itertools import accumulate
 
 import torch
 
+from modules.decoding.engine import DecodeEngine
 from modules.decoding.generation import sample_next
-from modules.nn.cache import KVCache
 from modules.nn.decoder import Decoder
 
 
@@ -70,9 +70,9 @@ class HogwildDecoder:
             raise ValueError(f"Hogwild! inference needs at least one worker; got workers={workers}")
         if max_len > model.config.block_size:
             raise ValueError(f"a shared cache of {max_len} slots exceeds the model's block_size {model.config.block_size}")
-        weight = next(model.parameters())
         self.model, self.workers = model, workers
-        self.cache = KVCache(model.config, 1, max_len, weight.device, weight.dtype)
+        self.engine = DecodeEngine(model, 1, max_len)  # a round is one program of W tokens, captured on CUDA
+        self.cache = self.engine.cache
 
     @torch.no_grad()
     def prefill(self, prompt: list[int], headers: list[list[int]] | None = None) -> torch.Tensor:
@@ -95,7 +95,7 @@ class HogwildDecoder:
         """Write tokens (W,), worker w's at the round's w-th slot; logits (W, vocab_size), each worker's next."""
         if tokens.shape != (self.workers,):
             raise ValueError(f"one token per worker: expected shape ({self.workers},), got {tuple(tokens.shape)}")
-        return self.model(tokens.view(1, self.workers), self.cache)[0, :, : self.model.config.vocab_size]
+        return self.engine.step(tokens.view(1, self.workers))[0, :, : self.model.config.vocab_size]
 
 
 @dataclass

@@ -14,12 +14,13 @@ drafts with a separate draft model or an EAGLE head.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
+from modules.decoding.engine import DecodeEngine, Passes, fast_paths
 from modules.decoding.generation import sampling_probs
-from modules.nn.cache import KVCache
+from modules.nn.cache import KVCache, SlotCache
 from modules.nn.decoder import Decoder
 from modules.nn.mtp import MTPHeads
 
@@ -27,7 +28,7 @@ from modules.nn.mtp import MTPHeads
 def accept_drafts(
     target: torch.Tensor, draft: torch.Tensor | None, tokens: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[int, int]:
-    """(drafts accepted, the target's next token) for one sequence.
+    """(drafts accepted, the target's next token) for one sequence, read back from the device once.
 
     target (n + 1, V): the target's distribution at each drafted position and one past the last;
     tokens (n,): the drafts. Greedy when `draft` is None: a draft is kept while it is the target's
@@ -37,20 +38,22 @@ def accept_drafts(
     n = tokens.shape[0]
     if draft is None:
         best = target.argmax(-1)  # (n + 1,)
-        agree = (best[:n] == tokens).long()
-        accepted = int(agree.cumprod(0).sum())
-        return accepted, int(best[accepted])
+        accepted = (best[:n] == tokens).long().cumprod(0).sum()
+        accepted, nxt = torch.stack([accepted, best[accepted]]).tolist()
+        return accepted, nxt
     rows = torch.arange(n, device=tokens.device)
     p, q = target[rows, tokens], draft[rows, tokens]  # (n,)
     u = torch.rand(n, generator=generator, device=tokens.device)
     keep = (u * q <= p).long()  # u < p / q without dividing by q = 0 (a draft q cannot draw)
-    accepted = int(keep.cumprod(0).sum())
-    if accepted < n:
-        residual = (target[accepted] - draft[accepted]).clamp(min=0)
-        # p == q leaves no residual; rejection then has probability 0, but float rounding can land here
-        residual = residual if float(residual.sum()) > 0 else target[accepted]
-        return accepted, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
-    return accepted, int(torch.multinomial(target[n], 1, generator=generator))
+    accepted = keep.cumprod(0).sum()
+    # where the run stops: draw from norm(max(0, p - q)); past the last draft q is 0, so from p itself
+    q_next = torch.cat([draft, torch.zeros_like(draft[:1])])[accepted]
+    residual = (target[accepted] - q_next).clamp(min=0)
+    # p == q leaves no residual; rejection then has probability 0, but float rounding can land here
+    residual = torch.where(residual.sum() > 0, residual, target[accepted])
+    nxt = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
+    accepted, nxt = torch.stack([accepted, nxt]).tolist()
+    return accepted, nxt
 
 
 @dataclass
@@ -90,7 +93,8 @@ class SpeculativeStats:
 
 
 class Sampler:
-    """Logits to the distribution decoding draws from (the logits themselves when greedy), and draws from it."""
+    """Logits to the distribution decoding draws from (the logits themselves when greedy), and draws from it
+    on the device."""
 
     def __init__(self, vocab: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
                  device: torch.device) -> None:
@@ -102,19 +106,30 @@ class Sampler:
         logits = logits[..., : self.vocab]  # padded vocabulary rows are never drawn
         return logits if self.greedy else sampling_probs(logits, self.temperature, self.top_k, self.top_p)
 
-    def pick(self, dist: torch.Tensor) -> int:
-        return int(dist.argmax(-1)) if self.greedy else int(torch.multinomial(dist, 1, generator=self.generator))
+    def pick(self, dist: torch.Tensor) -> torch.Tensor:
+        """The token id drawn from dist (V,), a 0-d tensor on the device (nothing waits for it)."""
+        return dist.argmax(-1) if self.greedy else torch.multinomial(dist, 1, generator=self.generator)[0]
 
 
 class Drafter(Protocol):
-    """What `speculate` asks of a drafter: to follow the target's reading, and to propose."""
+    """What `speculate` asks of a drafter: to follow the target's reading, and to propose.
 
-    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The target's features (1, T, C) for idx (1, T) at `cache`'s next T slots, keeping what drafting needs."""
+    `read` is a pure pass (the target engine runs it as a captured program); what it returns past the
+    logits goes to `keep`, which stores it where later proposals look."""
 
-    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor:
+    def read(self, idx: torch.Tensor, cache: KVCache | SlotCache) -> tuple[torch.Tensor, ...]:
+        """The target's logits (1, T, padded_vocab) for idx (1, T) at `cache`'s next T slots, then what drafting
+        needs of that pass."""
+
+    def keep(self, start: int, kept: tuple[torch.Tensor, ...]) -> None:
+        """Store `read`'s extra outputs for the positions from `start` on."""
+
+    def reset(self) -> None:
+        """Forget every prompt: the next call reads a new one from slot 0."""
+
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor | None:
         """Write gamma drafts into tokens[0, m + 1 : m + 1 + gamma], given settled tokens 0..m and the target
-        read up to m - 1; return the distributions (gamma, V) they were drawn from."""
+        read up to m - 1; return the distributions (gamma, V) they were drawn from (None when greedy)."""
 
 
 def cache_length(target: Decoder, prompt: list[int], max_new_tokens: int, gamma: int, others: dict[str, Decoder]) -> int:
@@ -132,35 +147,65 @@ def cache_length(target: Decoder, prompt: list[int], max_new_tokens: int, gamma:
     return max_len
 
 
-def speculate(target: Decoder, drafter: Drafter, prompt: list[int], max_new_tokens: int, gamma: int, max_len: int,
+class Speculator:
+    """A target's decode engine and a drafter, kept across prompts so their programs are captured once.
+
+    `make_drafter(max_len)` builds the drafter for caches of `max_len` slots. Cache lengths round up
+    to a power of two (at most the smallest block_size of `models`), as `Engines` does, so prompts of
+    nearby lengths share one engine and one drafter; both are reset before each prompt.
+    """
+
+    def __init__(self, target: Decoder, make_drafter: Callable[[int], Drafter], models: tuple[Decoder, ...] = ()) -> None:
+        self.target, self.make_drafter = target, make_drafter
+        self.block = min(m.config.block_size for m in (target, *models))
+        self.kept: dict[int, tuple[DecodeEngine, Drafter]] = {}
+
+    def get(self, length: int) -> tuple[DecodeEngine, Drafter]:
+        max_len = min(self.block, 1 << max(length - 1, 1).bit_length())
+        if max_len not in self.kept:
+            self.kept = {max_len: (DecodeEngine(self.target, 1, max_len), self.make_drafter(max_len))}  # one kept
+        engine, drafter = self.kept[max_len]
+        engine.reset()
+        drafter.reset()
+        return engine, drafter
+
+
+def speculate(speculator: Speculator, prompt: list[int], max_new_tokens: int, gamma: int, max_len: int,
               sampler: Sampler, eos_id: int | None) -> tuple[list[int], SpeculativeStats]:
-    """The rounds every drafter shares: the target prefills, then each round checks gamma drafts in one pass."""
-    device = target.wte.weight.device
-    cache = KVCache(target.config, 1, max_len, device, target.wte.weight.dtype)
-    tokens = torch.zeros(1, max_len + 1, dtype=torch.long, device=device)
+    """The rounds every drafter shares, on the decode engine: the target prefills, then each round checks gamma
+    drafts in one pass of gamma + 1 tokens (one captured program on CUDA) and reads back what it kept."""
+    engine, drafter = speculator.get(max_len)
+    device = engine.cache.valid.device
+    tokens = torch.zeros(1, engine.cache.max_len + 1, dtype=torch.long, device=device)
     n = len(prompt)
     tokens[0, :n] = torch.tensor(prompt, device=device)
-    features = drafter.read(tokens[:, :n], cache)
+    logits, *kept = drafter.read(tokens[:, :n], engine.cache)  # the prefill, eager
+    drafter.keep(0, tuple(kept))
     m = n  # the newest settled token, not yet read by the target
-    tokens[0, m] = sampler.pick(sampler.dist(target.lm_head(features[0, -1])))
+    tokens[0, m] = sampler.pick(sampler.dist(logits[0, -1]))
     out = [int(tokens[0, m])]
     stats = SpeculativeStats(gamma)
     while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
-        drafts = drafter.propose(tokens, m, gamma, sampler)  # (gamma, V)
-        features = drafter.read(tokens[:, m : m + gamma + 1], cache)
-        target_dist = sampler.dist(target.lm_head(features[0]))  # (gamma + 1, V)
-        accepted, nxt = accept_drafts(target_dist, None if sampler.greedy else drafts, tokens[0, m + 1 : m + 1 + gamma],
-                                      sampler.generator)
+        drafts = drafter.propose(tokens, m, gamma, sampler)  # (gamma, V), or None when greedy
+        logits, *kept = engine.program("read", lambda idx: drafter.read(idx, engine.view), tokens[:, m : m + gamma + 1])
+        drafter.keep(m, tuple(kept))
+        accepted, nxt = accept_drafts(sampler.dist(logits[0]), drafts, tokens[0, m + 1 : m + 1 + gamma], sampler.generator)
         stats.record(accepted)
         out.extend(tokens[0, m + 1 : m + 1 + accepted].tolist() + [nxt])
         m += accepted + 1
         tokens[0, m] = nxt
-        cache.truncate(m)
+        engine.cache.truncate(m)
     if eos_id is not None and eos_id in out:
         out = out[: out.index(eos_id) + 1]
     out = out[:max_new_tokens]
     stats.tokens = len(out)
     return out, stats
+
+
+def drafter_passes(model: Decoder) -> Passes:
+    """The passes a drafter runs over its own caches, with the options a decode engine of `model` gets."""
+    compile, cuda_graph = fast_paths(model, False, None)
+    return Passes(compile, cuda_graph)
 
 
 class _MTPDrafter:
@@ -172,28 +217,51 @@ class _MTPDrafter:
         device, dtype = decoder.wte.weight.device, decoder.wte.weight.dtype
         self.decoder, self.heads = decoder, heads
         self.caches = heads.caches(1, max_len, device, dtype)[:depth]
+        self.views = [SlotCache(cache) for cache in self.caches]
+        self.passes = drafter_passes(decoder)
         # hidden[k][j]: depth k's hidden state at position j (k = 0: the decoder's)
         self.hidden = [torch.zeros(1, max_len, decoder.config.n_embd, device=device, dtype=dtype) for _ in range(depth)]
 
-    def read(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        start = cache.length
-        h = self.decoder.hidden(idx, cache)
-        self.hidden[0][:, start : start + idx.shape[1]] = h  # positions past the accepted prefix are read again later
-        return self.decoder.norm(h)
+    def reset(self) -> None:
+        for cache in self.caches:
+            cache.reset()
 
-    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor:
+    def read(self, idx: torch.Tensor, cache: KVCache | SlotCache) -> tuple[torch.Tensor, ...]:
+        h = self.decoder.hidden(idx, cache)
+        return self.decoder.lm_head(self.decoder.norm(h)), h
+
+    def keep(self, start: int, kept: tuple[torch.Tensor, ...]) -> None:
+        (h,) = kept
+        self.hidden[0][:, start : start + h.shape[1]] = h  # positions past the accepted prefix are read again later
+
+    def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor | None:
+        decoder, heads = self.decoder, self.heads
         dists = []
         for k in range(1, gamma + 1):
-            cache = self.caches[k - 1]
+            cache, view = self.caches[k - 1], self.views[k - 1]
             keep = min(cache.length, max(0, m - k))  # positions j whose token j + k was settled: j <= m - 1 - k
             cache.truncate(keep)
-            previous = self.hidden[0 if self.heads.kind == "parallel" else k - 1][:, keep:m]
-            h = self.heads.step(self.decoder, k, previous, tokens[:, keep + k : m + k], cache)
+            previous = self.hidden[0 if heads.kind == "parallel" else k - 1][:, keep:m]
+            if keep == 0:  # the prompt's positions: one eager pass
+                h = heads.step(decoder, k, previous, tokens[:, keep + k : m + k], cache)
+                logits = heads.logits(decoder, k, h[:, -1])
+            else:
+                def depth_k(previous: torch.Tensor, next_tokens: torch.Tensor, k: int = k, view: SlotCache = view):
+                    h = heads.step(decoder, k, previous, next_tokens, view)
+                    return h, heads.logits(decoder, k, h[:, -1])
+
+                h, logits = self.passes.run(f"mtp-{k}", depth_k, (previous, tokens[:, keep + k : m + k]),
+                                            [(view, m - keep)])
             if k < gamma:
                 self.hidden[k][:, keep:m] = h
-            dists.append(sampler.dist(self.heads.logits(self.decoder, k, h[:, -1])[0]))
+            dists.append(sampler.dist(logits[0]))
             tokens[0, m + k] = sampler.pick(dists[-1])
-        return torch.stack(dists)
+        return None if sampler.greedy else torch.stack(dists)
+
+
+def mtp_speculator(decoder: Decoder, heads: MTPHeads, depth: int) -> Speculator:
+    """A `Speculator` drafting with the first `depth` of the decoder's MTP heads."""
+    return Speculator(decoder, lambda max_len: _MTPDrafter(decoder, heads, depth, max_len))
 
 
 @torch.no_grad()
@@ -208,6 +276,7 @@ def self_speculative_generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    speculator: Speculator | None = None,
 ) -> tuple[list[int], SpeculativeStats]:
     """New tokens for one prompt, drafted `depth` at a time (default: every head) by the decoder's MTP
     heads and checked by the decoder; the same tokens as `generation.generate` at temperature 0,
@@ -215,11 +284,13 @@ def self_speculative_generate(
 
     Each round feeds the newest token and the drafts to the decoder at once (D + 1 positions), keeps the
     accepted prefix of its key/value cache, and runs each head over the positions whose inputs changed
-    (`_MTPDrafter`). One sequence at a time: rows of a batch accept different numbers of drafts.
+    (`_MTPDrafter`). One sequence at a time: rows of a batch accept different numbers of drafts. Pass the
+    same `mtp_speculator(decoder, heads, depth)` to each call to capture its programs once.
     """
     depth = heads.depth if depth is None else depth
     if not 1 <= depth <= heads.depth:
         raise ValueError(f"draft depth must be between 1 and the model's {heads.depth} MTP heads; got {depth}")
     max_len = cache_length(decoder, prompt, max_new_tokens, depth, {})
     sampler = Sampler(decoder.config.vocab_size, temperature, top_k, top_p, seed, decoder.wte.weight.device)
-    return speculate(decoder, _MTPDrafter(decoder, heads, depth, max_len), prompt, max_new_tokens, depth, max_len, sampler, eos_id)
+    speculator = speculator or mtp_speculator(decoder, heads, depth)
+    return speculate(speculator, prompt, max_new_tokens, depth, max_len, sampler, eos_id)
