@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from torch.nn.attention import SDPBackend
+from torch.profiler import ProfilerActivity, profile
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -247,8 +249,6 @@ def summarize(mode: str, batch: int, prompt_len: int, new_tokens: int, runs: lis
 
 def engine_for(model: Decoder, batch: int, max_len: int, mode: str) -> DecodeEngine:
     """The engine a decode mode runs: `engine`, `engine+compile`, `engine+compile+math`."""
-    from torch.nn.attention import SDPBackend
-
     cuda = next(model.parameters()).device.type == "cuda"
     return DecodeEngine(model, batch, max_len, compile="compile" in mode, cuda_graph=cuda,
                         sdpa=SDPBackend.MATH if mode.endswith("+math") else None)
@@ -317,9 +317,7 @@ def hf_decode_speed(hf, model: Decoder, batch: int, prompt_len: int, new_tokens:
             times.append(seconds)
     seconds = statistics.median(times)
     row = summarize(mode, batch, prompt_len, new_tokens, [[seconds / new_tokens] * new_tokens], warmup_s, None)
-    import transformers
-
-    row["transformers"] = transformers.__version__
+    row["transformers"] = sys.modules["transformers"].__version__  # imported by hf_model
     return row
 
 
@@ -330,8 +328,6 @@ def profile_step(engine: DecodeEngine, replays: int = 20) -> dict:
     Busy time is the sum of kernel durations per step; the rest of the step's wall time is the
     gaps between kernels (launch latency inside the graph, and kernels too short to fill the GPU).
     """
-    from torch.profiler import ProfilerActivity, profile
-
     vocab = engine.model.config.vocab_size
     prompt = random_prompt(engine.model, engine.batch, 8)
     engine.reset()
