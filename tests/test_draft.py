@@ -24,7 +24,7 @@ from modules.decoding.draft import (
 from modules.decoding.generation import generate, sampling_probs
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.eagle import EagleConfig, EagleHead, fusion_layers
-from modules.decoding.speculative import SpeculativeStats, accept_drafts
+from modules.decoding.speculative import SpeculativeStats, accept_drafts, greedy_verdict
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,13 +204,12 @@ def test_cached_drafts_match_drafting_from_scratch(kind: str, monkeypatch: pytes
         drafter = sharpened(EagleHead(cfg), 0, 0.3)
     rounds: list[tuple[list[int], int]] = []
 
-    def recording(target_dist: torch.Tensor, draft: torch.Tensor | None, tokens: torch.Tensor,
-                  generator: torch.Generator | None = None) -> tuple[int, int]:
-        accepted, nxt = accept_drafts(target_dist, draft, tokens, generator)
-        rounds.append((tokens.tolist(), accepted))
-        return accepted, nxt
+    def recording(target_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        verdict = greedy_verdict(target_logits, tokens)  # on the CPU the verification pass runs eagerly: this is called
+        rounds.append((tokens.tolist(), int(verdict[0])))
+        return verdict
 
-    monkeypatch.setattr(speculative_module, "accept_drafts", recording)
+    monkeypatch.setattr(speculative_module, "greedy_verdict", recording)
     prompt, gamma = [2, 1, 0, 1, 0], 3
     run = draft_speculative_generate if kind == "draft" else eagle_generate
     out, _ = run(target, drafter, prompt, 40, gamma)

@@ -25,22 +25,32 @@ from modules.nn.decoder import Decoder
 from modules.nn.mtp import MTPHeads
 
 
+def greedy_verdict(target: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(2 + n,) on the device: drafts accepted, the target's next token, then the n drafts themselves.
+
+    target (n + 1, V): the target's logits at each drafted position and one past the last; tokens (n,):
+    the drafts. A draft is kept while it is the target's argmax; the next token is the argmax where the
+    run stops. Pure tensor work, so a verification program computes it inside its graph and the host
+    reads the round's outcome back in one transfer.
+    """
+    best = target.argmax(-1)  # (n + 1,)
+    accepted = (best[:-1] == tokens).long().cumprod(0).sum()
+    return torch.cat([accepted[None], best[accepted][None], tokens])
+
+
 def accept_drafts(
     target: torch.Tensor, draft: torch.Tensor | None, tokens: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[int, int]:
     """(drafts accepted, the target's next token) for one sequence, read back from the device once.
 
     target (n + 1, V): the target's distribution at each drafted position and one past the last;
-    tokens (n,): the drafts. Greedy when `draft` is None: a draft is kept while it is the target's
-    argmax, and the next token is the argmax where it stops. Sampled when draft (n, V) holds the
-    distributions the drafts were drawn from: Leviathan et al.'s rule.
+    tokens (n,): the drafts. Greedy when `draft` is None (`greedy_verdict`). Sampled when draft (n, V)
+    holds the distributions the drafts were drawn from: Leviathan et al.'s rule.
     """
-    n = tokens.shape[0]
     if draft is None:
-        best = target.argmax(-1)  # (n + 1,)
-        accepted = (best[:n] == tokens).long().cumprod(0).sum()
-        accepted, nxt = torch.stack([accepted, best[accepted]]).tolist()
+        accepted, nxt = greedy_verdict(target, tokens)[:2].tolist()
         return accepted, nxt
+    n = tokens.shape[0]
     rows = torch.arange(n, device=tokens.device)
     p, q = target[rows, tokens], draft[rows, tokens]  # (n,)
     u = torch.rand(n, generator=generator, device=tokens.device)
@@ -173,7 +183,8 @@ class Speculator:
 def speculate(speculator: Speculator, prompt: list[int], max_new_tokens: int, gamma: int, max_len: int,
               sampler: Sampler, eos_id: int | None) -> tuple[list[int], SpeculativeStats]:
     """The rounds every drafter shares, on the decode engine: the target prefills, then each round checks gamma
-    drafts in one pass of gamma + 1 tokens (one captured program on CUDA) and reads back what it kept."""
+    drafts in one pass of gamma + 1 tokens (one captured program on CUDA, which also judges greedy drafts) and
+    reads the outcome back once (sampled: once more for the drafts)."""
     engine, drafter = speculator.get(max_len)
     device = engine.cache.valid.device
     tokens = torch.zeros(1, engine.cache.max_len + 1, dtype=torch.long, device=device)
@@ -185,13 +196,26 @@ def speculate(speculator: Speculator, prompt: list[int], max_new_tokens: int, ga
     tokens[0, m] = sampler.pick(sampler.dist(logits[0, -1]))
     out = [int(tokens[0, m])]
     stats = SpeculativeStats(gamma)
+    vocab = sampler.vocab
+
+    def verify(idx: torch.Tensor) -> tuple[torch.Tensor, ...]:  # greedy: the round's outcome inside the program
+        logits, *kept = drafter.read(idx, engine.view)
+        return greedy_verdict(logits[0, :, :vocab], idx[0, 1:]), *kept
+
     while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
         drafts = drafter.propose(tokens, m, gamma, sampler)  # (gamma, V), or None when greedy
-        logits, *kept = engine.program("read", lambda idx: drafter.read(idx, engine.view), tokens[:, m : m + gamma + 1])
-        drafter.keep(m, tuple(kept))
-        accepted, nxt = accept_drafts(sampler.dist(logits[0]), drafts, tokens[0, m + 1 : m + 1 + gamma], sampler.generator)
+        window = tokens[:, m : m + gamma + 1]
+        if sampler.greedy:
+            verdict, *kept = engine.program("verify", verify, window)
+            drafter.keep(m, tuple(kept))
+            accepted, nxt, *proposed = verdict.tolist()  # the one read-back of the round
+        else:
+            logits, *kept = engine.program("read", lambda idx: drafter.read(idx, engine.view), window)
+            drafter.keep(m, tuple(kept))
+            accepted, nxt = accept_drafts(sampler.dist(logits[0]), drafts, window[0, 1:], sampler.generator)
+            proposed = window[0, 1:].tolist()
         stats.record(accepted)
-        out.extend(tokens[0, m + 1 : m + 1 + accepted].tolist() + [nxt])
+        out.extend(proposed[:accepted] + [nxt])
         m += accepted + 1
         tokens[0, m] = nxt
         engine.cache.truncate(m)
