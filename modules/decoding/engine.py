@@ -123,8 +123,16 @@ def fast_paths(model: Decoder, compile: bool, cuda_graph: bool | None) -> tuple[
         raise ValueError("a mixture of experts routes tokens with data-dependent shapes, which one compiled or "
                          "captured step cannot hold: decode it eagerly (compile=False, cuda_graph=False)")
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and not moe
+        cuda_graph = device.type == "cuda" and not moe and not sharded(model)
     return compile, cuda_graph
+
+
+def sharded(model: Decoder) -> bool:
+    """Whether `model`'s parameters are shards that a forward pass gathers (FSDP2's DTensors, DeepSpeed ZeRO-3's
+    partitions): a captured graph would replay one gather into buffers the strategy frees again."""
+    from torch.distributed.tensor import DTensor  # light, but only needed here
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 class Passes:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from modules.training.arms import step_arm
+from modules.decoding.engine import Engines
 from modules.decoding.generation import generate
 from modules.nn import Decoder, DecoderConfig
 from modules.training.reward import RewardModel
@@ -197,6 +198,7 @@ class PPOModule(TechniqueModule):
         self.true_reward = true_reward  # token rows -> ground-truth rewards (for ppo.reward=true, and to report)
         # the runs the policy and the reward model came from, for the report; like `true_reward`, not hyperparameters
         self.base_dir, self.reward_dir = base_dir, reward_dir
+        self.engines: dict[Decoder, Engines] = {}  # decode engines of each sampling decoder, kept across rollouts
         self.register_buffer("kl_coef", torch.tensor(self.ppo.init_kl_coef, dtype=torch.float64))
         # the reward model's score is used as (score - shift) / scale: set by `normalize_scores` so that the
         # reference policy's samples score 0 +- 1 and the KL coefficient is in units of that spread
@@ -236,8 +238,9 @@ class PPOModule(TechniqueModule):
         B, P = prompts.shape
         self.policy.eval()
         sampler = policy if policy is not None else self.model
+        engines = self.engines.setdefault(sampler, Engines(sampler))
         rows = generate(sampler, prompts.tolist(), self.ppo.response_tokens, temperature=self.ppo.temperature,
-                        eos_id=self.eos_id, seed=seed)
+                        eos_id=self.eos_id, seed=seed, engines=engines)
         pad = self.eos_id if self.eos_id is not None else 0
         responses = torch.full((B, self.ppo.response_tokens), pad, dtype=torch.long, device=prompts.device)
         for i, row in enumerate(rows):
