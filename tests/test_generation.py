@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.decoding.engine import DecodeEngine, Engines
+from modules.decoding.engine import DecodeEngine, Engines, sharded
 from modules.decoding.generation import decode, generate, sample_next
 from modules.nn import Decoder, DecoderConfig
 from modules.nn.cache import KVCache
@@ -291,3 +291,10 @@ def test_compiled_engines_of_many_shapes_in_one_process() -> None:
         kept.prefill(torch.tensor([[1, 2]]))
         kept.step(torch.tensor([[3]]))
     assert kept.cache.length == 3
+
+
+def test_sharded_parameters_are_seen_so_no_graph_replays_a_gather() -> None:
+    m = model()
+    assert not sharded(m)
+    next(m.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    assert sharded(m)
