@@ -29,6 +29,7 @@ from datamodules.chat import END, is_chat_tokenizer, prompt_ids
 from datamodules.constitution import EMAIL, PHONE, URL, Principle, checkable, has_phrase, phrase_pattern
 from datamodules.preference import Pair, to_pair_text
 from datamodules.tokenizer import EOT_ID
+from modules.decoding.engine import Engines
 from modules.decoding.generation import generate, truncate_at_stop
 from modules.nn import Decoder
 
@@ -198,12 +199,14 @@ def decoder_generator(model: Decoder, tokenizer: Tokenizer, max_new_tokens: int,
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={model.config.block_size}")
     model.eval()
     seed = sampling.pop("seed", None)
+    engines = Engines(model)  # every batch of one shape on one captured engine
 
     def generate_many(texts: list[str]) -> list[str]:
         out = []
         for start in range(0, len(texts), batch_size):
             prompts = [prompt_ids(tokenizer, t, chat)[-room:] for t in texts[start : start + batch_size]]
-            rows = generate(model, prompts, max_new_tokens, eos_id=stop, seed=None if seed is None else seed + start, **sampling)
+            rows = generate(model, prompts, max_new_tokens, eos_id=stop, seed=None if seed is None else seed + start,
+                            engines=engines, **sampling)
             out += [tokenizer.decode([t for t in row if t != stop]) for row in rows]
         return out
 

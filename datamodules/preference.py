@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.sampler import ResumableBatches
 from datamodules.sources import DataFormatError, load_records
+from modules.decoding.engine import Engines
 from modules.decoding.generation import generate
 
 SENTIMENT = "sentiment"
@@ -117,10 +118,11 @@ def sample_responses(model: Any, prompts: list[list[int]], config: PreferenceDat
     starts = range(0, len(flat), batch)
     if progress:
         starts = track(starts, description=f"sampling {len(flat)} continuations")
+    engines = Engines(model)  # every full batch on one captured engine
     with torch.no_grad():
         for i, start in enumerate(starts):
             out += generate(model, flat[start : start + batch], config.response_tokens,
-                            temperature=config.temperature, seed=seed * 100_003 + i)
+                            temperature=config.temperature, seed=seed * 100_003 + i, engines=engines)
     return out
 
 
