@@ -35,7 +35,7 @@ def greedy_verdict(target: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """
     best = target.argmax(-1)  # (n + 1,)
     accepted = (best[:-1] == tokens).long().cumprod(0).sum()
-    return torch.cat([accepted[None], best[accepted][None], tokens])
+    return torch.cat([accepted[None], best.gather(0, accepted[None]), tokens])  # gather: indexing by a tensor would sync
 
 
 def accept_drafts(
