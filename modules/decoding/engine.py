@@ -208,6 +208,12 @@ class DecodeEngine:
         return self.program("logits", lambda idx: model(idx, view), tokens)
 
 
+def cache_slots(length: int, block_size: int) -> int:
+    """Slots of a kept engine's cache for `length` tokens: the next power of two, at most `block_size`, so
+    calls of nearby lengths share one cache and its captured programs."""
+    return min(block_size, 1 << max(length - 1, 1).bit_length())
+
+
 class Engines:
     """The engines of one model, kept for reuse: one per batch size and cache length, the `keep` used last.
 
@@ -227,7 +233,7 @@ class Engines:
         block = self.model.config.block_size
         if length > block:
             raise ValueError(f"cache of {length} slots exceeds the model's block_size {block}")
-        max_len = min(block, 1 << max(length - 1, 1).bit_length())
+        max_len = cache_slots(length, block)
         # parameters replaced (not updated in place) would leave a graph reading the old ones; inference
         # tensors cannot be written outside inference mode, nor dropout switched in a captured pass
         pointers = tuple(p.data_ptr() for p in self.model.parameters())

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from modules.decoding.engine import DecodeEngine, Passes, fast_paths
+from modules.decoding.engine import DecodeEngine, Passes, cache_slots, fast_paths
 from modules.decoding.generation import sampling_probs
 from modules.nn.cache import KVCache, SlotCache
 from modules.nn.decoder import Decoder
@@ -171,7 +171,7 @@ class Speculator:
         self.kept: dict[int, tuple[DecodeEngine, Drafter]] = {}
 
     def get(self, length: int) -> tuple[DecodeEngine, Drafter]:
-        max_len = min(self.block, 1 << max(length - 1, 1).bit_length())
+        max_len = cache_slots(length, self.block)
         if max_len not in self.kept:
             self.kept = {max_len: (DecodeEngine(self.target, 1, max_len), self.make_drafter(max_len))}  # one kept
         engine, drafter = self.kept[max_len]
