@@ -298,3 +298,35 @@ def test_sharded_parameters_are_seen_so_no_graph_replays_a_gather() -> None:
     assert not sharded(m)
     next(m.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
     assert sharded(m)
+
+
+class _Kernels(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that compute or write (views excluded): what an eager pass launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:5])
+def test_prefill_into_an_empty_cache_launches_what_a_pass_without_one_does(variant: dict) -> None:
+    """Every layer's cache write waits for one multi-tensor copy at the end of the pass, so an eager
+    prefill (launch-bound on a GPU) is not slower for filling a cache; the cache then decodes exactly."""
+    m = model(**variant)
+    idx = torch.tensor([[5, 17, 3, 9, 30]])
+    cache = KVCache(m.config, 1, 12, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        with _Kernels() as plain:
+            expected = m(idx)
+        with _Kernels() as cached:
+            got = m(idx, cache)
+        step = m(torch.tensor([[42]]), cache)[0, -1]
+        full = m(torch.tensor([[5, 17, 3, 9, 30, 42]]))[0, -1]
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    assert cached.count <= plain.count + 2, (cached.count, plain.count)  # the copy and marking the slots valid

@@ -61,6 +61,7 @@ class KVCache:
             torch.zeros(batch, inner, config.mamba_d_state, device=device, dtype=torch.float32)) for a in attention]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots filled so far
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (slots, values) written at `advance`
         self.padded = False  # some slot holds padding: positions count real tokens per row
         self.max_len, self.dtype = max_len, dtype
 
@@ -105,13 +106,27 @@ class KVCache:
         return (self.valid[:, : self.length + T].cumsum(-1)[:, self.length :] - 1).clamp(min=0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hs) at the next T slots of `layer`; return that layer's slots filled so far."""
+        """Write k, v (B, n_kv, T, hs) at the next T slots of `layer`; return that layer's slots filled so far.
+
+        Into an empty, unpadded cache the write waits for `advance`, which makes every layer's in one
+        multi-tensor copy, and attention reads k, v themselves (the same values, in the layout a pass
+        without a cache reads): an eager prefill then costs what the same pass without a cache does,
+        not two more launches per layer.
+        """
         end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
+        slots_k, slots_v = self.k[layer][:, :, self.length : end], self.v[layer][:, :, self.length : end]
+        if self.length == 0 and not self.padded:
+            self.pending += [(slots_k, k), (slots_v, v)]
+            return k, v
+        slots_k.copy_(k)
+        slots_v.copy_(v)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
+        if self.pending:
+            slots, values = zip(*self.pending)
+            torch._foreach_copy_(list(slots), list(values))  # casts to the buffers' dtype, as copy_ does
+            self.pending = []
         self.length += n
 
     def truncate(self, length: int) -> None:
@@ -128,6 +143,7 @@ class KVCache:
         """Empty the cache in place, keeping its buffers (a graph captured over them stays valid)."""
         self.valid.zero_()
         self.padded = False
+        self.pending = []
         for state in self.mamba:
             if state is not None:
                 state.conv.zero_()
