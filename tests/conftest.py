@@ -18,6 +18,20 @@ if _workers > 1:
         os.environ.setdefault(_name, str(max(1, (os.cpu_count() or 1) // _workers)))
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmul_precision() -> Iterator[None]:
+    """Each test starts with full float32 matmuls and leaves them so: a run through the trainer switches
+    the process to TF32 (`set_float32_matmul_precision("high")`), which, left on, moves a later test's
+    float32 CUDA result against its float64 reference by 1e-3 (which tests that is depends on xdist's order)."""
+    import torch
+
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 200 KB of real prose-and-code documents as .txt files (stdlib modules)."""
