@@ -80,7 +80,8 @@ def test_greedy_eagle_decoding_gives_the_targets_tokens(position: str, variant: 
 
 @pytest.mark.parametrize("kind", ["draft model", "EAGLE"])
 def test_a_speculator_kept_across_prompts_gives_what_fresh_ones_give(kind: str) -> None:
-    """One target engine and drafter, reset between prompts of different lengths, greedy and sampled."""
+    """One target engine and drafter, reset between prompts of different lengths, greedy and sampled at two settings
+    (each its own verification program: one captured for T = 1 must not judge T = 0.5's drafts)."""
     cfg = config(position="rope", n_layer=3)
     target = sharpened(Decoder(cfg), 0, 0.3)
     if kind == "draft model":
@@ -90,7 +91,8 @@ def test_a_speculator_kept_across_prompts_gives_what_fresh_ones_give(kind: str) 
         drafter = sharpened(EagleHead(cfg, EagleConfig.eagle3(3)), 2, 0.3)
         run, make = eagle_generate, eagle_speculator
     kept = make(target, drafter)
-    for prompt, gamma, sampling in itertools.product(prompts(50), (1, 3), ({}, dict(temperature=1.0, seed=4))):
+    for prompt, gamma, sampling in itertools.product(prompts(50), (1, 3), ({}, dict(temperature=1.0, seed=4),
+                                                                                 dict(temperature=0.5, top_k=5, seed=4))):
         fresh = run(target, drafter, prompt, 20, gamma, **sampling)
         again = run(target, drafter, prompt, 20, gamma, speculator=kept, **sampling)
         assert again[0] == fresh[0] and again[1].accepted == fresh[1].accepted
@@ -244,10 +246,11 @@ def chi_square_pvalue(samples: list[tuple[int, ...]], exact: dict[tuple[int, ...
     return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
 
 
-def always_accept(target: torch.Tensor, draft: torch.Tensor | None, tokens: torch.Tensor,
-                  generator: torch.Generator | None = None) -> tuple[int, int]:
+def always_accept(target: torch.Tensor, draft: torch.Tensor, tokens: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A broken rule: every draft kept, whatever the target thinks of it."""
-    return tokens.shape[0], int(torch.multinomial(target[-1], 1, generator=generator))
+    cdf = target[-1].cumsum(0)
+    nxt = torch.searchsorted(cdf, u[-1:] * cdf[-1], right=True).clamp(max=cdf.shape[0] - 1)
+    return torch.cat([torch.tensor([tokens.shape[0]], device=tokens.device), nxt, tokens])
 
 
 VOCAB, PROMPT = 3, [1, 2]
@@ -271,7 +274,7 @@ def test_sampled_draft_model_decoding_keeps_the_targets_distribution(monkeypatch
         stats = stats.merge(one)
     assert chi_square_pvalue(samples, exact) > 1e-3
     assert 0 < stats.accepted[0] < stats.proposed[0] and 0 < stats.accepted[1] < stats.proposed[1]
-    monkeypatch.setattr(speculative_module, "accept_drafts", always_accept)
+    monkeypatch.setattr(speculative_module, "sampled_verdict", always_accept)
     broken = [tuple(draft_speculative_generate(target, small, PROMPT, 3, 2, temperature=1.0, seed=s)[0])
               for s in range(200)]
     assert chi_square_pvalue(broken, exact) < 1e-6

@@ -38,6 +38,30 @@ def greedy_verdict(target: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([accepted[None], best.gather(0, accepted[None]), tokens])  # gather: indexing by a tensor would sync
 
 
+def sampled_verdict(target: torch.Tensor, draft: torch.Tensor, tokens: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(2 + n,) on the device, as `greedy_verdict`'s, for sampled drafts: Leviathan et al.'s rule.
+
+    target (n + 1, V): the target's distribution at each drafted position and one past the last; draft (n, V):
+    the distributions the drafts were drawn from; tokens (n,); u (n + 1,): uniforms in [0, 1), drawn
+    outside (a captured program replays fixed kernels, so its randomness comes in as an input). Draft i
+    is kept while u_i q(x_i) <= p(x_i); where the run stops the next token is drawn from norm(max(0, p - q))
+    (past the last draft q is 0: from p itself) by inverting its cumulative sum at u_n.
+    """
+    n = tokens.shape[0]
+    rows = torch.arange(n, device=tokens.device)
+    p, q = target[rows, tokens], draft[rows, tokens]  # (n,)
+    keep = (u[:n] * q <= p).long()  # u < p / q without dividing by q = 0 (a draft q cannot draw)
+    accepted = keep.cumprod(0).sum()[None]  # (1,): gathers, never indexing by a tensor (that would sync)
+    p_next = target.index_select(0, accepted)[0]
+    q_next = torch.cat([draft, torch.zeros_like(draft[:1])]).index_select(0, accepted)[0]
+    residual = (p_next - q_next).clamp(min=0)
+    # p == q leaves no residual; rejection then has probability 0, but float rounding can land here
+    residual = torch.where(residual.sum() > 0, residual, p_next)
+    cdf = residual.cumsum(0)
+    nxt = torch.searchsorted(cdf, (u[n:] * cdf[-1]).contiguous(), right=True).clamp(max=residual.shape[0] - 1)
+    return torch.cat([accepted, nxt, tokens])
+
+
 def accept_drafts(
     target: torch.Tensor, draft: torch.Tensor | None, tokens: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[int, int]:
@@ -45,24 +69,14 @@ def accept_drafts(
 
     target (n + 1, V): the target's distribution at each drafted position and one past the last;
     tokens (n,): the drafts. Greedy when `draft` is None (`greedy_verdict`). Sampled when draft (n, V)
-    holds the distributions the drafts were drawn from: Leviathan et al.'s rule.
+    holds the distributions the drafts were drawn from (`sampled_verdict`, its uniforms from `generator`).
     """
     if draft is None:
-        accepted, nxt = greedy_verdict(target, tokens)[:2].tolist()
-        return accepted, nxt
-    n = tokens.shape[0]
-    rows = torch.arange(n, device=tokens.device)
-    p, q = target[rows, tokens], draft[rows, tokens]  # (n,)
-    u = torch.rand(n, generator=generator, device=tokens.device)
-    keep = (u * q <= p).long()  # u < p / q without dividing by q = 0 (a draft q cannot draw)
-    accepted = keep.cumprod(0).sum()
-    # where the run stops: draw from norm(max(0, p - q)); past the last draft q is 0, so from p itself
-    q_next = torch.cat([draft, torch.zeros_like(draft[:1])])[accepted]
-    residual = (target[accepted] - q_next).clamp(min=0)
-    # p == q leaves no residual; rejection then has probability 0, but float rounding can land here
-    residual = torch.where(residual.sum() > 0, residual, target[accepted])
-    nxt = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
-    accepted, nxt = torch.stack([accepted, nxt]).tolist()
+        verdict = greedy_verdict(target, tokens)
+    else:
+        u = torch.rand(tokens.shape[0] + 1, generator=generator, device=tokens.device)
+        verdict = sampled_verdict(target, draft, tokens, u)
+    accepted, nxt = verdict[:2].tolist()
     return accepted, nxt
 
 
@@ -184,7 +198,7 @@ def speculate(speculator: Speculator, prompt: list[int], max_new_tokens: int, ga
               sampler: Sampler, eos_id: int | None) -> tuple[list[int], SpeculativeStats]:
     """The rounds every drafter shares, on the decode engine: the target prefills, then each round checks gamma
     drafts in one pass of gamma + 1 tokens (one captured program on CUDA, which also judges greedy drafts) and
-    reads the outcome back once (sampled: once more for the drafts)."""
+    reads the outcome back once."""
     engine, drafter = speculator.get(max_len)
     device = engine.cache.valid.device
     tokens = torch.zeros(1, engine.cache.max_len + 1, dtype=torch.long, device=device)
@@ -198,22 +212,25 @@ def speculate(speculator: Speculator, prompt: list[int], max_new_tokens: int, ga
     stats = SpeculativeStats(gamma)
     vocab = sampler.vocab
 
-    def verify(idx: torch.Tensor) -> tuple[torch.Tensor, ...]:  # greedy: the round's outcome inside the program
+    def verify(idx: torch.Tensor, *sampled: torch.Tensor) -> tuple[torch.Tensor, ...]:  # the round's outcome, in the program
         logits, *kept = drafter.read(idx, engine.view)
-        return greedy_verdict(logits[0, :, :vocab], idx[0, 1:]), *kept
+        if sampler.greedy:
+            return greedy_verdict(logits[0, :, :vocab], idx[0, 1:]), *kept
+        draft, u = sampled
+        return sampled_verdict(sampler.dist(logits[0]), draft, idx[0, 1:], u), *kept
 
     while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
         drafts = drafter.propose(tokens, m, gamma, sampler)  # (gamma, V), or None when greedy
         window = tokens[:, m : m + gamma + 1]
         if sampler.greedy:
             verdict, *kept = engine.program("verify", verify, window)
-            drafter.keep(m, tuple(kept))
-            accepted, nxt, *proposed = verdict.tolist()  # the one read-back of the round
         else:
-            logits, *kept = engine.program("read", lambda idx: drafter.read(idx, engine.view), window)
-            drafter.keep(m, tuple(kept))
-            accepted, nxt = accept_drafts(sampler.dist(logits[0]), drafts, window[0, 1:], sampler.generator)
-            proposed = window[0, 1:].tolist()
+            u = torch.rand(gamma + 1, generator=sampler.generator, device=device)
+            # a kept engine keeps its programs, so the sampling settings that `verify` closes over name its own
+            name = f"verify T={sampler.temperature} top_k={sampler.top_k} top_p={sampler.top_p}"
+            verdict, *kept = engine.program(name, verify, window, drafts, u)
+        drafter.keep(m, tuple(kept))
+        accepted, nxt, *proposed = verdict.tolist()  # the one read-back of the round
         stats.record(accepted)
         out.extend(proposed[:accepted] + [nxt])
         m += accepted + 1
