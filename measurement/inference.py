@@ -89,13 +89,16 @@ def held_out_loss(model: Decoder, blocks: torch.Tensor, batch: int = 8) -> float
     return total / count
 
 
-def decode_rate(model: Decoder, prompts: list[list[int]], settings: DecodeSettings, device: torch.device) -> tuple[list, float]:
-    """Greedy outputs of every prompt (one at a time, on the decode engine: each shape captured in the warm-up
-    call) and tokens/s over them (best of `repeats`)."""
+def decode_rate(model: Decoder, prompts: list[list[int]], settings: DecodeSettings, device: torch.device,
+                temperature: float = 0.0) -> tuple[list, float]:
+    """Outputs of every prompt (one at a time, on the decode engine: each shape captured in the warm-up call;
+    greedy, or sampled at `temperature` with seed 1000 + i as speculation draws) and tokens/s over them (best
+    of `repeats`)."""
     engines = Engines(model)
 
     def run() -> list[list[int]]:
-        return [generate(model, [p], settings.new_tokens, engines=engines)[0] for p in prompts]
+        return [generate(model, [p], settings.new_tokens, temperature=temperature, seed=1000 + i if temperature else None,
+                         engines=engines)[0] for i, p in enumerate(prompts)]
 
     outputs, seconds = best_time(run, settings.repeats, device)
     return outputs, sum(map(len, outputs)) / seconds
@@ -127,12 +130,15 @@ def quantization(target: Decoder, calibration: torch.Tensor, held_out: torch.Ten
 
 def speculation(target: Decoder, draft: Decoder, head: EagleHead, prompts: list[list[int]], decode: DecodeSettings,
                 device: torch.device) -> dict[str, Any]:
-    """Plain decoding of target and draft, then each drafter at each gamma and temperature."""
+    """Plain decoding of target and draft, then each drafter at each gamma and temperature. A speedup divides
+    by plain decoding at the same temperature (sampling has costs of its own); c is the greedy steps' ratio."""
     reference, target_rate = decode_rate(target, prompts, decode, device)
+    plain_rates = {t: target_rate if t == 0.0 else decode_rate(target, prompts, decode, device, t)[1] for t in decode.temperatures}
     _, draft_rate = decode_rate(draft, prompts, decode, device)
     c_draft = target_rate / draft_rate  # one draft step's time over one target step's
     c_eagle = eagle_step_ratio(target, head, prompts[0], decode, device, target_rate)
-    plain = {"target_tokens_per_s": target_rate, "draft_tokens_per_s": draft_rate, "c_draft": c_draft, "c_eagle": c_eagle}
+    plain = {"target_tokens_per_s": target_rate, "draft_tokens_per_s": draft_rate, "c_draft": c_draft, "c_eagle": c_eagle,
+             "target_tokens_per_s_by_temperature": {str(t): r for t, r in plain_rates.items()}}
     print(json.dumps(plain), flush=True)
     with_draft, with_eagle = draft_speculator(target, draft), eagle_speculator(target, head)  # captured once each
     drafters = {
@@ -159,7 +165,8 @@ def speculation(target: Decoder, draft: Decoder, head: EagleHead, prompts: list[
                 record = {"method": method, "gamma": gamma, "temperature": temperature, "alpha": alpha,
                           "acceptance_by_depth": stats.acceptance(), "tokens_per_round": stats.tokens_per_round(),
                           "formula_tokens_per_round": expected_tokens_per_round(alpha, gamma) if not math.isnan(alpha) else None,
-                          "tokens_per_s": rate, "speedup": rate / target_rate,
+                          "tokens_per_s": rate, "plain_tokens_per_s": plain_rates[temperature],
+                          "speedup": rate / plain_rates[temperature],
                           "formula_speedup": expected_speedup(alpha, gamma, c) if not math.isnan(alpha) else None, "c": c}
                 if temperature == 0.0:
                     record["greedy_mismatches"] = sum(out != ref for out, ref in zip(outputs, reference))

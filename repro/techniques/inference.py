@@ -160,7 +160,9 @@ def _spec_table(result: dict[str, Any]) -> list[str]:
     spec = result["speculation"]
     lines = [f"Plain decoding: target {spec['target_tokens_per_s']:,.0f} tokens/s, draft model {spec['draft_tokens_per_s']:,.0f} "
              f"tokens/s; cost ratio c (a draft step over a target step): draft model {spec['c_draft']:.3f}, EAGLE head "
-             f"{spec['c_eagle']:.3f}.", "",
+             f"{spec['c_eagle']:.3f}. Each speedup divides by plain decoding at its own temperature"
+             + "".join(f"; T = {t}: {r:,.0f} tokens/s" for t, r in spec.get("target_tokens_per_s_by_temperature", {}).items())
+             + ".", "",
              "| drafter | temperature | gamma | alpha | tokens/pass | Eq. 1 at alpha | speedup | Thm. 3.8 at alpha, c | greedy mismatches |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in spec["records"]:
