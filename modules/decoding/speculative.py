@@ -13,6 +13,8 @@ drafts with a separate draft model or an EAGLE head.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -133,6 +135,33 @@ class Sampler:
     def pick(self, dist: torch.Tensor) -> torch.Tensor:
         """The token id drawn from dist (V,), a 0-d tensor on the device (nothing waits for it)."""
         return dist.argmax(-1) if self.greedy else torch.multinomial(dist, 1, generator=self.generator)[0]
+
+    @property
+    def key(self) -> str:
+        """The settings, for the names of programs that draw (each setting its own: a kept engine keeps them)."""
+        return "greedy" if self.greedy else f"T={self.temperature} top_k={self.top_k} top_p={self.top_p}"
+
+    def uniforms(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """A round's n uniforms for `drawing` passes, drawn outside them (None when greedy: nothing is random)."""
+        return None if self.greedy else torch.rand(n, generator=self.generator, device=device)
+
+    def drawing(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """A drafter's pass fn(*inputs) -> (..., logits (V',)) that also draws its draft: (..., token (1,), dist (V,)).
+
+        Pure tensor work, so a drafter's program draws inside its graph. Sampled, the pass takes a uniform
+        u (1,) as its last input and inverts the distribution's CDF at it; greedy, the argmax (dist is then
+        the logits, which `propose` does not return)."""
+        def drawn(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            if self.greedy:
+                *out, logits = fn(*inputs)
+                return (*out, logits[: self.vocab].argmax(-1, keepdim=True), logits)
+            *inputs, u = inputs
+            *out, logits = fn(*inputs)
+            dist = self.dist(logits)
+            cdf = dist.cumsum(0)
+            token = torch.searchsorted(cdf, (u * cdf[-1]).contiguous(), right=True).clamp(max=dist.shape[0] - 1)
+            return (*out, token, dist)
+        return drawn
 
 
 class Drafter(Protocol):
@@ -277,26 +306,28 @@ class _MTPDrafter:
 
     def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor | None:
         decoder, heads = self.decoder, self.heads
-        dists = []
+        u, dists = sampler.uniforms(gamma, tokens.device), []
         for k in range(1, gamma + 1):
             cache, view = self.caches[k - 1], self.views[k - 1]
             keep = min(cache.length, max(0, m - k))  # positions j whose token j + k was settled: j <= m - 1 - k
             cache.truncate(keep)
             previous = self.hidden[0 if heads.kind == "parallel" else k - 1][:, keep:m]
-            if keep == 0:  # the prompt's positions: one eager pass
-                h = heads.step(decoder, k, previous, tokens[:, keep + k : m + k], cache)
-                logits = heads.logits(decoder, k, h[:, -1])
-            else:
-                def depth_k(previous: torch.Tensor, next_tokens: torch.Tensor, k: int = k, view: SlotCache = view):
-                    h = heads.step(decoder, k, previous, next_tokens, view)
-                    return h, heads.logits(decoder, k, h[:, -1])
+            inputs = (previous, tokens[:, keep + k : m + k], *(() if u is None else (u[k - 1 : k],)))
 
-                h, logits = self.passes.run(f"mtp-{k}", depth_k, (previous, tokens[:, keep + k : m + k]),
-                                            [(view, m - keep)])
+            def depth_k(previous: torch.Tensor, next_tokens: torch.Tensor, k: int = k,
+                        cache: KVCache | SlotCache = view) -> tuple[torch.Tensor, ...]:
+                h = heads.step(decoder, k, previous, next_tokens, cache)
+                return h, heads.logits(decoder, k, h[:, -1])[0]
+
+            if keep == 0:  # the prompt's positions: one eager pass
+                h, token, dist = sampler.drawing(functools.partial(depth_k, cache=cache))(*inputs)
+            else:
+                h, token, dist = self.passes.run(f"mtp-{k} {sampler.key}", sampler.drawing(depth_k), inputs, [(view, m - keep)])
             if k < gamma:
                 self.hidden[k][:, keep:m] = h
-            dists.append(sampler.dist(logits[0]))
-            tokens[0, m + k] = sampler.pick(dists[-1])
+            tokens[0, m + k : m + k + 1] = token
+            if u is not None:
+                dists.append(dist.clone())  # a replay's outputs are overwritten by the next one
         return None if sampler.greedy else torch.stack(dists)
 
 
