@@ -248,8 +248,7 @@ def chi_square_pvalue(samples: list[tuple[int, ...]], exact: dict[tuple[int, ...
 
 def always_accept(target: torch.Tensor, draft: torch.Tensor, tokens: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A broken rule: every draft kept, whatever the target thinks of it."""
-    cdf = target[-1].cumsum(0)
-    nxt = torch.searchsorted(cdf, u[-1:] * cdf[-1], right=True).clamp(max=cdf.shape[0] - 1)
+    nxt = speculative_module.inverse_cdf(target[-1], u[-1:])
     return torch.cat([torch.tensor([tokens.shape[0]], device=tokens.device), nxt, tokens])
 
 
@@ -390,3 +389,15 @@ def test_bad_settings_are_refused() -> None:
         EagleConfig(ttt_steps=0)
     with pytest.raises(ValueError, match="unrolled steps"):
         EagleHead(config(), EagleConfig(ttt_steps=4)).loss(target, torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_inverse_cdf_draws_in_proportion_to_the_weights_and_never_a_zero_weight() -> None:
+    weights = torch.tensor([0.0, 2.0, 0.0, 1.0, 5.0, 0.0])  # any positive scale; zeros at both ends and inside
+    u = torch.rand(20_000, generator=torch.Generator().manual_seed(0))
+    draws = torch.cat([speculative_module.inverse_cdf(weights, x[None]) for x in u])
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[[0, 2, 5]].sum() == 0
+    expected = weights[[1, 3, 4]] / weights.sum() * len(u)
+    assert chisquare(counts[[1, 3, 4]].numpy(), expected.double().numpy()).pvalue > 1e-3
+    assert int(speculative_module.inverse_cdf(weights, torch.tensor([0.0]))) == 1  # u = 0: the first positive weight
+    assert int(speculative_module.inverse_cdf(weights, torch.tensor([1.0]))) == 4  # u * total rounded up: the last

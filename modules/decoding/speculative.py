@@ -14,7 +14,6 @@ drafts with a separate draft model or an EAGLE head.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -40,6 +39,15 @@ def greedy_verdict(target: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([accepted[None], best.gather(0, accepted[None]), tokens])  # gather: indexing by a tensor would sync
 
 
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(1,): the index drawn from weights (V,) (any positive scale) by inverting their cumulative sum at u (1,) in
+    [0, 1). Pure tensor work (no generator, no sync), so a captured program draws with its uniform as an input."""
+    cdf = weights.cumsum(0)
+    # u * total can round up to total itself; the clamp then keeps the draw on the last positive weight
+    last = cdf.argmax()  # the first index at the full sum
+    return torch.minimum(torch.searchsorted(cdf, (u * cdf[-1]).contiguous(), right=True), last)
+
+
 def sampled_verdict(target: torch.Tensor, draft: torch.Tensor, tokens: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """(2 + n,) on the device, as `greedy_verdict`'s, for sampled drafts: Leviathan et al.'s rule.
 
@@ -59,9 +67,7 @@ def sampled_verdict(target: torch.Tensor, draft: torch.Tensor, tokens: torch.Ten
     residual = (p_next - q_next).clamp(min=0)
     # p == q leaves no residual; rejection then has probability 0, but float rounding can land here
     residual = torch.where(residual.sum() > 0, residual, p_next)
-    cdf = residual.cumsum(0)
-    nxt = torch.searchsorted(cdf, (u[n:] * cdf[-1]).contiguous(), right=True).clamp(max=residual.shape[0] - 1)
-    return torch.cat([accepted, nxt, tokens])
+    return torch.cat([accepted, inverse_cdf(residual, u[n:]), tokens])
 
 
 def accept_drafts(
@@ -158,9 +164,7 @@ class Sampler:
             *inputs, u = inputs
             *out, logits = fn(*inputs)
             dist = self.dist(logits)
-            cdf = dist.cumsum(0)
-            token = torch.searchsorted(cdf, (u * cdf[-1]).contiguous(), right=True).clamp(max=dist.shape[0] - 1)
-            return (*out, token, dist)
+            return (*out, inverse_cdf(dist, u), dist)
         return drawn
 
 
@@ -254,10 +258,8 @@ def speculate(speculator: Speculator, prompt: list[int], max_new_tokens: int, ga
         if sampler.greedy:
             verdict, *kept = engine.program("verify", verify, window)
         else:
-            u = torch.rand(gamma + 1, generator=sampler.generator, device=device)
             # a kept engine keeps its programs, so the sampling settings that `verify` closes over name its own
-            name = f"verify T={sampler.temperature} top_k={sampler.top_k} top_p={sampler.top_p}"
-            verdict, *kept = engine.program(name, verify, window, drafts, u)
+            verdict, *kept = engine.program(f"verify {sampler.key}", verify, window, drafts, sampler.uniforms(gamma + 1, device))
         drafter.keep(m, tuple(kept))
         accepted, nxt, *proposed = verdict.tolist()  # the one read-back of the round
         stats.record(accepted)
