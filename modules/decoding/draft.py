@@ -41,18 +41,17 @@ class _DraftModel:
         # slots up to m - 1 hold settled tokens (accepted drafts are settled); later ones were rejected
         engine, cache = self.engine, self.engine.cache
         cache.truncate(min(cache.length, m))
-        u, dists = sampler.uniforms(gamma, tokens.device), []
+        draws, dists = sampler.draw_inputs(gamma, tokens.device), []
         draw = sampler.drawing(lambda idx: (self.draft(idx, engine.view)[0, -1],))
         name = f"draw {sampler.key}"
         unread = tokens[:, cache.length : m + 1]
         for k in range(gamma):
-            uniform = () if u is None else (u[k : k + 1],)
             if k == 0 and cache.length == 0:  # the prompt: one eager pass
-                token, dist = sampler.drawing(lambda idx: (engine.prefill(idx)[0],))(unread, *uniform)
+                token, dist = sampler.drawing(lambda idx: (engine.prefill(idx)[0],))(unread, *draws[k])
             else:
-                token, dist = engine.program(name, draw, unread if k == 0 else tokens[:, m + k : m + 1 + k], *uniform)
+                token, dist = engine.program(name, draw, unread if k == 0 else tokens[:, m + k : m + 1 + k], *draws[k])
             tokens[0, m + 1 + k : m + 2 + k] = token
-            if u is not None:
+            if not sampler.greedy:
                 dists.append(dist.clone())  # a replay's outputs are overwritten by the next one
         return None if sampler.greedy else torch.stack(dists)
 
@@ -96,24 +95,23 @@ class _EagleDrafter:
     def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor | None:
         self.cache.truncate(self.settled)  # forget the last chain; catch up on the positions the target has read since
         inputs = (self.read_out[:, self.settled : m], tokens[:, self.settled + 1 : m + 1])
-        u, dists = sampler.uniforms(gamma, tokens.device), []
-        uniform = lambda k: () if u is None else (u[k : k + 1],)  # noqa: E731
+        draws, dists = sampler.draw_inputs(gamma, tokens.device), []
         if self.settled == 0:  # the prompt's positions: one eager pass
             catch_up = sampler.drawing(lambda read, next_tokens: self._catch_up(read, next_tokens, self.cache))
-            feature, token, dist = catch_up(*inputs, *uniform(0))
+            feature, token, dist = catch_up(*inputs, *draws[0])
         else:
             catch_up = sampler.drawing(lambda read, next_tokens: self._catch_up(read, next_tokens, self.view))
-            feature, token, dist = self.passes.run(f"catch-up {sampler.key}", catch_up, (*inputs, *uniform(0)),
+            feature, token, dist = self.passes.run(f"catch-up {sampler.key}", catch_up, (*inputs, *draws[0]),
                                                    [(self.view, m - self.settled)])
         self.settled = m
         chain = sampler.drawing(self._chain)
         for k in range(gamma):
             tokens[0, m + 1 + k : m + 2 + k] = token
-            if u is not None:
+            if not sampler.greedy:
                 dists.append(dist.clone())  # a replay's outputs are overwritten by the next one
             if k < gamma - 1:
                 feature, token, dist = self.passes.run(f"chain {sampler.key}", chain,
-                                                       (feature, tokens[:, m + 1 + k : m + 2 + k], *uniform(k + 1)),
+                                                       (feature, tokens[:, m + 1 + k : m + 2 + k], *draws[k + 1]),
                                                        [(self.view, 1)])
         return None if sampler.greedy else torch.stack(dists)
 

@@ -148,8 +148,13 @@ class Sampler:
         return "greedy" if self.greedy else f"T={self.temperature} top_k={self.top_k} top_p={self.top_p}"
 
     def uniforms(self, n: int, device: torch.device) -> torch.Tensor | None:
-        """A round's n uniforms for `drawing` passes, drawn outside them (None when greedy: nothing is random)."""
+        """A round's n uniforms for passes that draw, drawn outside them (None when greedy: nothing is random)."""
         return None if self.greedy else torch.rand(n, generator=self.generator, device=device)
+
+    def draw_inputs(self, n: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+        """The extra inputs of a round's n `drawing` passes, one tuple each: its uniform (1,), or none when greedy."""
+        u = self.uniforms(n, device)
+        return [() if u is None else (u[k : k + 1],) for k in range(n)]
 
     def drawing(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tuple[torch.Tensor, ...]]:
         """A drafter's pass fn(*inputs) -> (..., logits (V',)) that also draws its draft: (..., token (1,), dist (V,)).
@@ -308,13 +313,13 @@ class _MTPDrafter:
 
     def propose(self, tokens: torch.Tensor, m: int, gamma: int, sampler: Sampler) -> torch.Tensor | None:
         decoder, heads = self.decoder, self.heads
-        u, dists = sampler.uniforms(gamma, tokens.device), []
+        draws, dists = sampler.draw_inputs(gamma, tokens.device), []
         for k in range(1, gamma + 1):
             cache, view = self.caches[k - 1], self.views[k - 1]
             keep = min(cache.length, max(0, m - k))  # positions j whose token j + k was settled: j <= m - 1 - k
             cache.truncate(keep)
             previous = self.hidden[0 if heads.kind == "parallel" else k - 1][:, keep:m]
-            inputs = (previous, tokens[:, keep + k : m + k], *(() if u is None else (u[k - 1 : k],)))
+            inputs = (previous, tokens[:, keep + k : m + k], *draws[k - 1])
 
             def depth_k(previous: torch.Tensor, next_tokens: torch.Tensor, k: int = k,
                         cache: KVCache | SlotCache = view) -> tuple[torch.Tensor, ...]:
@@ -328,7 +333,7 @@ class _MTPDrafter:
             if k < gamma:
                 self.hidden[k][:, keep:m] = h
             tokens[0, m + k : m + k + 1] = token
-            if u is not None:
+            if not sampler.greedy:
                 dists.append(dist.clone())  # a replay's outputs are overwritten by the next one
         return None if sampler.greedy else torch.stack(dists)
 
