@@ -9,7 +9,8 @@ waits between steps) to draw the time per step against the sequence length. Deco
   captured once as a CUDA graph and replayed, `generate`'s default on CUDA;
 - `engine+compile`: that step compiled by torch.compile, then captured (`generate(..., compile=True)`);
   `engine+compile+math` the same with attention through SDPA's math backend, which inductor fuses
-  into its own kernels instead of calling the memory-efficient attention kernel.
+  into its own kernels instead of calling the memory-efficient attention kernel; `engine+compile+flex` with
+  attention through FlexAttention, whose compiled decoding kernel is one kernel per layer.
 - `transformers static` / `transformers dynamic`: Hugging Face's `generate` on the same GPT-2
   shape (random weights), greedy, with its static and its default dynamic cache: what users have.
 Each decode mode is set against the memory-bandwidth bound, the weight bytes per token over the
@@ -54,7 +55,7 @@ from modules.nn import Decoder  # noqa: E402
 from modules.nn.cache import KVCache  # noqa: E402
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # recorded with the command: they set the CPU's speed
-MODES = ("no cache", "cache", "engine", "engine+compile", "engine+compile+math")
+MODES = ("no cache", "cache", "engine", "engine+compile", "engine+compile+math", "engine+compile+flex")
 HF_MODES = ("transformers static", "transformers dynamic")
 
 
@@ -248,10 +249,11 @@ def summarize(mode: str, batch: int, prompt_len: int, new_tokens: int, runs: lis
 
 
 def engine_for(model: Decoder, batch: int, max_len: int, mode: str) -> DecodeEngine:
-    """The engine a decode mode runs: `engine`, `engine+compile`, `engine+compile+math`."""
+    """The engine a decode mode runs: `engine`, `engine+compile`, `engine+compile+math`, `engine+compile+flex`."""
     cuda = next(model.parameters()).device.type == "cuda"
     return DecodeEngine(model, batch, max_len, compile="compile" in mode, cuda_graph=cuda,
-                        sdpa=SDPBackend.MATH if mode.endswith("+math") else None)
+                        sdpa=SDPBackend.MATH if mode.endswith("+math") else None,
+                        attention="flex" if mode.endswith("+flex") else "sdpa")
 
 
 @torch.no_grad()
@@ -356,6 +358,42 @@ def profile_step(engine: DecodeEngine, replays: int = 20) -> dict:
             "top": [{"us_per_step": us, "calls_per_step": calls, "kernel": name[:120]} for us, calls, name in top]}
 
 
+@torch.no_grad()
+def profile_prefill(model: Decoder, batch: int, prompt_len: int, cache_len: int, repeats: int = 10) -> dict:
+    """Where a prefill with the cache spends what one without does not: per pass, the host's time to issue it
+    (the call returns once every kernel is queued), the kernels and their busy time, and the kernels whose
+    count differs between the two (torch.profiler over `repeats` passes of each, after a warm-up)."""
+    device = next(model.parameters()).device
+    idx = random_prompt(model, batch, prompt_len)
+    cache = KVCache(model.config, batch, cache_len, device, next(model.parameters()).dtype)
+    out = {"batch": batch, "prompt_len": prompt_len}
+    kernels = {}
+    for cached in (False, True):
+        def run() -> None:
+            if cached:
+                cache.reset()
+            model(idx, cache if cached else None)
+        run()
+        torch.cuda.synchronize()
+        host = []
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                torch.cuda.synchronize()
+                began = time.perf_counter()
+                run()
+                host.append(time.perf_counter() - began)
+            torch.cuda.synchronize()
+        rows = [a for a in prof.key_averages() if a.device_type.name == "CUDA"]
+        kernels[cached] = {a.key[:100]: a.count / repeats for a in rows}
+        busy = sum(getattr(a, "device_time_total", None) or getattr(a, "cuda_time_total", 0.0) for a in rows) / repeats
+        name = "cache" if cached else "no_cache"
+        out[name] = {"host_us": 1e6 * statistics.median(host), "kernels": sum(kernels[cached].values()), "busy_us": busy}
+    names = sorted(set(kernels[False]) | set(kernels[True]))
+    out["differ"] = {n: [kernels[False].get(n, 0), kernels[True].get(n, 0)] for n in names
+                     if kernels[False].get(n, 0) != kernels[True].get(n, 0)}
+    return out
+
+
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> int:
     """Leading steps at which every row's token equals the reference's."""
     n = 0
@@ -428,6 +466,17 @@ def markdown(meta: dict, prefill: list[dict], decode: list[dict], failed: list[d
         "the modes agree step for step (tests/test_generation.py checks tokens and logits).",
     ]
     for prof in meta.get("profile", []):
+        if prof["mode"] == "prefill":
+            plain, cached = prof["no_cache"], prof["cache"]
+            lines += [
+                "", f"## Prefill of batch {prof['batch']}, prompt {prof['prompt_len']}, profiled", "",
+                f"Without the cache: host {plain['host_us']:.0f} us to issue {plain['kernels']:.0f} kernels (busy "
+                f"{plain['busy_us']:.0f} us); with it: host {cached['host_us']:.0f} us, {cached['kernels']:.0f} kernels "
+                f"(busy {cached['busy_us']:.0f} us).", "",
+                "| kernel | per pass without | with the cache |", "|---|---|---|",
+            ]
+            lines += [f"| `{name}` | {a:g} | {b:g} |" for name, (a, b) in prof["differ"].items()]
+            continue
         lines += [
             "", f"## One `{prof['mode']}` step at batch {prof['batch']}, profiled", "",
             f"{prof['kernels_per_step']:.0f} kernels per step, busy {prof['busy_us_per_step']:.1f} us of a "
@@ -524,6 +573,15 @@ def main() -> None:
                 floor.append(row)
                 log(f"matmul floor {json.dumps(row)}")
     if profile and cuda:
+        for batch in args.batch:
+            for length in dict.fromkeys([args.prompt, long_prompt]):
+                try:
+                    prof = profile_prefill(model, batch, length, min(length + args.new_tokens, cfg.block_size))
+                except Exception as err:  # the profile explains the numbers; it is not one of them
+                    log(f"prefill profile batch {batch} prompt {length} FAILED: {type(err).__name__}: {err}")
+                    continue
+                profiles.append({"mode": "prefill", **prof})
+                log(f"prefill profile {json.dumps(profiles[-1])}")
         for batch in args.batch:
             timed = [r for r in decode if r["batch"] == batch and r["mode"].startswith("engine")]
             if not timed:

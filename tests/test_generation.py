@@ -183,6 +183,35 @@ def test_compiled_step_equals_eager(variant: dict) -> None:
     assert generate(m, PROMPTS, n, engines=engines) == eager_tokens.tolist()
 
 
+FLEX = [VARIANTS[0], VARIANTS[2], VARIANTS[3]]  # the standard attention blocks: multi-head, grouped, multi-query
+
+
+@pytest.mark.parametrize("compile", [pytest.param(False, id="eager"), pytest.param(True, id="aot_eager")])
+@pytest.mark.parametrize("variant", FLEX)
+def test_flex_attention_reads_the_cache_as_sdpa_does(variant: dict, compile: bool) -> None:
+    """The engine's passes with attention through FlexAttention (GQA inside it, the mask as a score_mod): the
+    tokens and logits of SDPA's, one token a step and k at a time (a verification pass)."""
+    m, n = model(**variant), 12
+    length = max(map(len, PROMPTS)) + n
+    options = dict(compile=compile, backend="aot_eager")
+    tokens, logits = greedy(m, PROMPTS, n, engine(m, len(PROMPTS), length, attention="flex", **options))
+    sdpa_tokens, sdpa_logits = greedy(m, PROMPTS, n, engine(m, len(PROMPTS), length, **options))
+    assert tokens.tolist() == sdpa_tokens.tolist()
+    torch.testing.assert_close(logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+    flex, sdpa = engine(m, 2, 16, attention="flex", **options), engine(m, 2, 16, **options)
+    drafts = torch.tensor([[3, 9, 27, 14], [5, 1, 2, 8]])
+    for kept in (flex, sdpa):
+        kept.prefill(*left_padded([[5, 17, 3], [42, 1, 4]]))
+    torch.testing.assert_close(flex.step(drafts), sdpa.step(drafts), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_attention_is_refused_where_a_block_reads_the_cache_its_own_way() -> None:
+    with pytest.raises(ValueError, match="attention='flex' reads the cache of standard attention blocks"):
+        engine(model(**VARIANTS[4].values[0]), 1, 8, attention="flex")  # MLA's latent
+    with pytest.raises(ValueError, match="attention kernel 'fused'"):
+        engine(model(), 1, 8, attention="fused")
+
+
 @pytest.mark.slow
 def test_compiled_generate_with_inductor() -> None:
     """The real path of generate(compile=True) on this machine: inductor's C++ code for the CPU."""
@@ -271,6 +300,18 @@ def test_cuda_graph_replay_equals_eager_cached_decoding(variant: dict, compile: 
         assert tokens.tolist() == eager_tokens.tolist()
         torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
     assert all(program.graph is not None for program in kept.programs.values())
+
+
+@CUDA
+@pytest.mark.parametrize("variant", FLEX[:2])
+def test_compiled_flex_attention_graph_equals_eager_cached_decoding(variant: dict) -> None:
+    """FlexAttention's compiled decoding kernel inside the captured step, against the eager cached path."""
+    m, n = model(**variant).cuda(), 12
+    kept = DecodeEngine(m, 4, 8 + n, compile=True, cuda_graph=True, attention="flex")
+    tokens, logits = greedy(m, PROMPTS, n, kept, device="cuda")
+    eager_tokens, eager_logits = greedy(m, PROMPTS, n, device="cuda")
+    assert tokens.tolist() == eager_tokens.tolist()
+    torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
 
 
 @CUDA

@@ -162,15 +162,21 @@ class DecodeEngine:
     `step(tokens)` feeds T tokens per row at the next slots through the program for T; `program(name,
     fn, inputs)` is the same for any pass over this cache's `view` (a drafter's read of the target).
     `reset()` empties the cache and keeps every program: a captured graph reads and writes these buffers.
+    `attention` is how its passes read the cache (`SlotCache`'s kernel: "sdpa", or "flex" for FlexAttention's
+    decoding kernel, compiled); the eager prefill reads it through SDPA.
     """
 
     def __init__(self, model: Decoder, batch: int, max_len: int, compile: bool = False,
-                 cuda_graph: bool | None = None, backend: str = "inductor", sdpa: SDPBackend | None = None) -> None:
+                 cuda_graph: bool | None = None, backend: str = "inductor", sdpa: SDPBackend | None = None,
+                 attention: str = "sdpa") -> None:
         compile, cuda_graph = fast_paths(model, compile, cuda_graph)
+        if attention == "flex" and model.config.attention != "standard":
+            raise ValueError(f"attention='flex' reads the cache of standard attention blocks; model.attention="
+                             f"{model.config.attention!r} reads it its own way: leave attention='sdpa'")
         weight = next(model.parameters())
         self.model = model
         self.cache = KVCache(model.config, batch, max_len, weight.device, weight.dtype)
-        self.view = SlotCache(self.cache)
+        self.view = SlotCache(self.cache, kernel=attention)
         self.passes = Passes(compile, cuda_graph, backend, sdpa)
 
     @property

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import flex_attention
 
 from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
@@ -65,14 +66,29 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, max_len, hs)
-        if self.n_kv_head != self.n_head:
-            # each group of n_head // n_kv_head query heads reads the same key/value head
-            repeats = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
+        if cache is not None and cache.kernel == "flex":
+            y = flex_attend(q, k, v, mask)  # GQA inside the kernel: no repeated keys
+        else:
+            if self.n_kv_head != self.n_head:
+                # each group of n_head // n_kv_head query heads reads the same key/value head
+                repeats = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's result for q (B, nh, T, hs) over k, v (B, nkv, S, hs) under the additive mask (B, 1, T, S), through
+    FlexAttention: compiled, a pass of few queries runs its decoding kernel (split over the keys, scores, softmax and
+    values in one kernel, the mask read inside it) instead of SDPA's three kernels or its training kernels. Eager, it
+    is FlexAttention's unfused reference (the CPU path, and the tests' check against SDPA)."""
+
+    def add_mask(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return score + mask[b, 0, q_idx, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=add_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class LatentAttention(nn.Module):

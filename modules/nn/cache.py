@@ -33,6 +33,9 @@ def cache_bytes(config: DecoderConfig, batch: int, context: int, dtype: torch.dt
     return kv + state
 
 
+KERNELS = ("sdpa", "flex")  # how attention reads a `SlotCache`
+
+
 class KVCache:
     """Keys and values of every attention block in fixed buffers of `max_len` slots, one (B, n_kv, max_len, hs)
     per block, and the `MambaState` of every Mamba block.
@@ -64,6 +67,7 @@ class KVCache:
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (slots, values) written at `advance`
         self.padded = False  # some slot holds padding: positions count real tokens per row
         self.max_len, self.dtype = max_len, dtype
+        self.kernel = "sdpa"  # attention reads a KVCache through SDPA (see `SlotCache`)
 
     def nbytes(self) -> int:
         """Bytes of the keys, values and Mamba states held (what `cache_bytes` computes), measured on the buffers."""
@@ -159,11 +163,15 @@ class SlotCache:
     arguments at every position, so it is compiled once and captured once as a CUDA graph. Attention
     reads all `max_len` slots under the mask. The owner moves on: it writes the next slot into
     `slot` before each pass and advances the cache's `length` after (`advance` here does nothing,
-    so no host value changes inside a traced pass).
+    so no host value changes inside a traced pass). `kernel` is how a standard attention block reads it:
+    "sdpa" (PyTorch's scaled_dot_product_attention under the mask) or "flex" (FlexAttention, whose compiled
+    form for a few queries is one decoding kernel per layer; `modules.nn.attention.flex_attend`).
     """
 
-    def __init__(self, cache: KVCache, slot: torch.Tensor | None = None) -> None:
-        self.cache = cache
+    def __init__(self, cache: KVCache, slot: torch.Tensor | None = None, kernel: str = "sdpa") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: use one of {KERNELS}")
+        self.cache, self.kernel = cache, kernel
         self.slot = torch.zeros(1, dtype=torch.long, device=cache.valid.device) if slot is None else slot
         self.mamba = cache.mamba
         self.max_len = cache.max_len

@@ -74,6 +74,8 @@ class _UnrolledKeys:
     1..s: what its draft s would read in the head's cache at decoding (EAGLE-3's causal-then-diagonal mask).
     """
 
+    kernel = "sdpa"  # attention reads it through SDPA under `mask`
+
     def __init__(self) -> None:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
