@@ -31,6 +31,9 @@ class DecoderConfig:
     dropout: float = field(default=0.0, metadata={"min": 0, "lt": 1})
     tie_embeddings: bool = True
     pad_vocab_to: int = field(default=1, metadata={"min": 1})  # round the embedding table up to a multiple of this (64 keeps matmuls aligned)
+    # tokens per chunk of the loss fused with the LM head (modules/nn/linear_cross_entropy.py): the (tokens, padded_vocab)
+    # logits never exist, a chunk's at a time; 0: the plain head and F.cross_entropy over all logits at once
+    loss_chunk: int = field(default=0, metadata={"min": 0})
     # "mla": DeepSeek-V2's multi-head latent attention (modules/nn/attention.py): keys and values from a
     # joint low-rank latent (the only thing cached, with one shared RoPE key), queries optionally low-rank too
     # "diff": differential attention (Ye et al. 2025): two softmax maps per head, subtracted with a learned lambda

@@ -11,6 +11,7 @@ from torch import nn
 from modules.nn.attention import DifferentialAttention, build_attention
 from modules.nn.cache import KVCache
 from modules.nn.config import DecoderConfig
+from modules.nn.linear_cross_entropy import linear_cross_entropy
 from modules.nn.mamba import MambaMixer
 from modules.nn.mlp import build_mlp
 from modules.nn.moe import MoE
@@ -138,9 +139,22 @@ class Decoder(nn.Module):
         return x
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats) of targets (B, T) given idx (B, T), over the targets that are not IGNORE."""
-        logits = self(idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+        """Mean next-token cross-entropy (nats) of targets (B, T) given idx (B, T), over the targets that are not IGNORE.
+
+        With `config.loss_chunk` the head's matmul and the loss run fused, that many tokens at a time, so the
+        (B * T, padded_vocab) logits never exist; the same value (and gradients) up to rounding.
+        """
+        if not self.config.loss_chunk:
+            logits = self(idx)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None:
+            # the fused loss reads lm_head.weight only: an adapter (LoRA on the head) or a bias would be skipped silently
+            kind = f"{type(head).__module__}.{type(head).__qualname__}" + (" with a bias" if type(head) is nn.Linear else "")
+            raise ValueError(f"model.loss_chunk={self.config.loss_chunk} fuses the loss with a bias-free nn.Linear head; "
+                             f"this decoder's lm_head is a {kind}: set model.loss_chunk=0")
+        hidden = self.features(idx).flatten(0, 1)  # (B * T, C)
+        return linear_cross_entropy(hidden, head.weight, targets.flatten(), IGNORE, self.config.loss_chunk)
 
     def moe_layers(self) -> list[MoE]:
         """The blocks' mixture-of-experts layers, first to last (none in a dense decoder)."""
