@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -92,13 +92,14 @@ def versions() -> dict[str, str]:
             "tokenizers": tokenizers.__version__, "machine": platform.machine()}
 
 
-def record(name: str, workdir: Path | None = None) -> dict[str, Any]:
-    """Run technique `name`'s golden trajectory; its metrics per step, the command that made it, the versions."""
+def record(name: str, workdir: Path | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Run technique `name`'s golden trajectory; its metrics per step, the command that made it, the versions.
+    `extra` overrides go after the golden ones: a setting that must not move the trajectory (a faster kernel)."""
     technique = registry.get(name)
     with tempfile.TemporaryDirectory(prefix=f"golden-{name}-") as tmp:
         root = Path(workdir or tmp)
         corpus = write_corpus(root / "corpus")
-        overrides = [o.format(corpus=corpus, cache=root / "cache") for o in technique.golden_overrides]
+        overrides = [o.format(corpus=corpus, cache=root / "cache") for o in technique.golden_overrides] + list(extra)
         spec = RunSpec(name, technique.default_preset, overrides, seed=SEED, trainer=TrainerArgs(**HARDWARE))
         run_dir = run(spec, out=root / "runs")
         history = json.loads((run_dir / "metrics.json").read_text())["history"]

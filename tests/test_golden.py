@@ -32,6 +32,13 @@ def test_rerun_matches_the_golden_trajectory(name: str, tmp_path) -> None:
     ) + f"\nversions then {stored['versions']}, now {now['versions']}"
 
 
+def test_the_loss_fused_with_the_head_keeps_pretraining_on_its_golden_trajectory(tmp_path) -> None:
+    """model.loss_chunk is a speed setting: in chunks that do not divide the batch's tokens, the same curve."""
+    stored = json.loads(golden.path_for("pretrain").read_text())
+    drifts = golden.compare(stored, golden.record("pretrain", tmp_path, extra=["model.loss_chunk=100"]))
+    assert not drifts, "\n".join(map(str, drifts))
+
+
 def trajectory() -> dict:
     return {"technique": "dpo", "tolerance": {"rtol": 1e-5, "atol": 1e-6}, "versions": {},
             "metrics": {"train/loss": [[1, 0.6931], [2, 0.65], [3, 0.61]], "train/reward_margin": [[1, 0.0], [2, 0.1], [3, 0.2]]}}
