@@ -3,7 +3,8 @@
 Each lever is the plain PyTorch loop of `benchmarks.throughput` (the same `Decoder`, data, bf16 autocast,
 AdamW, clipping) with one thing changed from the baseline (compiled, fused AdamW, SDPA's default kernel,
 the loss read back every step): the loss head fused with the cross-entropy and chunked (`model.loss_chunk`),
-SDPA pinned to cuDNN or to flash, torch.compile's other modes, the foreach optimizer, no read-back per step,
+SDPA pinned to cuDNN or to flash, torch.compile's other modes (reduce-overhead: the forward and backward
+replayed as CUDA graphs), the blocks' linears in FP8, the foreach optimizer, no read-back per step,
 a larger micro-batch. The suite's Lightning loop runs the baseline too, so the framework's own cost stays
 visible. Every lever trains from the same seed on the same batches, so its loss curve is set against the
 baseline's (the largest relative gap over the steps: speed must not change the model).
@@ -60,6 +61,7 @@ def levers(batch: int) -> list[Lever]:
         Lever("loss fused with the head, chunks of 1024 tokens", batch, loss_chunk=1024),
         Lever(f"micro-batch {2 * batch}", 2 * batch),
         Lever("compile max-autotune-no-cudagraphs", batch, compile="max-autotune-no-cudagraphs"),
+        Lever("compile reduce-overhead (forward and backward as CUDA graphs)", batch, compile="reduce-overhead"),
         Lever("eager (no compile)", batch, compile=None),
     ]
 
