@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -62,8 +62,6 @@ HF_MODES = ("transformers static", "transformers dynamic")
 def build_model(preset: str, device: torch.device, dtype: torch.dtype) -> Decoder:
     """A preset's decoder with random weights, in `dtype` on `device`, in eval mode."""
     cfg = preset_model(preset)
-    if preset == "gpt2-124m":  # the anchors' model: nanoGPT's padded GPT-2 vocabulary
-        cfg = replace(cfg, vocab_size=50304)
     torch.manual_seed(0)
     return Decoder(cfg).to(device=device, dtype=dtype).eval()
 
@@ -326,6 +324,11 @@ def hf_decode_speed(hf, model: Decoder, batch: int, prompt_len: int, new_tokens:
     return row
 
 
+def device_us(event) -> float:
+    """A profiler event's total time on the device, in us (its field's name moved between torch versions)."""
+    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+
+
 @torch.no_grad()
 def profile_step(engine: DecodeEngine, replays: int = 20) -> dict:
     """The kernels of one engine step: torch.profiler over `replays` replays of its captured graph.
@@ -346,7 +349,7 @@ def profile_step(engine: DecodeEngine, replays: int = 20) -> dict:
             engine.step(token)
             clock.mark()
         torch.cuda.synchronize()
-    rows = [(getattr(a, "device_time_total", None) or getattr(a, "cuda_time_total", 0.0), a.count, a.key)
+    rows = [(device_us(a), a.count, a.key)
             for a in prof.key_averages() if a.device_type.name == "CUDA" and "memcpy" not in a.key.lower()
             and "memset" not in a.key.lower()]
     count = sum(calls for _, calls, _ in rows) / replays
@@ -385,7 +388,7 @@ def profile_prefill(model: Decoder, batch: int, prompt_len: int, cache_len: int,
             torch.cuda.synchronize()
         rows = [a for a in prof.key_averages() if a.device_type.name == "CUDA"]
         kernels[cached] = {a.key[:100]: a.count / repeats for a in rows}
-        busy = sum(getattr(a, "device_time_total", None) or getattr(a, "cuda_time_total", 0.0) for a in rows) / repeats
+        busy = sum(device_us(a) for a in rows) / repeats
         name = "cache" if cached else "no_cache"
         out[name] = {"host_us": 1e6 * statistics.median(host), "kernels": sum(kernels[cached].values()), "busy_us": busy}
     names = sorted(set(kernels[False]) | set(kernels[True]))

@@ -14,37 +14,18 @@ baseline's (the largest relative gap over the steps: speed must not change the m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.throughput import RandomTokens, lightning_loop, preset_model
-from measurement.hardware import matmul_tflops, peak_memory_bytes
-from modules.nn import Decoder, DecoderConfig
-from modules.training.pretrain import OptimConfig, decay_groups
-
-SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-@dataclass(frozen=True)
-class Lever:
-    """One training setting; the baseline's fields are the defaults."""
-
-    name: str
-    batch: int = 16
-    loss_chunk: int = 0  # model.loss_chunk: 0 is the plain head and F.cross_entropy
-    sdpa: str | None = None  # pin SDPA to one backend (SDPA keys), None: its own choice
-    compile: str | None = "default"  # torch.compile mode; None: eager
-    optimizer: str = "fused"  # AdamW's implementation: fused or foreach
-    read_every_step: bool = True  # loss.item() each step, as a logging loop does
-    fp8: bool = False  # the blocks' linear layers in float8 (torchao's tensorwise recipe), the LM head in bf16
+from benchmarks.throughput import Lever, lightning_loop, preset_model, train
+from measurement.hardware import matmul_tflops
+from modules.nn import Decoder
 
 
 def levers(batch: int) -> list[Lever]:
@@ -66,59 +47,6 @@ def levers(batch: int) -> list[Lever]:
     ]
 
 
-def train(cfg: DecoderConfig, lever: Lever, device: torch.device, warmup: int, steps: int) -> dict:
-    """`lever`'s loop from seed 0: tokens/s and ms/step over `steps` after `warmup`, peak memory, every step's loss."""
-    torch.manual_seed(0)
-    model = Decoder(replace(cfg, loss_chunk=lever.loss_chunk)).to(device)
-    if lever.fp8:
-        to_float8(model)
-    optim = OptimConfig()
-    cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        decay_groups(model.parameters(), optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
-        eps=optim.eps, fused=cuda and lever.optimizer == "fused", foreach=lever.optimizer == "foreach" or None,
-    )
-    loss_fn = model.loss if lever.compile is None else torch.compile(model.loss, mode=lever.compile)
-    data = RandomTokens(cfg.padded_vocab_size, cfg.block_size).data
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-    attention = sdpa_kernel(SDPA[lever.sdpa]) if lever.sdpa else contextlib.nullcontext()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    losses, start = [], 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-        x = data[(torch.arange(lever.batch) + step * lever.batch) % len(data)].to(device, non_blocking=True)
-        with autocast, attention:
-            loss = loss_fn(x[:, :-1], x[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item() if lever.read_every_step else loss.detach())
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    losses = [float(x) for x in losses]
-    return {**asdict(lever), "tokens_per_s": lever.batch * cfg.block_size * steps / seconds, "ms_per_step": 1e3 * seconds / steps,
-            "peak_mem_gib": peak_memory_bytes(device) / 2**30, "losses": losses}
-
-
-def to_float8(model: Decoder) -> None:
-    """The blocks' nn.Linear layers trained in float8 in place (torchao: inputs, weights and gradients scaled per
-    tensor to e4m3/e5m2 for `torch._scaled_mm`, as DeepSeek-V3 trains its GEMMs in FP8); the LM head stays in
-    bf16 (DeepSeek-V3 keeps its output head in higher precision too), as does every layer whose sizes are not
-    multiples of 16 (what the FP8 GEMM takes)."""
-    from torchao.float8 import convert_to_float8_training  # an optional, GPU-only dependency of this one lever
-
-    def eligible(module: torch.nn.Module, fqn: str) -> bool:
-        return fqn.startswith("blocks.") and module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-    convert_to_float8_training(model, module_filter_fn=eligible)
-
-
 def fp8_verdict(rows: list[dict], tolerance: float = 0.0025) -> dict | None:
     """DeepSeek-V3's claim for FP8 training (Sec. 3.3: relative loss error below 0.25% against BF16), on this run:
     the FP8 lever's mean loss over its last 10 steps against the baseline's over the same steps."""
@@ -126,6 +54,7 @@ def fp8_verdict(rows: list[dict], tolerance: float = 0.0025) -> dict | None:
     fp8 = next((r for r in rows if r.get("fp8") and "losses" in r and r["batch"] == (base or {}).get("batch")), None)
     if base is None or fp8 is None:
         return None
+
     def tail(row: dict) -> float:
         return sum(row["losses"][-10:]) / len(row["losses"][-10:])
 
@@ -185,8 +114,6 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = preset_model(args.preset)
-    if args.preset == "gpt2-124m":  # the anchors' model: nanoGPT's padded GPT-2 vocabulary
-        cfg = replace(cfg, vocab_size=50304)
     peak = matmul_tflops(device)
     flops_per_token = Decoder(cfg).flops_per_token()
     chosen = [lv for lv in levers(args.batch) if lv.name == "baseline" or not args.only

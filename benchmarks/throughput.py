@@ -3,6 +3,7 @@
 Both train the same `Decoder` on random tokens with the same batch, precision, fused AdamW,
 gradient clipping and (optionally) `torch.compile`; both warm up, then time `steps` optimizer
 steps between device synchronisations (ANCHORS.md's method: tokens/s = batch x T / step time).
+The plain loop is `train` under a `Lever`'s settings (`benchmarks.levers` changes them one at a time).
 `python benchmarks/throughput.py --preset gpt2-124m --batch 16 32` prints a table and writes
 JSON and Markdown under --out.
 """
@@ -10,15 +11,17 @@ JSON and Markdown under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,9 +35,10 @@ from repro.trainer import TrainConfig, TrainerArgs, build_trainer  # noqa: E402
 
 
 def preset_model(preset: str) -> DecoderConfig:
-    """The model section of a pretrain preset, with its data vocabulary."""
+    """The model section of a pretrain preset, with its data vocabulary (gpt2-124m: the anchors' model, with
+    nanoGPT's padded GPT-2 vocabulary of 50,304)."""
     values = load_preset("pretrain", preset)
-    vocab = values.get("data", {}).get("vocab_size", DecoderConfig.vocab_size)
+    vocab = 50304 if preset == "gpt2-124m" else values.get("data", {}).get("vocab_size", DecoderConfig.vocab_size)
     return build_config(DecoderConfig, {**values["model"], "vocab_size": vocab})
 
 
@@ -52,39 +56,82 @@ class RandomTokens(Dataset):
         return self.data[i % len(self.data)]
 
 
-def plain_loop(cfg: DecoderConfig, batch: int, device: torch.device, compile: bool, warmup: int = 10, steps: int = 30) -> dict:
-    """A hand-written training loop: the baseline Lightning has to match."""
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One training setting; the baseline's fields are the defaults."""
+
+    name: str
+    batch: int = 16
+    loss_chunk: int = 0  # model.loss_chunk: 0 is the plain head and F.cross_entropy
+    sdpa: str | None = None  # pin SDPA to one backend (SDPA keys), None: its own choice
+    compile: str | None = "default"  # torch.compile mode; None: eager
+    optimizer: str = "fused"  # AdamW's implementation: fused or foreach
+    read_every_step: bool = True  # loss.item() each step, as a logging loop does
+    fp8: bool = False  # the blocks' linear layers in float8 (torchao's tensorwise recipe), the LM head in bf16
+
+
+def train(cfg: DecoderConfig, lever: Lever, device: torch.device, warmup: int, steps: int) -> dict:
+    """`lever`'s loop from seed 0: tokens/s and ms/step over `steps` after `warmup`, peak memory, every step's loss."""
     torch.manual_seed(0)
-    model = Decoder(cfg).to(device)
+    model = Decoder(replace(cfg, loss_chunk=lever.loss_chunk)).to(device)
+    if lever.fp8:
+        to_float8(model)
     optim = OptimConfig()
+    cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(
         decay_groups(model.parameters(), optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
-        eps=optim.eps, fused=device.type == "cuda",
+        eps=optim.eps, fused=cuda and lever.optimizer == "fused", foreach=lever.optimizer == "foreach" or None,
     )
-    loss_fn = torch.compile(model.loss) if compile else model.loss
+    loss_fn = model.loss if lever.compile is None else torch.compile(model.loss, mode=lever.compile)
     data = RandomTokens(cfg.padded_vocab_size, cfg.block_size).data
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    if device.type == "cuda":
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    attention = sdpa_kernel(SDPA[lever.sdpa]) if lever.sdpa else contextlib.nullcontext()
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    start = 0.0
+    losses, start = [], 0.0
     for step in range(warmup + steps):
         if step == warmup:
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-        x = data[(torch.arange(batch) + step * batch) % len(data)].to(device, non_blocking=True)
-        with autocast:
+        x = data[(torch.arange(lever.batch) + step * lever.batch) % len(data)].to(device, non_blocking=True)
+        with autocast, attention:
             loss = loss_fn(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()  # read the loss every step, as a logging loop does
-    if device.type == "cuda":
+        losses.append(loss.item() if lever.read_every_step else loss.detach())
+    if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return {"loop": "plain PyTorch", "batch": batch, "compiled": compile, "tokens_per_s": batch * cfg.block_size * steps / seconds,
-            "ms_per_step": 1e3 * seconds / steps, "peak_mem_gib": peak_memory_bytes(device) / 2**30}
+    losses = [float(x) for x in losses]
+    return {**asdict(lever), "tokens_per_s": lever.batch * cfg.block_size * steps / seconds, "ms_per_step": 1e3 * seconds / steps,
+            "peak_mem_gib": peak_memory_bytes(device) / 2**30, "losses": losses}
+
+
+def to_float8(model: Decoder) -> None:
+    """The blocks' nn.Linear layers trained in float8 in place (torchao: inputs, weights and gradients scaled per
+    tensor to e4m3/e5m2 for `torch._scaled_mm`, as DeepSeek-V3 trains its GEMMs in FP8); the LM head stays in
+    bf16 (DeepSeek-V3 keeps its output head in higher precision too), as does every layer whose sizes are not
+    multiples of 16 (what the FP8 GEMM takes)."""
+    from torchao.float8 import convert_to_float8_training  # an optional, GPU-only dependency of this one lever
+
+    def eligible(module: torch.nn.Module, fqn: str) -> bool:
+        return fqn.startswith("blocks.") and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(model, module_filter_fn=eligible)
+
+
+def plain_loop(cfg: DecoderConfig, batch: int, device: torch.device, compile: bool, warmup: int = 10, steps: int = 30) -> dict:
+    """A hand-written training loop: the baseline Lightning has to match."""
+    settings = Lever("plain PyTorch", batch, loss_chunk=cfg.loss_chunk, compile="default" if compile else None)
+    row = train(cfg, settings, device, warmup, steps)
+    return {"loop": "plain PyTorch", "batch": batch, "compiled": compile,
+            **{k: row[k] for k in ("tokens_per_s", "ms_per_step", "peak_mem_gib")}}
 
 
 class _RandomData(L.LightningDataModule):
@@ -124,8 +171,6 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = preset_model(args.preset)
-    if args.preset == "gpt2-124m":  # the anchors' model: nanoGPT's padded GPT-2 vocabulary
-        cfg = replace(cfg, vocab_size=50304)
     peak = matmul_tflops(device) if device.type == "cuda" else None
     flops_per_token = Decoder(cfg).flops_per_token()
     rows = []
